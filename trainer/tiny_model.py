@@ -105,7 +105,6 @@ def build_tiny_pipeline(folder: Path) -> Path:
         beta_schedule="scaled_linear",
         num_train_timesteps=1000,
         clip_sample=False,
-        set_alpha_to_one=False,
         steps_offset=1,
         prediction_type="epsilon",
     )
