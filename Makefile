@@ -1,0 +1,18 @@
+# Two commands do all the set-up: `make demo` and `make test` create .venv and install what is missing.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python train.py --config configs/demo.json
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q tests

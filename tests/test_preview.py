@@ -1,0 +1,114 @@
+"""The ready configs of the post, previewed on the demo images (20 images of one size at 64 px)."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+
+from data.prepare import prepare_data
+from optimizer.lr import plan_schedule, unet_spec
+from optimizer.preview import preview_schedule
+from optimizer.schedules import describe
+from tests.conftest import DEMO_DATA, ROOT
+from utils.config import ConfigError, load_config
+
+
+def post_config(name: str, **overrides):
+    return load_config(ROOT / "configs" / f"{name}.json",
+                       {"data_root": str(DEMO_DATA), "resolution": 64, **overrides})
+
+
+def planned(config):
+    plan, functions, notes = plan_schedule(config, prepare_data(config).batches.num_batches)
+    return plan, functions, describe(unet_spec(config, plan)), notes
+
+
+def test_cycling_x10_is_ten_cycles_of_80_steps():
+    plan, lr, summary, _ = planned(post_config("post_cyclic_x10"))
+    assert (plan.steps_per_epoch, plan.total_steps) == (4, 800)
+    assert (summary["stepsize"], summary["cycle_steps"], summary["cycles"]) == (40, 80, 10)
+    assert lr["unet"](0) == 0 and lr["unet"](40) == pytest.approx(1.13e-6) and lr["unet"](80) == 0
+    assert summary["ends"] == "low"
+
+
+def test_cycling_x2_is_fifty_cycles_of_16_steps():
+    plan, _, summary, _ = planned(post_config("post_cyclic_x2"))
+    assert plan.total_steps == 800
+    assert (summary["stepsize"], summary["cycle_steps"], summary["cycles"]) == (8, 16, 50)
+
+
+def test_five_and_a_half_cycles_start_high_and_end_low():
+    plan, lr, summary, _ = planned(post_config("post_cyclic_5_5"))
+    assert (plan.steps_per_epoch, plan.epochs, plan.total_steps) == (5, 110, 550)
+    assert summary["cycles"] == 5.5 and summary["ends"] == "low"
+    assert lr["unet"](0) == pytest.approx(1.13e-6)
+    assert lr["unet"](549) < lr["unet"](548) < 1.13e-6 / 20
+
+
+def test_staged_decay_sets_the_run_length_and_peaks_in_order():
+    plan, _, summary, _ = planned(post_config("post_staged"))
+    assert plan.total_steps == 650 and summary["ends"] == "low"
+    peaks = [lr for stage in summary["stages"] for lr in stage["peak_lrs"]]
+    assert peaks == pytest.approx([1.13e-6] * 3 + [5.65e-7] * 2 + [2.83e-7] * 2)
+
+
+def test_constant_baseline_at_the_midpoint():
+    plan, lr, _, _ = planned(post_config("post_constant"))
+    assert plan.total_steps == 800
+    assert {lr["unet"](k) for k in range(800)} == {5.65e-7}
+
+
+def test_ed2_cosine_of_the_post_oscillates_and_is_named():
+    config = post_config("post_constant", lr=1.13e-6, lr_scheduler="cosine", lr_decay_steps=40, lr_warmup_steps=0)
+    plan, lr, _, notes = planned(config)
+    lows = [k for k in range(1, 800) if lr["unet"](k) == 0]
+    assert plan.total_steps == 800 and lows[:3] == [40, 120, 200] and len(lows) == 10
+    assert any("'cyclic'" in note and "lr_cycle_shape 'cosine'" in note for note in notes)
+
+
+def test_not_ending_low_warns_with_nearest_lengths_and_end_at_low_fixes_it():
+    plan, _, _, notes = planned(post_config("post_cyclic_x10", max_epochs=190))
+    assert plan.total_steps == 760
+    assert any("not on a low point" in n and "720 or 800 steps" in n and "180 or 200 epochs" in n for n in notes)
+    plan, _, _, notes = planned(post_config("post_cyclic_x10", max_epochs=190, lr_end_at_low=True))
+    assert plan.total_steps == 800 and any("changed from 760 to 800" in n for n in notes)
+
+
+def test_two_stepsize_options_is_a_config_error():
+    with pytest.raises(ConfigError, match="exactly one way to set its stepsize"):
+        planned(post_config("post_cyclic_x10", lr_cycles=5))
+
+
+def test_text_encoder_follows_the_same_phase_with_its_own_bounds():
+    _, lr, _, _ = planned(post_config("post_cyclic_x10", text_encoder_lr=5e-7, text_encoder_lr_min=1e-7))
+    assert lr["text_encoder"](0) == pytest.approx(1e-7) and lr["text_encoder"](40) == pytest.approx(5e-7)
+    _, lr, _, _ = planned(post_config("post_cyclic_x10", text_encoder_lr_scale=0.5))
+    assert lr["text_encoder"](40) == pytest.approx(1.13e-6 / 2)
+
+
+def test_preview_csv_matches_the_schedule(tmp_path):
+    config = post_config("post_cyclic_5_5")
+    result = preview_schedule(config, tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "lr_schedule.csv")))
+    assert list(rows[0]) == ["step", "lr", "lr_text_encoder"]
+    assert len(rows) == result["plan"].total_steps == 550
+    assert float(rows[0]["lr"]) == pytest.approx(1.13e-6)  # step 0 is the LR of the first optimizer step
+    assert float(rows[50]["lr"]) == 0
+    assert (tmp_path / "lr_schedule.png").stat().st_size > 0
+    frozen = post_config("post_cyclic_5_5", disable_textenc_training=True)
+    preview_schedule(frozen, tmp_path / "frozen")
+    assert next(csv.reader(open(tmp_path / "frozen" / "lr_schedule.csv"))) == ["step", "lr"]
+
+
+def test_plot_schedule_command_loads_no_model(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, train; r = train.main(sys.argv[1:]); "
+         "print('diffusers.models' in sys.modules and 'UNet' in str(sys.modules.get('trainer.model'))); sys.exit(r)",
+         "--config", "configs/post_cyclic_x10.json", "--data_root", str(DEMO_DATA), "--resolution", "64",
+         "--plot_schedule", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "stepsize: 40 steps (10 epochs), cycle 80 steps, 10 cycles" in result.stdout
+    assert "the run ends on a low point" in result.stdout
+    assert result.stdout.strip().endswith("False")  # trainer.model was never imported

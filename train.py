@@ -1,0 +1,73 @@
+"""EveryCycle: fine-tune Stable Diffusion 1.x / 2.x.
+
+    python train.py --config damon.json [--key value ...]      train (any config key can be overridden)
+    python train.py --config damon.json --plot_schedule [DIR]  preview the LR schedule, no model loaded
+    python train.py --help_keys                                 every config key, its default and meaning
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from utils.config import ConfigError, key_table_markdown, load_config, parse_cli_value
+
+
+def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Any other --key value pair overrides that config key (e.g. --lr 2e-6 --max_epochs 50).",
+    )
+    parser.add_argument("--config", type=Path, help="the JSON config of the run")
+    parser.add_argument("--plot_schedule", nargs="?", const="", default=None, metavar="OUT_DIR",
+                        help="write lr_schedule.csv/.png and print the schedule summary, then exit")
+    parser.add_argument("--help_keys", action="store_true", help="print every config key and exit")
+    args, rest = parser.parse_known_args(argv)
+    return args, parse_overrides(rest)
+
+
+def parse_overrides(tokens: list[str]) -> dict:
+    """`--lr 2e-6 --gradient_checkpointing --data_root x` -> {"lr": 2e-6, "gradient_checkpointing": True, ...}."""
+    overrides: dict = {}
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(f"Unexpected command-line argument '{token}': overrides are written --key value.")
+        key, has_value, inline = token[2:].partition("=")
+        if has_value:
+            overrides[key] = parse_cli_value(inline)
+        elif index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
+            overrides[key] = parse_cli_value(tokens[index + 1])
+            index += 1
+        else:
+            overrides[key] = True  # a bare flag switches a boolean key on
+        index += 1
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, overrides = parse_arguments(sys.argv[1:] if argv is None else argv)
+        if args.help_keys:
+            print(key_table_markdown())
+            return 0
+        config = load_config(args.config, overrides)
+        if args.plot_schedule is not None:
+            from optimizer.preview import preview_schedule
+
+            preview_schedule(config, Path(args.plot_schedule or "."))
+            return 0
+        from trainer.loop import train
+
+        summary = train(config)
+        print(f"done: {summary['steps']} steps; outputs in {summary['run_dir']}")
+        return 0
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Stabilized loss: the same images, the same noise and the same timesteps at every pass.
+
+The raw training loss of a diffusion model swings with the timestep and noise drawn at each step. Scoring a
+fixed set of images at fixed timesteps spread over the noise schedule, with noise drawn from private
+generators, gives a curve that moves only when the model does. Nothing here touches the global RNG, so
+turning validation on or off does not change the training trajectory. The LR finder's probe loss is the
+same measurement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from data.buckets import assign_bucket, bucket_sizes
+from data.images import ImageItem, load_image
+from trainer.diffusion import denoising_loss, encode_latents
+from trainer.model import SDModel, encode_prompts
+
+
+@dataclass
+class _FixedBatch:
+    latents: torch.Tensor  # on the CPU; moved to the device per pass
+    captions: list[str]
+    noise_seed: int
+
+
+def fixed_timesteps(count: int, num_train_timesteps: int) -> list[int]:
+    """The centres of `count` equal slices of the noise schedule (8 slices of 1000: 62, 187, ..., 937)."""
+    return [int((k + 0.5) * num_train_timesteps / count) for k in range(count)]
+
+
+def group_into_fixed_batches(items: list[ImageItem], resolution: int, batch_size: int):
+    """Items grouped by bucket, in path order: a fixed composition for every pass."""
+    buckets = bucket_sizes(resolution)
+    by_bucket: dict[tuple[int, int], list[ImageItem]] = {}
+    for item in items:
+        by_bucket.setdefault(assign_bucket(item.width, item.height, buckets), []).append(item)
+    for size in sorted(by_bucket):
+        group = by_bucket[size]
+        for start in range(0, len(group), batch_size):
+            yield size, group[start:start + batch_size]
+
+
+class StabilizedLoss:
+    def __init__(self, model: SDModel, items: list[ImageItem], resolution: int, batch_size: int,
+                 num_timesteps: int, seed: int, clip_skip: int):
+        self.clip_skip = clip_skip
+        self.timesteps = fixed_timesteps(num_timesteps, model.noise_scheduler.config.num_train_timesteps)
+        self.num_images = len(items)
+        self.batches = [
+            _FixedBatch(
+                latents=encode_latents(model, torch.stack([load_image(i, size, flip=False) for i in group]),
+                                       sample=False).cpu(),
+                captions=[i.caption for i in group],
+                noise_seed=seed * 100_003 + index,
+            )
+            for index, (size, group) in enumerate(group_into_fixed_batches(items, resolution, batch_size))
+        ]
+
+    @torch.no_grad()
+    def __call__(self, model: SDModel) -> float:
+        """Mean loss over every image and fixed timestep."""
+        device = model.unet.device
+        was_training = (model.unet.training, model.text_encoder.training)
+        model.unet.eval()
+        model.text_encoder.eval()
+        total, count = 0.0, 0
+        for batch in self.batches:
+            latents = batch.latents.to(device)
+            hidden = encode_prompts(model, batch.captions, self.clip_skip, device)
+            generator = torch.Generator(device="cpu").manual_seed(batch.noise_seed)
+            for t in self.timesteps:
+                noise = torch.randn(latents.shape, generator=generator).to(device)
+                timesteps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
+                loss = denoising_loss(model, latents, hidden, noise, timesteps)
+                total += loss.sum().item()
+                count += loss.numel()
+        model.unet.train(was_training[0])
+        model.text_encoder.train(was_training[1])
+        return total / max(count, 1)

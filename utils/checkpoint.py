@@ -1,0 +1,87 @@
+"""Checkpoint I/O: every file or folder is written under a temporary name and renamed when complete.
+
+A crash or a kill in the middle of a save therefore never leaves a half-written checkpoint behind: the
+previous one stays intact and the new one either exists whole or not at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `final` to write into; rename it over `final` on success only."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    _remove(temporary)
+    try:
+        yield temporary
+        _fsync_tree(temporary)
+        if final.is_dir():
+            # os.replace cannot swap non-empty folders: move the old one aside first, remove it after.
+            retired = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, retired)
+            os.replace(temporary, final)
+            _remove(retired)
+        else:
+            os.replace(temporary, final)
+        _fsync_dir(final.parent)
+    finally:
+        _remove(temporary)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush file contents before the rename makes them visible, so a power cut cannot expose empty files."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for file in files:
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def checkpoint_name(project_name: str, epoch: int, global_step: int) -> str:
+    return f"{project_name}-ep{epoch:03d}-gs{global_step:05d}"
+
+
+def save_checkpoint(pipeline, ckpts_dir: Path, name: str, half: bool, single_file: bool) -> dict[str, str]:
+    """A diffusers folder (StableDiffusionPipeline.from_pretrained loads it) and, unless turned off, a
+    single-file .safetensors in the original SD layout (A1111, ComfyUI, from_single_file)."""
+    from utils.convert import save_single_file
+
+    paths = {}
+    folder = Path(ckpts_dir) / name
+    with atomic_path(folder) as temporary:
+        pipeline.save_pretrained(str(temporary), safe_serialization=True)
+    paths["diffusers"] = str(folder)
+    if single_file:
+        target = Path(ckpts_dir) / f"{name}.safetensors"
+        save_single_file(pipeline.unet, pipeline.vae, pipeline.text_encoder, target, half=half,
+                         scheduler_config=dict(pipeline.scheduler.config))
+        paths["single_file"] = str(target)
+    return paths
+
+
+def copy_atomic(source: Path, target: Path) -> None:
+    with atomic_path(Path(target)) as temporary:
+        shutil.copyfile(source, temporary)
