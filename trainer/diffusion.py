@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-from trainer.model import SDModel
+from trainer.model import SDModel, encode_prompts
 
 
 @torch.no_grad()
@@ -20,14 +20,34 @@ def encode_latents(model: SDModel, pixel_values: torch.Tensor, sample: bool = Tr
     return latents.float() * model.vae_scale
 
 
-def sample_noise(latents: torch.Tensor, offset_ratio: float, generator: Optional[torch.Generator] = None):
-    """Gaussian noise, plus offset noise (one value per image and channel) when `offset_ratio` > 0."""
+def sample_noise(latents: torch.Tensor, offset_ratio: float, generator: Optional[torch.Generator] = None,
+                 pyramid_discount: Optional[float] = None):
+    """Gaussian noise; plus pyramid noise (coarser noise levels, each `discount` times weaker) and offset noise
+    (one value per image and channel) when asked."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if pyramid_discount:
+        noise = add_pyramid_noise(noise, pyramid_discount, generator)
     if offset_ratio > 0:
         b, c = latents.shape[:2]
         noise = noise + offset_ratio * torch.randn((b, c, 1, 1), generator=generator, device=latents.device,
                                                    dtype=latents.dtype)
     return noise
+
+
+def add_pyramid_noise(noise: torch.Tensor, discount: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Multi-resolution noise: upsampled noise of ever coarser grids (random 2-4x steps), weighted discount**i,
+    then rescaled to unit variance, so low frequencies get noised too."""
+    b, c, h, w = noise.shape
+    total, level = noise.clone(), 1
+    while True:
+        factor = 2 + torch.rand(1, generator=generator).item() * 2
+        h, w = int(h / factor), int(w / factor)
+        if h < 1 or w < 1:
+            break
+        coarse = torch.randn((b, c, h, w), generator=generator, device=noise.device, dtype=noise.dtype)
+        total = total + F.interpolate(coarse, size=noise.shape[-2:], mode="bilinear") * discount**level
+        level += 1
+    return total / total.std()
 
 
 def drop_captions(captions: list[str], probability: float) -> list[str]:
@@ -45,8 +65,9 @@ def denoising_loss(
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     min_snr_gamma: Optional[float] = None,
+    loss_type: str = "mse",
 ) -> torch.Tensor:
-    """Per-image loss: MSE between the UNet's prediction and its target (epsilon or v)."""
+    """Per-image loss between the UNet's prediction and its target (epsilon or v): MSE unless `loss_type`."""
     scheduler = model.noise_scheduler
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if model.prediction_type == "v_prediction":
@@ -55,10 +76,44 @@ def denoising_loss(
         target = noise
     unet_dtype = next(model.unet.parameters()).dtype
     prediction = model.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states.to(unet_dtype)).sample
-    loss = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    loss = per_image_loss(prediction.float(), target.float(), timesteps, loss_type,
+                          scheduler.config.num_train_timesteps)
     if min_snr_gamma:
         loss = loss * min_snr_weights(scheduler, timesteps, min_snr_gamma, model.prediction_type)
     return loss
+
+
+def per_image_loss(prediction, target, timesteps, loss_type: str, num_timesteps: int) -> torch.Tensor:
+    """mse, huber (delta 1), or ED2's timestep blends. ED2's code (not its docs) defines mse_huber as Huber
+    weighted by 1 - t/T plus MSE weighted by t/T: Huber near t=0, MSE near t=T. huber_mse is the reverse."""
+    mse = F.mse_loss(prediction, target, reduction="none").mean(dim=(1, 2, 3))
+    if loss_type == "mse":
+        return mse
+    huber = F.huber_loss(prediction, target, reduction="none", delta=1.0).mean(dim=(1, 2, 3))
+    if loss_type == "huber":
+        return huber
+    mse_weight = timesteps.float() / num_timesteps
+    if loss_type == "huber_mse":
+        mse_weight = 1 - mse_weight
+    return mse_weight * mse + (1 - mse_weight) * huber
+
+
+def perturb_embeddings(hidden: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Embedding perturbation (arXiv 2405.20494): Gaussian noise with std gamma / sqrt(width)."""
+    if gamma <= 0:
+        return hidden
+    return hidden + torch.randn_like(hidden) * gamma / hidden.shape[-1] ** 0.5
+
+
+def training_loss(model: SDModel, batch: dict, config, device) -> torch.Tensor:
+    """Mean denoising loss of one micro-batch: encode, noise, predict, compare."""
+    latents = encode_latents(model, batch["pixel_values"])
+    noise = sample_noise(latents, config.zero_frequency_noise_ratio, pyramid_discount=config.pyramid_noise_discount)
+    last = min(config.timestep_end, model.noise_scheduler.config.num_train_timesteps)
+    timesteps = torch.randint(config.timestep_start, last, (latents.shape[0],), device=latents.device)
+    captions = drop_captions(batch["captions"], config.cond_dropout)
+    hidden = perturb_embeddings(encode_prompts(model, captions, config.clip_skip, device), config.embedding_perturbation)
+    return denoising_loss(model, latents, hidden, noise, timesteps, config.min_snr_gamma, config.loss_type).mean()
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:

@@ -4,11 +4,12 @@ schedule; every so often: validation, samples, checkpoints, logs."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -17,29 +18,55 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from data.buckets import assign_bucket, bucket_sizes
+from data.images import ImageLoadError, SkippedImage, write_skipped_report
 from data.loader import ImageBatchDataset, make_loader
 from data.prepare import PreparedData, prepare_data
 from optimizer.lr import build_lr_scheduler, current_lrs, plan_schedule
-from optimizer.optimizers import build_optimizer
-from trainer.diffusion import denoising_loss, drop_captions, encode_latents, sample_noise
-from trainer.model import SDModel, configure_for_training, encode_prompts, load_model
+from optimizer.optimizers import build_optimizer, model_param_groups
+from trainer.diffusion import training_loss
+from trainer.model import SDModel, configure_for_training, load_model
+from trainer.resume import (changed_settings, images_fingerprint, locate_state, model_layout, refuse_incompatible,
+                            run_dir_of, trained_parameters)
+from trainer.safety import (Stop, check_writable, disk_space_note, estimate_save_sizes, resume_command,
+                            stop_signals_handled)
 from trainer.sampling import make_samples, read_prompts
 from trainer.validation import StabilizedLoss
-from utils.checkpoint import checkpoint_name, copy_atomic, save_checkpoint
-from utils.config import TrainConfig
+from utils.checkpoint import checkpoint_name, copy_atomic, save_checkpoint, saved_checkpoints
+from utils.config import ConfigError, TrainConfig
 from utils.metrics import RunLogger
 from utils.plots import plot_losses, plot_lr
+from utils.state import (STATE_FOLDER, TrainingState, capture_rng, prune_states, read_state, read_trainer_state,
+                         remove_leftovers, restore_rng, state_folder_name, trim_metrics, write_state)
+
+# Optimizer hyperparameters the config sets: after loading a state, the new config's values win.
+CONFIGURED_HYPERPARAMETERS = ("betas", "eps", "weight_decay")
 
 
 @dataclass
 class Progress:
-    """Where the run is, and what it has measured so far."""
+    """Where the run is, and what it has measured so far; saved in every state (the clocks excepted)."""
 
     global_step: int = 0
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     train_losses: list[tuple[int, float]] = field(default_factory=list)
     checkpoints: list[dict] = field(default_factory=list)
+    skipped_updates: list[tuple[int, str]] = field(default_factory=list)  # (step, why the update was skipped)
+    nonfinite_in_a_row: int = 0
+    failed_images: list[tuple[int, str, str]] = field(default_factory=list)  # (step, path, reason): load failures
+    last_state: Optional[str] = None
     last_save_time: float = field(default_factory=time.monotonic)
+    last_state_time: float = field(default_factory=time.monotonic)
+
+    def to_json(self) -> dict:
+        """The checkpoints are left out: a resumed run lists the ones in its ckpts folder."""
+        return {key: value for key, value in asdict(self).items()
+                if key != "checkpoints" and not key.endswith("_time")}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Progress":
+        pairs = ("val_losses", "train_losses", "skipped_updates", "failed_images")
+        return cls(**{**data, **{key: [tuple(entry) for entry in data[key]] for key in pairs}})
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -72,26 +99,12 @@ def place_frozen_parts(model: SDModel, accelerator: Accelerator, train_text_enco
         model.text_encoder.to(accelerator.device, dtype=dtype)
 
 
-def param_groups(model: SDModel, train_text_encoder: bool) -> list[dict]:
-    groups = [{"name": "unet", "params": [p for p in model.unet.parameters() if p.requires_grad]}]
-    if train_text_encoder:
-        groups.append({"name": "text_encoder", "params": [p for p in model.text_encoder.parameters()]})
-    return groups
+def optimizer_step(model, micro_batches, optimizer, accelerator, config, trained_modules,
+                   skip_nonfinite: bool = False) -> float:
+    """Accumulate the micro-batches' gradients (averaged, not summed), clip, step. Returns the mean loss.
 
-
-def training_loss(model: SDModel, batch: dict, config: TrainConfig, device) -> torch.Tensor:
-    """Mean denoising loss of one micro-batch: encode, noise, predict."""
-    latents = encode_latents(model, batch["pixel_values"])
-    noise = sample_noise(latents, config.zero_frequency_noise_ratio)
-    num_timesteps = model.noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), device=latents.device)
-    captions = drop_captions(batch["captions"], config.cond_dropout)
-    hidden = encode_prompts(model, captions, config.clip_skip, device)
-    return denoising_loss(model, latents, hidden, noise, timesteps, config.min_snr_gamma).mean()
-
-
-def optimizer_step(model, micro_batches, optimizer, accelerator, config, trained_modules) -> float:
-    """Accumulate the micro-batches' gradients (averaged, not summed), clip, step. Returns the mean loss."""
+    With `skip_nonfinite`, a NaN/inf loss is caught before its backward (which would poison every weight):
+    the gradients are zeroed, the weights stay as they were, and the non-finite loss is returned."""
     total = 0.0
     for index, batch in enumerate(micro_batches):
         is_last = index == len(micro_batches) - 1
@@ -101,6 +114,9 @@ def optimizer_step(model, micro_batches, optimizer, accelerator, config, trained
                     stack.enter_context(accelerator.no_sync(module))
             with accelerator.autocast():
                 loss = training_loss(model, batch, config, accelerator.device)
+            if skip_nonfinite and not math.isfinite(loss.item()):
+                optimizer.zero_grad(set_to_none=True)
+                return loss.item()
             accelerator.backward(loss / len(micro_batches))
         total += loss.detach().item()
     if config.clip_grad_norm:
@@ -128,13 +144,17 @@ def write_json(path: Path, data: dict) -> None:
 class Trainer:
     """Holds what a run needs between steps; `run()` is the story."""
 
-    def __init__(self, config: TrainConfig, run_dir: Optional[Path] = None):
+    def __init__(self, config: TrainConfig, run_dir: Optional[Path] = None, stop_at_step: Optional[int] = None):
+        """`stop_at_step`: stop after that step as if a SIGTERM had come during it (the tests' kill)."""
         self.config = config
         self.seed = resolve_seed(config.seed)
         self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
         self.is_main = self.accelerator.is_main_process
         self.run_dir = Path(run_dir) if run_dir else new_run_dir(config)
         self.progress = Progress()
+        self.resume_state: Optional[Path] = None  # the state folder this run continues
+        self.stop: Optional[Stop] = None
+        self.stop_at_step = stop_at_step
 
     # --- set-up -------------------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -144,37 +164,46 @@ class Trainer:
     def set_up(self) -> None:
         config = self.config
         seed_everything(self.seed)
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.run_dir / "config.json", {**config.model_dump(mode="json"), "seed": self.seed})
+        self._check_output_folders()
         self.data: PreparedData = prepare_data(config)
         self.say(self.data.summary())
-        self._report_skipped()
         self.plan, self.schedules, notes = plan_schedule(config, self.data.batches.num_batches)
         for note in notes:
             self.say(note)
         self.say(f"run: {self.plan.steps_per_epoch} steps per epoch, {self.plan.total_steps} steps, "
                  f"{self.plan.epochs} epochs, seed {self.seed}, precision {self.accelerator.mixed_precision}")
 
-        self.model = load_model(config.resume_ckpt, config.model_cache_dir)
-        configure_for_training(self.model, config.attn_type, config.gradient_checkpointing, config.train_text_encoder)
+        model_notes: list[str] = []
+        self.model = load_model(config, model_notes)
+        for note in config.notes + model_notes:
+            self.say(f"note: {note}")
+        configure_for_training(self.model, config)
         place_frozen_parts(self.model, self.accelerator, config.train_text_encoder)
-        self.optimizer = build_optimizer(config, param_groups(self.model, config.train_text_encoder))
+        self.optimizer = build_optimizer(config, model_param_groups(config, self.model.unet, self.model.text_encoder))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.schedules, config.lr_cycle_momentum)
         self._prepare_for_accelerator()
-        self.logger = RunLogger(self.run_dir, enabled=self.is_main)
+        self.fingerprint = self._fingerprint()
+        if self.resume_state:
+            self._check_resume_compatible()  # before anything in the run folder changes
+        if self.is_main:
+            write_json(self.run_dir / "config.json", {**config.model_dump(mode="json"), "seed": self.seed})
+        self._report_data_problems()
+        self.say(disk_space_note(self._save_sizes(), self.run_dir))
+        self.logger = self._open_logs()
         self.validator = self._build_validator()
         self.sample_prompts = read_prompts(config.sample_prompts, self.data.train) if config.sample_prompts else []
 
     def _prepare_for_accelerator(self) -> None:
-        accelerator, model = self.accelerator, self.model
-        if self.config.train_text_encoder:
-            model.unet, model.text_encoder, self.optimizer = accelerator.prepare(
-                model.unet, model.text_encoder, self.optimizer)
-            self.trained_modules = [model.unet, model.text_encoder]
+        accelerator, model, config = self.accelerator, self.model, self.config
+        if config.disable_unet_training:
+            model.unet.to(accelerator.device, dtype=weight_dtype_of(accelerator))
         else:
-            model.unet, self.optimizer = accelerator.prepare(model.unet, self.optimizer)
-            self.trained_modules = [model.unet]
+            model.unet = accelerator.prepare(model.unet)
+        if config.train_text_encoder:
+            model.text_encoder = accelerator.prepare(model.text_encoder)
+        self.optimizer = accelerator.prepare(self.optimizer)
+        self.trained_modules = ([] if config.disable_unet_training else [model.unet]) + \
+            ([model.text_encoder] if config.train_text_encoder else [])
         # The LR scheduler is deliberately not prepared: ours is a pure function of the optimizer step,
         # and accelerate would step it once per process.
 
@@ -186,14 +215,155 @@ class Trainer:
                               settings.batch_size or self.config.batch_size, settings.timesteps,
                               settings.seed, self.config.clip_skip)
 
-    def _report_skipped(self) -> None:
-        if not self.data.skipped:
-            return
+    def _check_output_folders(self) -> None:
+        """A clear error naming the folder now, rather than a crash at the first save hours later."""
+        if self.is_main:
+            check_writable(self.run_dir, "logdir")
+            if self.config.save_ckpt_dir:
+                check_writable(Path(self.config.save_ckpt_dir), "save_ckpt_dir")
+
+    def _report_data_problems(self) -> None:
+        """Skipped images, caption warnings and undersized images: in the start summary and in the run folder
+        (skipped_images.txt, data_warnings.txt)."""
         for skipped in self.data.skipped:
             self.say(f"skipped {skipped.path}: {skipped.reason}")
+        undersized = self._undersized_images()
+        if undersized:
+            self.say(f"warning: {len(undersized)} image(s) smaller than their bucket will be upscaled (blurrier): "
+                     + ", ".join(undersized[:5]) + (", ..." if len(undersized) > 5 else "")
+                     + " (all in data_warnings.txt)")
+        warnings = list(self.data.warnings) + [f"undersized (upscaled to its bucket): {line}" for line in undersized]
         if self.is_main:
-            lines = [f"{s.path}\t{s.reason}" for s in self.data.skipped]
-            (self.run_dir / "skipped_images.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            self._write_skipped_report()
+            if warnings:
+                (self.run_dir / "data_warnings.txt").write_text("\n".join(warnings) + "\n", encoding="utf-8")
+
+    def _undersized_images(self) -> list[str]:
+        buckets = bucket_sizes(self.config.resolution)
+        found = []
+        for item in self.data.train + self.data.val:
+            width, height = assign_bucket(item.width, item.height, buckets)
+            if item.width < width or item.height < height:
+                found.append(f"{item.path} ({item.width}x{item.height}, bucket {width}x{height})")
+        return found
+
+    def _write_skipped_report(self) -> None:
+        """Images skipped by the scan, then those that failed to load during training (with the step)."""
+        failed = [SkippedImage(Path(path), f"failed to load at step {step}: {reason}")
+                  for step, path, reason in self.progress.failed_images]
+        if self.data.skipped or failed:
+            write_skipped_report(list(self.data.skipped) + failed, self.run_dir / "skipped_images.txt")
+
+    def _save_sizes(self):
+        model, config = self.unwrapped_model(), self.config
+        trained = sum(p.numel() for module in self.trained_models().values() for p in module.parameters())
+        everything = sum(p.numel() for part in (model.unet, model.vae, model.text_encoder) for p in part.parameters())
+        every = config.save_every_n_epochs
+        checkpoints = 1 + ((self.plan.epochs - 1) // every if every else 0)
+        return estimate_save_sizes(trained, everything, config.optimizer, config.save_state_keep, checkpoints,
+                                   single_file=not config.no_save_ckpt, half=not config.save_full_precision)
+
+    def _open_logs(self) -> RunLogger:
+        """metrics.csv and TensorBoard; a resumed run first drops what its interrupted run logged after the
+        state, so that every step appears once."""
+        if not self.resume_state:
+            return RunLogger(self.run_dir, enabled=self.is_main)
+        step = self.saved["step"]
+        dropped = trim_metrics(self.run_dir / "metrics.csv", step) if self.is_main else 0
+        if dropped:
+            self.say(f"metrics.csv: dropped {dropped} row(s) that the interrupted run logged after step {step}")
+        return RunLogger(self.run_dir, enabled=self.is_main, purge_step=step + 1)
+
+    def trained_models(self) -> dict[str, torch.nn.Module]:
+        """The models whose weights train, unwrapped, by name."""
+        model, config = self.unwrapped_model(), self.config
+        names = ([] if config.disable_unet_training else ["unet"]) + (["text_encoder"] if config.train_text_encoder
+                                                                      else [])
+        return {name: getattr(model, name) for name in names}
+
+    def _fingerprint(self) -> dict:
+        """What must not change when this run is resumed (trainer/resume.py refuses a change)."""
+        config, model = self.config, self.unwrapped_model()
+        roots = [config.data_root] + [config.validation.manual_data_root or config.data_root]
+        return {
+            "model_source": config.resume_ckpt,
+            "model_layout": model_layout({"unet": model.unet, "text_encoder": model.text_encoder},
+                                         model.prediction_type),
+            "trained_parameters": trained_parameters(self.trained_models()),
+            "optimizer": config.optimizer,
+            "batch_size": config.batch_size,
+            "grad_accum": config.grad_accum,
+            "resolution": config.resolution,
+            "seed": self.seed,
+            "train_images": images_fingerprint(self.data.train, roots),
+            "validation_images": images_fingerprint(self.data.val, roots),
+            "mixed_precision": self.accelerator.mixed_precision,
+        }
+
+    # --- resuming ------------------------------------------------------------------------------------
+    def _find_state_to_resume(self) -> None:
+        """resume_from: the state to continue, and with it the run folder to keep writing into."""
+        self.resume_state, notes = locate_state(self.config)
+        for note in notes:
+            self.say(note)
+        if self.resume_state is None:
+            return
+        self.saved = read_trainer_state(self.resume_state)
+        self.run_dir = run_dir_of(self.resume_state) or self.run_dir
+        if self.config.seed == -1:
+            self.seed = self.saved["seed"]  # the one the continued run picked at random
+        for leftover in remove_leftovers(self.run_dir) if self.is_main else []:
+            self.say(f"removed {leftover}, left by a save that was killed")
+
+    def _check_resume_compatible(self) -> None:
+        """Refuse, with a ConfigError naming the key, a state this config cannot continue; note what changed."""
+        saved, step = self.saved, self.saved["step"]
+        notes = refuse_incompatible(self.resume_state, saved["fingerprint"], self.fingerprint)
+        if step >= self.plan.total_steps:
+            raise ConfigError(
+                f"key 'resume_from': the state {self.resume_state} is at step {step} and this config trains "
+                f"{self.plan.total_steps} steps: nothing is left to train. Raise max_epochs or max_steps to go on.")
+        changed = changed_settings(saved["config"], self.config)
+        if changed:
+            notes.append("changed since the state was saved (the new values apply): " + "; ".join(changed))
+        next_lrs = self._next_lrs(step)
+        if next_lrs != saved["next_lrs"]:
+            notes.append(f"the LR schedule changed: from step {step + 1} on the run follows the new curve "
+                         f"(next LR {next_lrs}, was {saved['next_lrs']})")
+        for note in notes:
+            self.say(note)
+
+    def _next_lrs(self, step: int) -> dict[str, float]:
+        return {group: schedule(step) for group, schedule in self.schedules.items() if group != "momentum"}
+
+    def restore(self, state: TrainingState) -> None:
+        """Continue exactly where the state left off: weights, optimizer, LR position, grad scaler, progress and,
+        last, the random generators (nothing may draw from them between here and the next step)."""
+        for name, module in self.trained_models().items():
+            module.load_state_dict(state.weights[name])
+        self._load_optimizer_state(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.info["lr_scheduler"])
+        if self.accelerator.scaler is not None and state.info["grad_scaler"]:
+            self.accelerator.scaler.load_state_dict(state.info["grad_scaler"])
+        self.progress = Progress.from_json(state.info["progress"])
+        self.progress.checkpoints = saved_checkpoints(self.run_dir / "ckpts", state.step)
+        self.progress.last_state = str(self.resume_state)
+        if self.is_main:
+            self._write_skipped_report()
+        self.say(f"resumed from {self.resume_state}: step {state.step} of {self.plan.total_steps}, epoch "
+                 f"{state.info['epoch'] + 1} with {state.info['step_in_epoch']} of its {self.plan.steps_per_epoch} "
+                 f"steps done")
+        for note in restore_rng(state.rng):
+            self.say(f"warning: {note}")
+
+    def _load_optimizer_state(self, saved: dict) -> None:
+        """torch's load_state_dict also brings back the saved betas / eps / weight decay; the new config's
+        values are put back, as for every other setting that may change on resume."""
+        configured = [{key: group[key] for key in CONFIGURED_HYPERPARAMETERS if key in group}
+                      for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, values in zip(self.optimizer.param_groups, configured):
+            group.update(values)
 
     def unwrapped_model(self) -> SDModel:
         """The model with its accelerate/DDP wrappers removed, for inference and saving."""
@@ -204,31 +374,109 @@ class Trainer:
 
     # --- the story ------------------------------------------------------------------------------------
     def run(self) -> dict:
+        self._find_state_to_resume()
         self.set_up()
-        config, plan, progress = self.config, self.plan, self.progress
-        self.validate()  # the baseline before any training
+        if self.resume_state:
+            self.restore(read_state(self.resume_state, verify=False))  # verified when it was found
+        else:
+            self.validate()  # the baseline before any training
+        with stop_signals_handled(self.request_stop):
+            self.train()
+            return self.finish()
+
+    def train(self) -> None:
+        """Optimizer steps until the last one of the plan, or until a stop is requested."""
+        plan, progress = self.plan, self.progress
         self.started = time.monotonic()
         bar = tqdm(total=plan.total_steps, initial=progress.global_step, disable=not self.is_main, unit="step")
         for epoch in range(plan.epoch_of(progress.global_step), plan.epochs):
-            loader = iter(self._epoch_loader(epoch))
-            for step_in_epoch in range(plan.steps_per_epoch):
-                if progress.global_step >= plan.total_steps:
+            first_step = progress.global_step - epoch * plan.steps_per_epoch  # > 0 where a resumed run starts
+            loader = iter(self._epoch_loader(epoch, first_step))
+            for step_in_epoch in range(first_step, plan.steps_per_epoch):
+                if progress.global_step >= plan.total_steps or self.stop:
                     break
-                step_start = time.monotonic()
-                micro_batches = [next(loader) for _ in plan.micro_batches_of(step_in_epoch)]
-                images = sum(len(b["captions"]) for b in micro_batches)
-                loss = optimizer_step(self.model, micro_batches, self.optimizer, self.accelerator, config,
-                                      self.trained_modules)
-                lrs = current_lrs(self.optimizer)
-                self.lr_scheduler.step()
-                progress.global_step += 1
-                self._after_step(loss, lrs, images / (time.monotonic() - step_start), bar)
+                self._train_step(loader, step_in_epoch, bar)
+            if self.stop:
+                break
             self._after_epoch(epoch)
         bar.close()
-        return self.finish()
 
-    def _epoch_loader(self, epoch: int):
-        batches = self.data.batches.epoch_batches(epoch, self.seed)
+    def _train_step(self, loader, step_in_epoch: int, bar) -> None:
+        progress = self.progress
+        step_start = time.monotonic()
+        micro_batches = self._next_micro_batches(loader, step_in_epoch)
+        images = sum(len(b["captions"]) for b in micro_batches)
+        loss = optimizer_step(self.model, micro_batches, self.optimizer, self.accelerator, self.config,
+                              self.trained_modules, skip_nonfinite=True) if micro_batches else math.nan
+        lrs = current_lrs(self.optimizer)
+        # A skipped update still counts as a step: the LR curve and the data order stay aligned with it.
+        self.lr_scheduler.step()
+        progress.global_step += 1
+        self._count_skipped_update(loss, images)
+        self._after_step(loss, lrs, images / (time.monotonic() - step_start), bar)
+        if progress.global_step == self.stop_at_step:
+            self.request_stop(Stop("stop_at_step", 0, save=True))
+
+    def _next_micro_batches(self, loader, step_in_epoch: int) -> list[dict]:
+        """This step's micro-batches. The loader drops images that fail to decode and lists them under
+        "failed"; they are reported. A micro-batch in which every image failed is left out."""
+        batches = []
+        for _ in self.plan.micro_batches_of(step_in_epoch):
+            try:
+                batch = next(loader)
+            except ImageLoadError as error:
+                self._report_failed_images([SkippedImage(Path("(whole micro-batch)"), str(error))])
+                continue
+            self._report_failed_images(batch.get("failed", []))
+            batches.append(batch)
+        return batches
+
+    def _report_failed_images(self, failed: list[SkippedImage]) -> None:
+        if not failed:
+            return
+        step = self.progress.global_step + 1
+        for entry in failed:
+            self.say(f"step {step}: could not load {entry.path}: {entry.reason}; left out of the step")
+            self.progress.failed_images.append((step, str(entry.path), entry.reason))
+        if self.is_main:
+            self._write_skipped_report()
+
+    def _count_skipped_update(self, loss: float, images: int) -> None:
+        """A NaN/inf loss skipped its update; after max_nan_steps in a row the run stops with its last good
+        state (no new one is saved: weights that give NaN losses are not worth keeping)."""
+        progress, step = self.progress, self.progress.global_step
+        if math.isfinite(loss):
+            progress.nonfinite_in_a_row = 0
+            return
+        if images:
+            progress.nonfinite_in_a_row += 1
+            reason = f"loss is {loss}"
+        else:
+            reason = "no image of the step could be loaded"
+        progress.skipped_updates.append((step, reason))
+        self.say(f"step {step}: {reason}: update skipped (weights unchanged, gradients zeroed)")
+        if progress.nonfinite_in_a_row >= self.config.max_nan_steps:
+            self.request_stop(self._diverged())
+
+    def _diverged(self) -> Stop:
+        config, progress = self.config, self.progress
+        first = progress.global_step - progress.nonfinite_in_a_row + 1
+        lower = config.lr / 10
+        return Stop.failed("diverged", (
+            f"the loss was NaN/inf for {progress.nonfinite_in_a_row} steps in a row (steps {first}-"
+            f"{progress.global_step}; max_nan_steps {config.max_nan_steps}), so the run stops without saving. "
+            f"Last good state: {progress.last_state or 'none saved yet'}. Lower the learning rate (lr is "
+            f"{config.lr:g}; try {lower:g}) and "
+            + (f"resume: {resume_command()} --lr {lower:g}" if progress.last_state else "start again.")))
+
+    def request_stop(self, stop: Stop) -> None:
+        """Stop after the current step (a signal, divergence, a failed save); the first reason wins."""
+        self.stop = self.stop or stop
+
+    def _epoch_loader(self, epoch: int, first_step: int = 0):
+        """The epoch's batches from its `first_step` on: the order is a function of (seed, epoch), so a resumed
+        run skips exactly the batches its interrupted run consumed."""
+        batches = self.data.batches.epoch_batches(epoch, self.seed)[first_step * self.plan.grad_accum:]
         dataset = ImageBatchDataset(self.data.train, self.data.batches, flip_p=self.config.flip_p, seed=self.seed,
                                     epoch=epoch)
         return make_loader(dataset, batches, num_workers=self.config.num_workers,
@@ -238,8 +486,9 @@ class Trainer:
         config, progress = self.config, self.progress
         step = progress.global_step
         epoch = step / self.plan.steps_per_epoch
-        progress.train_losses.append((step, loss))
-        window = [value for _, value in progress.train_losses[-config.log_step:]]
+        if math.isfinite(loss):
+            progress.train_losses.append((step, loss))
+        window = [value for _, value in progress.train_losses[-config.log_step:]] or [math.nan]
         self.logger.log(step, epoch, to_tensorboard=step % config.log_step == 0, loss_train=loss,
                         lr_unet=lrs.get("unet"), lr_text_encoder=lrs.get("text_encoder"),
                         images_per_second=images_per_second)
@@ -248,11 +497,14 @@ class Trainer:
                         img_s=f"{images_per_second:.1f}")
         if self._validation_due(step):
             self.validate()
-        if self.sample_prompts and step % config.sample_steps == 0:
+        if self.sample_prompts and step % config.sample_steps == 0 and not self.stop:  # a stop may have little time
             self.sample()
         minutes = config.ckpt_every_n_minutes
         if minutes and time.monotonic() - progress.last_save_time >= minutes * 60:
             self.save()
+        minutes = config.save_state_every_n_minutes
+        if minutes and time.monotonic() - progress.last_state_time >= minutes * 60:
+            self.save_state()
 
     def _validation_due(self, step: int) -> bool:
         if not self.validator:
@@ -263,7 +515,8 @@ class Trainer:
     def _after_epoch(self, epoch: int) -> None:
         every = self.config.save_every_n_epochs
         finished_epoch = epoch + 1
-        if every and finished_epoch % every == 0 and self.progress.global_step < self.plan.total_steps:
+        due = every and finished_epoch % every == 0 and finished_epoch >= self.config.save_ckpts_from_n_epochs
+        if due and self.progress.global_step < self.plan.total_steps:
             self.save()
 
     # --- measurements and outputs -------------------------------------------------------------------
@@ -288,35 +541,106 @@ class Trainer:
             self.logger.image(f"samples/prompt_{index}", image, step)
 
     def save(self) -> dict:
-        """A checkpoint of the current weights (main process writes, all processes wait)."""
+        """A resumable state, then a checkpoint of the current weights (main process writes, all processes wait).
+        The state goes first: after a SIGTERM the time left may be short, and the state is what resuming needs."""
+        if not self.save_state():
+            return {}
         self.accelerator.wait_for_everyone()
         self.progress.last_save_time = time.monotonic()
+        step, checkpoints = self.progress.global_step, self.progress.checkpoints
         if not self.is_main:
             return {}
-        step = self.progress.global_step
+        if checkpoints and checkpoints[-1]["step"] == step:  # e.g. a stop right after an epoch's save
+            return {key: value for key, value in checkpoints[-1].items() if key != "step"}
         name = checkpoint_name(self.config.project_name, self.plan.epoch_of(max(step - 1, 0)), step)
         model = self.unwrapped_model()
-        paths = save_checkpoint(model.pipeline(), self.run_dir / "ckpts", name,
-                                half=not self.config.save_full_precision, single_file=not self.config.no_save_ckpt)
-        self.progress.checkpoints.append({"step": step, **paths})
+        try:
+            paths = save_checkpoint(model.pipeline(), self.run_dir / "ckpts", name,
+                                    half=not self.config.save_full_precision, single_file=not self.config.no_save_ckpt)
+        except OSError as error:
+            self._save_failed("checkpoint", error)
+            return {}
+        checkpoints.append({"step": step, **paths})
         self.say(f"saved checkpoint {paths['diffusers']}")
         return paths
 
+    def save_state(self) -> bool:
+        """Everything the run depends on, to <run_dir>/state/state-gs<step>/, atomically; only the newest
+        save_state_keep states are kept. False when the save failed (the run is then asked to stop)."""
+        self.accelerator.wait_for_everyone()
+        self.progress.last_state_time = time.monotonic()
+        step, last = self.progress.global_step, self.progress.last_state
+        if not self.is_main or (last and Path(last).name == state_folder_name(step)):
+            return True
+        try:
+            saved = write_state(self._training_state(), self.run_dir / STATE_FOLDER)
+        except OSError as error:
+            self._save_failed("state", error)
+            return False
+        self.progress.last_state = str(saved.path)
+        pruned = prune_states(self.run_dir / STATE_FOLDER, self.config.save_state_keep, step)
+        self.say(f"saved state {saved.path} ({saved.bytes / 1e9:.2f} GB) in {saved.seconds:.1f} s"
+                 + (f"; removed {len(pruned)} older state(s)" if pruned else ""))
+        return True
+
+    def _training_state(self) -> TrainingState:
+        step = self.progress.global_step
+        epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
+        scaler = self.accelerator.scaler
+        info = {
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,  # optimizer steps done in the epoch; its batch order comes from the seed
+            "seed": self.seed,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "next_lrs": self._next_lrs(step),
+            "grad_scaler": scaler.state_dict() if scaler is not None else None,
+            "progress": self.progress.to_json(),
+            "fingerprint": self.fingerprint,
+            "config": self.config.model_dump(mode="json"),
+        }
+        weights = {name: module.state_dict() for name, module in self.trained_models().items()}
+        return TrainingState(step, info, weights, self.optimizer.state_dict(), capture_rng())
+
+    def _save_failed(self, what: str, error: OSError) -> None:
+        """Nothing half-written is left (atomic writes) and the previous files are intact: say so, and stop."""
+        step = self.progress.global_step
+        disk_full = " (the disk is full)" if error.errno == errno.ENOSPC else ""
+        checkpoints = self.progress.checkpoints
+        self.say(f"error: saving the {what} at step {step} failed{disk_full}: {error}")
+        self.request_stop(Stop.failed("save failed", (
+            f"saving the {what} at step {step} failed{disk_full}: {error}. No half-written file was left and the "
+            f"previous saves are intact: last state {self.progress.last_state or 'none'}, last checkpoint "
+            f"{checkpoints[-1]['diffusers'] if checkpoints else 'none'}. Free some space, then resume: "
+            f"{resume_command()}")))
+
     def finish(self) -> dict:
-        final = self.save()
-        if self.is_main and self.config.save_ckpt_dir and "single_file" in final:
-            target = Path(self.config.save_ckpt_dir) / Path(final["single_file"]).name
-            copy_atomic(Path(final["single_file"]), target)
-            final["single_file_copy"] = str(target)
-        if self.sample_prompts:
-            self.sample()
+        """The end of the run, complete or stopped: final saves, samples, plots, summary. A stopped run says
+        how to resume it; its summary carries the exit code."""
+        final = self.save() if self.stop is None or self.stop.save else {}
+        if self.stop is None:  # complete, and its final save worked
+            if self.is_main and self.config.save_ckpt_dir and "single_file" in final:
+                target = Path(self.config.save_ckpt_dir) / Path(final["single_file"]).name
+                copy_atomic(Path(final["single_file"]), target)
+                final["single_file_copy"] = str(target)
+            if self.sample_prompts:
+                self.sample()
         summary = self._summary(final)
         if self.is_main:
             self._plots()
             write_json(self.run_dir / "run_summary.json", summary)
         self.logger.close()
         self.accelerator.end_training()
+        if self.stop:
+            self._say_how_it_stopped()
         return summary
+
+    def _say_how_it_stopped(self) -> None:
+        stop, step = self.stop, self.progress.global_step
+        if not stop.save:
+            self.say(f"error: {stop.message}")
+            return
+        self.say(f"stopped ({stop.reason}) after step {step} of {self.plan.total_steps}; state "
+                 f"{self.progress.last_state}. To resume:\n    {resume_command()}")
 
     def _plots(self) -> None:
         steps = list(range(self.progress.global_step))
@@ -350,8 +674,15 @@ class Trainer:
             "final_train_loss": self.progress.train_losses[-1][1] if self.progress.train_losses else None,
             "seconds": round(time.monotonic() - self.started, 2),
             "finite": all(math.isfinite(v) for _, v in self.progress.train_losses),
+            "skipped_updates": self.progress.skipped_updates,
+            "failed_images": len(self.progress.failed_images),
+            "resumed_from": str(self.resume_state) if self.resume_state else None,
+            "last_state": self.progress.last_state,
+            "stopped": self.stop.reason if self.stop else None,
+            "exit_code": self.stop.exit_code if self.stop else 0,
         }
 
 
 def train(config: TrainConfig, run_dir: Optional[Path] = None) -> dict:
+    """Train (or, with resume_from, continue) a run; the summary's exit_code is non-zero when it stopped early."""
     return Trainer(config, run_dir).run()

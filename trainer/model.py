@@ -15,8 +15,11 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from trainer.tiny_model import TINY_MODEL_NAME, tiny_model_path
+from trainer.tiny_model import DEFAULT_CACHE_DIR, TINY_MODEL_NAME, tiny_model_path
 from utils.config import ConfigError
+
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 @dataclass
@@ -50,8 +53,10 @@ class SDModel:
         )
 
 
-def resolve_model_source(resume_ckpt: str, cache_dir: Optional[str]) -> str:
-    """A diffusers folder path or hub id for `resume_ckpt` ('tiny' is built locally on first use)."""
+def resolve_model_source(resume_ckpt: str, cache_dir: Optional[str], single_file_config: Optional[str] = None,
+                         prediction_type: Optional[str] = None, notes: Optional[list[str]] = None) -> str:
+    """A diffusers folder path or hub id for `resume_ckpt` ('tiny' is built locally on first use; a single
+    .safetensors / .ckpt file is converted once into a cached diffusers folder)."""
     if resume_ckpt == TINY_MODEL_NAME:
         return str(tiny_model_path(Path(cache_dir) if cache_dir else None))
     path = Path(resume_ckpt)
@@ -63,18 +68,33 @@ def resolve_model_source(resume_ckpt: str, cache_dir: Optional[str]) -> str:
                 f"'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'tiny'."
             )
         return str(path)
-    if path.suffix in (".safetensors", ".ckpt"):
+    if path.suffix in SINGLE_FILE_SUFFIXES:
         if not path.is_file():
             raise ConfigError(f"key 'resume_ckpt' = '{resume_ckpt}': no such file.")
-        raise ConfigError(
-            f"key 'resume_ckpt' = '{resume_ckpt}': single-file checkpoints are not loaded yet; "
-            f"give a diffusers folder or a hub id."
-        )
+        from trainer.single_file import converted_model_path
+
+        return str(converted_model_path(path, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR,
+                                        single_file_config, prediction_type, notes))
     return resume_ckpt  # a hub id: diffusers downloads it when the machine is online
 
 
-def load_model(resume_ckpt: str, cache_dir: Optional[str] = None) -> SDModel:
-    source = resolve_model_source(resume_ckpt, cache_dir)
+def load_model(config, notes: Optional[list[str]] = None) -> SDModel:
+    """The model a config trains: `resume_ckpt`, with the config's noise-schedule options applied.
+    What loading noticed (a guessed prediction type, say) is appended to `notes`."""
+    model = load_pretrained(resolve_model_source(config.resume_ckpt, config.model_cache_dir,
+                                                 config.single_file_config, config.prediction_type, notes),
+                            config.resume_ckpt)
+    overrides = {}
+    if config.prediction_type:
+        overrides["prediction_type"] = config.prediction_type
+    if config.enable_zero_terminal_snr:
+        overrides["rescale_betas_zero_snr"] = True
+    if overrides:
+        model.noise_scheduler = DDPMScheduler.from_config(model.noise_scheduler.config, **overrides)
+    return model
+
+
+def load_pretrained(source: str, resume_ckpt: str) -> SDModel:
     try:
         return SDModel(
             unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
@@ -93,19 +113,38 @@ def load_model(resume_ckpt: str, cache_dir: Optional[str] = None) -> SDModel:
         ) from None
 
 
-def configure_for_training(model: SDModel, attn_type: str, gradient_checkpointing: bool, train_text_encoder: bool):
-    """Which parts train, the attention kernel and gradient checkpointing."""
+def configure_for_training(model: SDModel, config) -> None:
+    """Which parts train (and which text encoder layers), the attention kernel, gradient checkpointing."""
+    train_unet, train_text_encoder = not config.disable_unet_training, config.train_text_encoder
     model.vae.requires_grad_(False)
     model.vae.eval()
-    model.unet.train()
+    model.unet.requires_grad_(train_unet)
+    model.unet.train(train_unet)
     model.text_encoder.requires_grad_(train_text_encoder)
     model.text_encoder.train(train_text_encoder)
-    if attn_type == "xformers":
+    if train_text_encoder and config.text_encoder_unfreeze_last_n_layers is not None:
+        freeze_text_encoder_front(model.text_encoder, config.text_encoder_unfreeze_last_n_layers)
+    if config.attn_type == "xformers":
         enable_xformers(model)
-    if gradient_checkpointing:
+    elif config.attn_type == "slice":
+        model.unet.set_attention_slice("auto")
+    if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if train_text_encoder:
             model.text_encoder.gradient_checkpointing_enable()
+
+
+def freeze_text_encoder_front(text_encoder: CLIPTextModel, unfrozen_layers: int) -> None:
+    """Train only the last N transformer layers and the final norm; the embeddings only when all layers train.
+
+    Frozen parameters get requires_grad=False (ED2 only left them out of the optimizer and still computed
+    their gradients)."""
+    layers = text_encoder.text_model.encoder.layers
+    text_encoder.requires_grad_(False)
+    for layer in layers[len(layers) - min(unfrozen_layers, len(layers)):] if unfrozen_layers else []:
+        layer.requires_grad_(True)
+    text_encoder.text_model.final_layer_norm.requires_grad_(unfrozen_layers > 0)
+    text_encoder.text_model.embeddings.requires_grad_(unfrozen_layers >= len(layers))
 
 
 def enable_xformers(model: SDModel) -> None:

@@ -19,7 +19,7 @@ TINY_VERSION = "1"  # bump when the architecture below changes, so cached copies
 DEFAULT_CACHE_DIR = Path(os.environ.get("EVERYCYCLE_CACHE", Path.home() / ".cache" / "everycycle"))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     """The byte-to-printable-character table every CLIP/GPT-2 BPE vocabulary is built on."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
     printable += list(range(ord("®"), ord("ÿ") + 1))
@@ -36,7 +36,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def write_tokenizer_files(folder: Path) -> None:
     """A character-level CLIP BPE vocabulary (every byte, with and without the end-of-word mark)."""
     folder.mkdir(parents=True, exist_ok=True)
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(vocab_list)}
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")

@@ -12,7 +12,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from utils import ed2_compat
 
 
 class ConfigError(ValueError):
@@ -47,6 +49,13 @@ class ValidationSettings(_Strict):
     timesteps: int = Field(
         8, ge=1, le=1000, description="fixed timesteps, spread over the noise schedule, at which every image is scored"
     )
+    extra_manual_datasets: dict[str, str] = Field(
+        default_factory=dict, description='more validation sets {"name": "folder"}, each logged as loss/<name>'
+    )
+    stabilize_training_loss: bool = Field(
+        False, description="also score a fixed subset of the training images the same way, logged as loss/stabilize-train"
+    )
+    stabilize_split_proportion: float = Field(0.15, gt=0, le=1, description="share of training images in that subset")
 
     @model_validator(mode="after")
     def _manual_needs_folder(self) -> "ValidationSettings":
@@ -62,11 +71,14 @@ class ValidationSettings(_Strict):
 SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
                    "cyclic", "one_cycle")
 DEFAULT_MAX_EPOCHS = 300  # ED2's
-OPTIMIZER_NAMES = ("adamw", "adamw8bit", "lion", "lion8bit")
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd",
+                   "coordinate_dowg", "scalar_dowg")
 
 
 class TrainConfig(_Strict):
     """Every key of a training run. Descriptions feed `--help_keys` and the README key table."""
+
+    _notes: list[str] = PrivateAttr(default_factory=list)
 
     # --- what to train, where to write ---------------------------------------------------------------
     resume_ckpt: str = Field(
@@ -78,7 +90,15 @@ class TrainConfig(_Strict):
     save_ckpt_dir: Optional[str] = Field(
         None, description="also copy the final single-file .safetensors here (default: only inside the run folder)"
     )
-    model_cache_dir: Optional[str] = Field(None, description="where the built-in tiny model is cached")
+    model_cache_dir: Optional[str] = Field(
+        None, description="where the tiny model and converted single-file models are cached (default ~/.cache/everycycle)"
+    )
+    single_file_config: Optional[str] = Field(
+        None, description="diffusers folder whose configs describe a single-file resume_ckpt (default: detected SD 1.x / 2.x)"
+    )
+    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(
+        None, description="override the model's prediction type (default: from the model; detected for single files)"
+    )
 
     # --- run length and batches ------------------------------------------------------------------------
     batch_size: int = Field(2, ge=1, description="images per micro-batch, all from one aspect bucket")
@@ -129,18 +149,64 @@ class TrainConfig(_Strict):
         None, ge=0, description="text encoder lower bound (default: lr_min x text_encoder_lr_scale)"
     )
     text_encoder_lr_scale: float = Field(1.0, gt=0, description="text encoder LRs relative to the UNet's when not given")
+    text_encoder_lr_scheduler: Optional[str] = Field(
+        None, description="a different schedule for the text encoder (ED2 names only; default: the UNet's, same phase)"
+    )
+    text_encoder_lr_warmup_steps: Optional[int] = Field(None, ge=0, description="with text_encoder_lr_scheduler: its warmup")
+    text_encoder_lr_decay_steps: Optional[int] = Field(None, ge=0, description="with text_encoder_lr_scheduler: its decay steps")
+
+    # --- LR range test (train.py --find_lr) --------------------------------------------------------------
+    lr_find_start: float = Field(1e-8, gt=0, description="LR finder: LR of the first step of the sweep")
+    lr_find_end: float = Field(1e-4, gt=0, description="LR finder: LR of the last step of the sweep")
+    lr_find_ramp: Literal["linear", "exponential"] = Field(
+        "exponential", description="LR finder: the LR rises linearly (Smith, the post) or exponentially (fastai)"
+    )
+    lr_find_steps: Optional[int] = Field(
+        None, ge=2, description="LR finder: optimizer steps of the sweep (null: lr_find_epochs, else 200)"
+    )
+    lr_find_epochs: Optional[float] = Field(None, gt=0, description="LR finder: length of the sweep in epochs")
+    lr_find_probe_every: Optional[int] = Field(
+        None, ge=1, description="LR finder: measure the probe loss every N steps (null: about 40 probes per sweep)"
+    )
+    lr_find_probe_images: int = Field(
+        8, ge=1, description="LR finder without validation: training images (chosen by seed) the probe scores"
+    )
+    lr_find_diverge: float = Field(
+        3.0, gt=1, description="LR finder: stop when the smoothed probe loss exceeds this factor x its best"
+    )
 
     # --- optimizer -------------------------------------------------------------------------------------
-    optimizer: str = Field("adamw8bit", description="adamw, adamw8bit (bitsandbytes), lion, lion8bit")
+    optimizer: str = Field(
+        "adamw8bit", description="adamw, adamw8bit, lion, lion8bit (bitsandbytes), prodigy, dadapt_adam, dadapt_lion, "
+        "dadapt_sgd, coordinate_dowg, scalar_dowg"
+    )
     weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (Lion: its two betas)")
     epsilon: float = Field(1e-8, gt=0, description="Adam epsilon")
     clip_grad_norm: Optional[float] = Field(None, gt=0, description="clip the gradient norm of each model to this")
+    max_nan_steps: int = Field(
+        5, ge=1, description="stop after this many steps in a row with a NaN/inf loss (each one's update is skipped)"
+    )
+    optimizer_config: Optional[str] = Field(
+        None, description="ED2's optimizer.json (base, text_encoder_overrides, text_encoder_freezing); see ED2 section"
+    )
+    optimizer_args: dict[str, Any] = Field(
+        default_factory=dict, description="extra arguments of adaptive optimizers (prodigy, dadapt_*: d0, growth_rate ...)"
+    )
+    text_encoder_weight_decay: Optional[float] = Field(None, ge=0, description="text encoder weight decay (default: weight_decay)")
+    text_encoder_betas: Optional[tuple[float, float]] = Field(None, description="text encoder betas (default: betas)")
+    text_encoder_epsilon: Optional[float] = Field(None, gt=0, description="text encoder epsilon (default: epsilon)")
+    text_encoder_unfreeze_last_n_layers: Optional[int] = Field(
+        None, ge=0, description="train only the last N text encoder layers (and its final norm); null: all"
+    )
 
     # --- what trains, how --------------------------------------------------------------------------------
     disable_textenc_training: bool = Field(False, description="freeze the text encoder")
+    disable_unet_training: bool = Field(False, description="freeze the UNet (train the text encoder only; not recommended)")
     gradient_checkpointing: bool = Field(False, description="trade compute for memory (UNet and text encoder)")
-    attn_type: Literal["sdp", "xformers"] = Field("sdp", description="attention kernel: torch SDPA or xformers (CUDA)")
+    attn_type: Literal["sdp", "xformers", "slice"] = Field(
+        "sdp", description="attention kernel: torch SDPA, xformers (CUDA), or slice (sliced attention, least memory)"
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, else fp16 on CUDA, no on the CPU"
     )
@@ -149,6 +215,18 @@ class TrainConfig(_Strict):
     flip_p: float = Field(0.0, ge=0, le=1, description="chance of flipping an image horizontally")
     min_snr_gamma: Optional[float] = Field(None, gt=0, description="Min-SNR loss weighting gamma (5 is usual); null: off")
     zero_frequency_noise_ratio: float = Field(0.02, ge=0, le=1, description="offset noise strength (0: off)")
+    pyramid_noise_discount: Optional[float] = Field(
+        None, gt=0, lt=1, description="multi-resolution (pyramid) noise with this discount per level (ED2 uses 0.03); null: off"
+    )
+    enable_zero_terminal_snr: bool = Field(False, description="rescale the noise schedule to zero terminal SNR")
+    loss_type: Literal["mse", "huber", "mse_huber", "huber_mse"] = Field(
+        "mse", description="mse; huber; mse_huber: Huber at t=0 blending to MSE at t=999 (ED2's code); huber_mse: the reverse"
+    )
+    timestep_start: int = Field(0, ge=0, le=999, description="lowest training timestep")
+    timestep_end: int = Field(1000, ge=1, le=1000, description="training timesteps are drawn from [timestep_start, timestep_end)")
+    embedding_perturbation: float = Field(0.0, ge=0, description="Gaussian noise on the text embeddings, std gamma/sqrt(dim)")
+    shuffle_tags: bool = Field(False, description="shuffle the comma-separated tags after the first chunk of each caption")
+    keep_tags: int = Field(0, ge=0, description="with shuffle_tags: keep the first N tags in place")
 
     # --- logging, samples, validation, checkpoints ---------------------------------------------------
     log_step: int = Field(25, ge=1, description="log scalars every N optimizer steps")
@@ -159,8 +237,17 @@ class TrainConfig(_Strict):
     )
     save_every_n_epochs: Optional[int] = Field(None, ge=1, description="save a checkpoint every N epochs")
     ckpt_every_n_minutes: Optional[float] = Field(None, gt=0, description="save a checkpoint every N minutes")
+    save_ckpts_from_n_epochs: int = Field(0, ge=0, description="no epoch-based checkpoints before this epoch")
     save_full_precision: bool = Field(False, description="single-file checkpoints in fp32 instead of fp16")
     no_save_ckpt: bool = Field(False, description="skip the single-file .safetensors (diffusers folder only)")
+    save_state_every_n_minutes: Optional[float] = Field(
+        None, gt=0, description="also save a resumable state every N minutes (one is saved with every checkpoint)"
+    )
+    save_state_keep: int = Field(2, ge=1, description="keep the newest N resumable states of the run")
+    resume_from: Optional[str] = Field(
+        None, description="continue a run exactly: 'latest' (newest complete state of this project under logdir) "
+        "or a state / run folder"
+    )
 
     @field_validator("resolution")
     @classmethod
@@ -177,7 +264,15 @@ class TrainConfig(_Strict):
     @field_validator("optimizer")
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
+        if value.lower() == "adacoor":
+            raise ValueError("adacoor is EveryDream2's own optimizer and exists only there; use adamw8bit, prodigy "
+                             "or dadapt_adam for an LR-free alternative")
         return _one_of(value.lower(), OPTIMIZER_NAMES)
+
+    @field_validator("text_encoder_lr_scheduler")
+    @classmethod
+    def _known_text_encoder_scheduler(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else _one_of(value, SCHEDULER_NAMES)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -185,6 +280,10 @@ class TrainConfig(_Strict):
             raise ValueError(f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g}), the peak of the cycle")
         if self.max_epochs is None and self.max_steps is None and not self.lr_cycle_stages:
             self.__dict__["max_epochs"] = DEFAULT_MAX_EPOCHS
+        if self.disable_textenc_training and self.disable_unet_training:
+            raise ValueError("disable_unet_training and disable_textenc_training are both true: nothing would train")
+        if self.timestep_start >= self.timestep_end:
+            raise ValueError(f"timestep_start ({self.timestep_start}) must be below timestep_end ({self.timestep_end})")
         if self.lr_cycle_stages and self.lr_cycle_decay != "stages":
             self.__dict__["lr_cycle_decay"] = "stages"  # giving stages is choosing them; avoid a pointless error
         return self
@@ -197,6 +296,11 @@ class TrainConfig(_Strict):
     @property
     def train_text_encoder(self) -> bool:
         return not self.disable_textenc_training
+
+    @property
+    def notes(self) -> list[str]:
+        """What loading the config noted: ED2 keys accepted but not used, renamed keys."""
+        return self._notes
 
 
 def _one_of(value: str, choices: tuple[str, ...]) -> str:
@@ -250,13 +354,16 @@ def _resolve_path(value: str, base_dir: Optional[Path]) -> str:
 
 
 def _check_known_keys(data: dict, model: type[BaseModel], where: str) -> None:
-    known = set(model.model_fields)
     for key in data:
-        if key not in known:
-            raise ConfigError(
-                f"Unknown key '{key}' in {where}{_did_you_mean(key, known)}. "
-                f"Run `python train.py --help_keys` for every valid key."
-            )
+        if key not in model.model_fields:
+            _unknown_key(key, list(model.model_fields), where)
+
+
+def _unknown_key(key: str, known: list, where: str) -> None:
+    raise ConfigError(
+        f"Unknown key '{key}' in {where}{_did_you_mean(key, known)}. "
+        f"Run `python train.py --help_keys` for every valid key."
+    )
 
 
 def _format_validation_error(error: ValidationError, data: dict, where: str) -> str:
@@ -272,7 +379,7 @@ def _format_validation_error(error: ValidationError, data: dict, where: str) -> 
     return f"Invalid config ({where}): " + "; ".join(lines) + "."
 
 
-def load_validation_settings(value: Any, base_dir: Optional[Path]) -> Optional[dict]:
+def load_validation_settings(value: Any, base_dir: Optional[Path], notes: list[str]) -> Optional[dict]:
     """`validation_config` may be a path to a JSON file (as in ED2) or an inline object."""
     if value is None or isinstance(value, dict):
         data, where = value, "validation_config"
@@ -282,9 +389,14 @@ def load_validation_settings(value: Any, base_dir: Optional[Path]) -> Optional[d
         base_dir = path.parent
     if data is None:
         return None
+    data = {key: value for key, value in ed2_compat.rename_validation_keys(data, notes, where).items()
+            if value is not None}
     _check_known_keys(data, ValidationSettings, where)
     if data.get("manual_data_root"):
-        data = {**data, "manual_data_root": _resolve_path(data["manual_data_root"], base_dir)}
+        data["manual_data_root"] = _resolve_path(data["manual_data_root"], base_dir)
+    if data.get("extra_manual_datasets"):
+        data["extra_manual_datasets"] = {name: _resolve_path(folder, base_dir)
+                                         for name, folder in data["extra_manual_datasets"].items()}
     try:
         return ValidationSettings(**data).model_dump()
     except ValidationError as error:
@@ -294,30 +406,71 @@ def load_validation_settings(value: Any, base_dir: Optional[Path]) -> Optional[d
 def load_config(config_path: Optional[Path] = None, overrides: Optional[dict] = None) -> TrainConfig:
     """The effective config: JSON file, then command-line overrides, validated as a whole."""
     data: dict = {}
+    notes: list[str] = []
     base_dir = None
     if config_path is not None:
         config_path = Path(config_path)
-        data = read_json_file(config_path, "config")
+        data = ed2_compat.take_noted_keys(read_json_file(config_path, "config"), notes, f"'{config_path}'")
         base_dir = config_path.parent
         _check_known_keys(data, TrainConfig, f"config file '{config_path}'")
-    overrides = overrides or {}
+    overrides = ed2_compat.take_noted_keys(overrides or {}, notes, "command line")
     _check_known_keys(overrides, TrainConfig, "the command line")
     # A JSON null means "use the default" (ED2 let nulls beat its defaults and then crashed).
-    data = {key: value for key, value in {**data, **overrides}.items() if value is not None or key in overrides}
+    data = {key: value for key, value in data.items() if value is not None}
+    optimizer_file = overrides.get("optimizer_config", data.get("optimizer_config"))
+    if optimizer_file:
+        data = _merge_optimizer_json(data, Path(_resolve_path(str(optimizer_file), base_dir)), notes)
+    data.update(overrides)
     for key in ("data_root", "save_ckpt_dir", "logdir", "sample_prompts", "model_cache_dir"):
         if isinstance(data.get(key), str):
             data[key] = _resolve_path(data[key], base_dir)
     if isinstance(data.get("resume_ckpt"), str) and data["resume_ckpt"] != "tiny":
         data["resume_ckpt"] = _resolve_path(data["resume_ckpt"], base_dir)  # a hub id stays as it is
+    if isinstance(data.get("resume_from"), str) and data["resume_from"] != "latest":
+        data["resume_from"] = _resolve_path(data["resume_from"], base_dir)
     if "validation_config" in data:
-        data["validation_config"] = load_validation_settings(data["validation_config"], base_dir)
+        data["validation_config"] = load_validation_settings(data["validation_config"], base_dir, notes)
     where = f"config file '{config_path}'" if config_path else "command line"
     try:
         config = TrainConfig(**data)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, data, where)) from None
+    if config.resume_ckpt == "findlast":
+        config.resume_ckpt = find_last_checkpoint(config)
+        notes.append(f"resume_ckpt 'findlast': the newest checkpoint of '{config.project_name}' is {config.resume_ckpt}")
     check_paths(config)
+    config._notes = notes
     return config
+
+
+def _merge_optimizer_json(data: dict, path: Path, notes: list[str]) -> dict:
+    """ED2's precedence, with its faults fixed: optimizer.json's settings win over train.json's, except `lr`,
+    where train.json's wins when given (ED2 issue #102); the command line wins over both."""
+    settings = ed2_compat.read_optimizer_json(path, read_json_file, notes, _unknown_key)
+    merged = dict(data)
+    for key, value in settings.items():
+        if key == "lr" and "lr" in data:
+            notes.append(f"'lr' {data['lr']:g} from the config wins over optimizer_config's base lr {value:g} (as ED2).")
+        elif key == "optimizer_args":
+            merged[key] = {**data.get(key, {}), **value}
+        else:
+            merged[key] = value
+    merged["optimizer_config"] = str(path)
+    return merged
+
+
+def find_last_checkpoint(config: TrainConfig) -> str:
+    """ED2's `findlast`: the newest complete diffusers checkpoint among this project's runs under logdir."""
+    candidates = [
+        index.parent for index in Path(config.logdir).glob(f"{config.project_name}-*/ckpts/*/model_index.json")
+        if not index.parent.name.startswith(".")  # temporary folders of saves in progress
+    ]
+    if not candidates:
+        raise ConfigError(
+            f"key 'resume_ckpt' = 'findlast': no checkpoint of project '{config.project_name}' under logdir "
+            f"'{config.logdir}'. Train once first, or give a model path."
+        )
+    return str(max(candidates, key=lambda folder: (folder / "model_index.json").stat().st_mtime))
 
 
 def check_paths(config: TrainConfig) -> None:
