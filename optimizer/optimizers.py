@@ -17,16 +17,15 @@ from utils.config import ConfigError, TrainConfig
 OPTIMIZERS = {
     "adamw": ("torch.optim", "AdamW", ("betas", "eps", "weight_decay")),
     "adamw8bit": ("bitsandbytes.optim", "AdamW8bit", ("betas", "eps", "weight_decay")),
-    "lion": ("bitsandbytes.optim", "Lion", ("betas", "weight_decay")),
+    "lion": ("lion_pytorch", "Lion", ("betas", "weight_decay")),  # lucidrains' Lion, as ED2's "lion"
     "lion8bit": ("bitsandbytes.optim", "Lion8bit", ("betas", "weight_decay")),
     "prodigy": ("prodigyopt", "Prodigy", ("betas", "eps", "weight_decay")),
     "dadapt_adam": ("dadaptation", "DAdaptAdam", ("betas", "eps", "weight_decay")),
     "dadapt_lion": ("dadaptation", "DAdaptLion", ("betas", "weight_decay")),
     "dadapt_sgd": ("dadaptation", "DAdaptSGD", ("weight_decay",)),
-    "coordinate_dowg": ("dowg", "CoordinateDoWG", ("eps",)),
-    "scalar_dowg": ("dowg", "ScalarDoWG", ("eps",)),
+    "coordinate_dowg": ("dowg", "CoordinateDoWG", ()),  # its eps is a distance estimate, not Adam's epsilon
 }
-PACKAGE_OF = {"bitsandbytes.optim": "bitsandbytes", "prodigyopt": "prodigyopt", "dadaptation": "dadaptation",
+PACKAGE_OF = {"bitsandbytes.optim": "bitsandbytes", "lion_pytorch": "lion-pytorch", "prodigyopt": "prodigyopt", "dadaptation": "dadaptation",
               "dowg": "dowg"}
 
 

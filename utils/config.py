@@ -72,7 +72,7 @@ SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosi
                    "cyclic", "one_cycle")
 DEFAULT_MAX_EPOCHS = 300  # ED2's
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd",
-                   "coordinate_dowg", "scalar_dowg")
+                   "coordinate_dowg")
 
 
 class TrainConfig(_Strict):
@@ -177,8 +177,8 @@ class TrainConfig(_Strict):
 
     # --- optimizer -------------------------------------------------------------------------------------
     optimizer: str = Field(
-        "adamw8bit", description="adamw, adamw8bit, lion, lion8bit (bitsandbytes), prodigy, dadapt_adam, dadapt_lion, "
-        "dadapt_sgd, coordinate_dowg, scalar_dowg"
+        "adamw8bit", description="adamw (torch), adamw8bit and lion8bit (bitsandbytes), lion (lion-pytorch), prodigy, "
+        "dadapt_adam, dadapt_lion, dadapt_sgd, coordinate_dowg"
     )
     weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (Lion: its two betas)")
@@ -267,6 +267,9 @@ class TrainConfig(_Strict):
         if value.lower() == "adacoor":
             raise ValueError("adacoor is EveryDream2's own optimizer and exists only there; use adamw8bit, prodigy "
                              "or dadapt_adam for an LR-free alternative")
+        if value.lower() == "scalar_dowg":
+            raise ValueError("scalar_dowg: the dowg package's ScalarDoWG (0.3.1) updates no weights unless the "
+                             "loss is passed as a closure, which training does not do; use coordinate_dowg")
         return _one_of(value.lower(), OPTIMIZER_NAMES)
 
     @field_validator("text_encoder_lr_scheduler")
