@@ -20,13 +20,12 @@ from utils.config import ConfigError, TrainConfig
 MOMENTUM_RANGE = (0.85, 0.95)  # Smith's cyclical momentum: 0.95 at the LR's low, 0.85 at its peak
 
 
-def warmup_steps(config: TrainConfig, total_steps: int) -> int:
-    """lr_warmup_steps, or ED2's automatic 2% of the decay steps for the ED2 schedules that warm up."""
-    if config.lr_warmup_steps is not None:
-        return config.lr_warmup_steps
-    if config.lr_scheduler in schedules.ED2_NAMES and config.lr_scheduler != "constant":
-        decay = config.lr_decay_steps or schedules.ed2_default_decay_steps(total_steps)
-        return schedules.ed2_default_warmup_steps(decay)
+def warmup_steps(name: str, warmup: int | None, decay: int | None, total_steps: int) -> int:
+    """The warmup given, or ED2's automatic 2% of the decay steps for the ED2 schedules that warm up."""
+    if warmup is not None:
+        return warmup
+    if name in schedules.ED2_NAMES and name != "constant":
+        return schedules.ed2_default_warmup_steps(decay or schedules.ed2_default_decay_steps(total_steps))
     return 0
 
 
@@ -38,7 +37,8 @@ def unet_spec(config: TrainConfig, plan: RunPlan) -> ScheduleSpec:
         total_steps=plan.total_steps,
         steps_per_epoch=plan.steps_per_epoch,
         lr_min=config.lr_min,
-        warmup_steps=warmup_steps(config, plan.total_steps),
+        warmup_steps=warmup_steps(config.lr_scheduler, config.lr_warmup_steps, config.lr_decay_steps,
+                                  plan.total_steps),
         decay_steps=None if config.lr_scheduler == "one_cycle" else config.lr_decay_steps,
         stepsize_epochs=config.lr_stepsize_epochs,
         cycles=config.lr_cycles,
@@ -57,9 +57,21 @@ def unet_spec(config: TrainConfig, plan: RunPlan) -> ScheduleSpec:
 
 
 def text_encoder_spec(config: TrainConfig, unet: ScheduleSpec) -> ScheduleSpec:
-    """The same phase as the UNet with the text encoder's own bounds (explicit, or the UNet's x scale)."""
+    """The same phase as the UNet with the text encoder's own bounds (explicit, or the UNet's x scale), or
+    its own ED2-style schedule when text_encoder_lr_scheduler names a different one (ED2's optimizer.json
+    default trains the UNet constant and the text encoder on cosine)."""
     scale = config.text_encoder_lr_scale
     peak = config.text_encoder_lr if config.text_encoder_lr is not None else config.lr * scale
+    name = config.text_encoder_lr_scheduler
+    if name and name != config.lr_scheduler:
+        if name not in schedules.ED2_NAMES:
+            raise ConfigError(f"key 'text_encoder_lr_scheduler' = '{name}': a separate text encoder schedule must be "
+                              f"one of {', '.join(schedules.ED2_NAMES)}; cyclic and one_cycle are shared with the UNet "
+                              f"(leave text_encoder_lr_scheduler null and set text_encoder_lr / _lr_min).")
+        decay = config.text_encoder_lr_decay_steps or config.lr_decay_steps
+        warmup = config.text_encoder_lr_warmup_steps
+        return ScheduleSpec(name=name, lr=peak, total_steps=unet.total_steps, steps_per_epoch=unet.steps_per_epoch,
+                            decay_steps=decay, warmup_steps=warmup_steps(name, warmup, decay, unet.total_steps))
     low = config.text_encoder_lr_min if config.text_encoder_lr_min is not None else config.lr_min * scale
     if low > peak:
         raise ConfigError(f"text_encoder_lr_min ({low:g}) must not exceed text_encoder_lr ({peak:g}).")
