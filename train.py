@@ -2,6 +2,7 @@
 
     python train.py --config damon.json [--key value ...]      train (any config key can be overridden)
     python train.py --config damon.json --plot_schedule [DIR]  preview the LR schedule, no model loaded
+    python train.py --config damon.json --find_lr [--find_lr_write new.json]   LR range test, suggests lr_min and lr
     python train.py --help_keys                                 every config key, its default and meaning
 """
 
@@ -22,6 +23,10 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--config", type=Path, help="the JSON config of the run")
     parser.add_argument("--plot_schedule", nargs="?", const="", default=None, metavar="OUT_DIR",
                         help="write lr_schedule.csv/.png and print the schedule summary, then exit")
+    parser.add_argument("--find_lr", action="store_true",
+                        help="LR range test: ramp the LR, score the probe loss, suggest lr_min and lr, then exit")
+    parser.add_argument("--find_lr_write", type=Path, metavar="NEW_JSON",
+                        help="with --find_lr (implied): write a copy of the config that cycles over the suggestion")
     parser.add_argument("--help_keys", action="store_true", help="print every config key and exit")
     args, rest = parser.parse_known_args(argv)
     return args, parse_overrides(rest)
@@ -59,14 +64,24 @@ def main(argv: list[str] | None = None) -> int:
 
             preview_schedule(config, Path(args.plot_schedule or "."))
             return 0
+        if args.find_lr or args.find_lr_write:
+            from trainer.lr_finder import find_lr_command
+
+            return find_lr_command(config, args.config, overrides, args.find_lr_write)
         from trainer.loop import train
 
         summary = train(config)
+        if summary["stopped"]:
+            print(f"stopped ({summary['stopped']}) after {summary['steps']} steps; outputs in {summary['run_dir']}")
+            return summary["exit_code"]  # 130 SIGINT, 143 SIGTERM, 1 divergence or a failed save
         print(f"done: {summary['steps']} steps; outputs in {summary['run_dir']}")
         return 0
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started: there is nothing to save yet
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Find training images, read their captions, and decode them into tensors.
+"""Find training images, read their captions and settings, and decode them into tensors.
 
 Scanning validates each image cheaply (header, PNG checksums, a reduced-scale
 JPEG decode) so that broken files are reported once, up front, instead of
@@ -17,9 +17,18 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from data.captions import Tag, build_caption
+from data.manifest import is_manifest, read_manifest
+from data.sidecars import (
+    NOT_SET,
+    FolderSettings,
+    ItemSettings,
+    SettingsReport,
+    UnreadableSidecar,
+    read_image_sidecars,
+)
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
-# Checked in this order; the first one that exists wins.
-CAPTION_EXTENSIONS = (".txt", ".caption")
 # A file-name caption stops at the first underscore: "a dog_003.jpg" -> "a dog".
 FILENAME_CAPTION_SEPARATOR = "_"
 
@@ -33,12 +42,29 @@ _WHITE = (255, 255, 255, 255)
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One training image; width and height are after EXIF rotation."""
+    """One training image; width and height are after EXIF rotation.
+
+    The per-image settings come from its sidecar and folder files (data/sidecars.py) or its
+    manifest entry. None means "not set for this image: use the run's config value".
+    """
 
     path: Path
-    caption: str
+    main_prompt: str
     width: int
     height: int
+    tags: tuple[Tag, ...] = ()
+    multiply: float = 1.0  # the whole part: copies per epoch; the fraction: the chance of one more
+    flip_p: float | None = None
+    cond_dropout: float | None = None
+    shuffle_tags: bool | None = None
+    keep_tags: int | None = None
+    max_caption_length: int | None = None  # characters; None: no limit
+    loss_scale: float = 1.0
+
+    @property
+    def caption(self) -> str:
+        """The caption in file order, never shuffled or dropped: what validation and samples use."""
+        return build_caption(self.main_prompt, self.tags, max_length=self.max_caption_length)
 
 
 @dataclass(frozen=True)
@@ -51,7 +77,8 @@ class SkippedImage:
 class ScanResult:
     items: list[ImageItem] = field(default_factory=list)
     skipped: list[SkippedImage] = field(default_factory=list)
-    # Problems that did not cost the image, e.g. a caption that was not valid UTF-8.
+    # Problems that did not cost the image: a caption that was not valid UTF-8, an ED2 key
+    # that is not used, an unknown key in a settings file.
     warnings: list[str] = field(default_factory=list)
 
 
@@ -67,23 +94,67 @@ class _BadImage(Exception):
     """Internal: carries the skip reason out of the validation helpers."""
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """An image to scan, with the settings that sit beneath and above its own sidecar files."""
+
+    path: Path
+    beneath: ItemSettings = NOT_SET  # its folders' files: the sidecar wins over them
+    above: ItemSettings = NOT_SET  # a manifest entry: wins over the sidecar
+
+
 def scan_images(data_root: Path) -> ScanResult:
-    """Recursively find images under data_root, validate them, and read their captions."""
+    """Find the images of data_root (a folder, searched recursively, or a .json manifest),
+    validate them, and read their captions and settings.
+
+    Raises DataSettingsError listing every bad value in the settings files.
+    """
     data_root = Path(data_root)
-    if not data_root.is_dir():
-        raise FileNotFoundError(f"data_root is not a directory: {data_root}")
+    report = SettingsReport()
     result = ScanResult()
-    for path in _find_image_files(data_root):
+    for candidate in _candidates(data_root, report):
         try:
-            width, height = _validated_oriented_size(path)
-            caption, warning = _read_caption(path)
-        except _BadImage as bad:
-            result.skipped.append(SkippedImage(path, str(bad)))
+            width, height = _validated_oriented_size(candidate.path)
+            own = read_image_sidecars(candidate.path, report)
+            if candidate.above.sets_caption:  # a manifest caption replaces the sidecar's, tags and all
+                own = own.without_caption()
+        except (_BadImage, UnreadableSidecar) as bad:
+            result.skipped.append(SkippedImage(candidate.path, str(bad)))
             continue
-        if warning is not None:
-            result.warnings.append(warning)
-        result.items.append(ImageItem(path, caption, width, height))
+        settings = candidate.above.over(own.over(candidate.beneath))
+        result.items.append(_item(candidate.path, width, height, settings))
+    report.raise_if_errors()
+    result.warnings.extend(report.warning_lines())
     return result
+
+
+def _candidates(data_root: Path, report: SettingsReport) -> list[_Candidate]:
+    if data_root.is_file() and is_manifest(data_root):
+        return [_Candidate(path, above=entry) for path, entry in read_manifest(data_root, report)]
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"data_root is neither a folder nor a .json manifest: {data_root}")
+    folders = FolderSettings(data_root, report)
+    return [_Candidate(path, beneath=folders.for_folder(path.parent)) for path in _find_image_files(data_root)]
+
+
+def _item(path: Path, width: int, height: int, settings: ItemSettings) -> ImageItem:
+    main_prompt = settings.main_prompt
+    if main_prompt is None:
+        main_prompt = path.stem.split(FILENAME_CAPTION_SEPARATOR, 1)[0].strip()
+    return ImageItem(
+        path,
+        main_prompt,
+        width,
+        height,
+        tags=settings.tags or (),
+        multiply=1.0 if settings.multiply is None else settings.multiply,
+        flip_p=settings.flip_p,
+        cond_dropout=settings.cond_dropout,
+        shuffle_tags=settings.shuffle_tags,
+        keep_tags=settings.keep_tags,
+        max_caption_length=settings.max_caption_length,
+        loss_scale=1.0 if settings.loss_scale is None else settings.loss_scale,
+    )
 
 
 def _find_image_files(data_root: Path) -> list[Path]:
@@ -97,33 +168,6 @@ def _find_image_files(data_root: Path) -> list[Path]:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
         )
     return sorted(found)
-
-
-def _read_caption(image_path: Path) -> tuple[str, str | None]:
-    """Return (caption, warning or None) for an image, from a sidecar file or the file name."""
-    for extension in CAPTION_EXTENSIONS:
-        sidecar = image_path.with_suffix(extension)
-        if sidecar.is_file():
-            return _read_sidecar(sidecar)
-    return image_path.stem.split(FILENAME_CAPTION_SEPARATOR, 1)[0].strip(), None
-
-
-def _read_sidecar(sidecar: Path) -> tuple[str, str | None]:
-    try:
-        raw = sidecar.read_bytes()
-    except OSError as error:
-        # Training on the file-name caption instead would silently teach the wrong text.
-        raise _BadImage(f"caption file unreadable: {sidecar.name}: {error}") from error
-    try:
-        # utf-8-sig also drops the byte-order mark that some Windows editors write.
-        return raw.decode("utf-8-sig").strip(), None
-    except UnicodeDecodeError as error:
-        caption = raw.decode("utf-8-sig", errors="replace").strip()
-        warning = (
-            f"{sidecar}: caption is not valid UTF-8 ({error.reason} at byte {error.start});"
-            " undecodable bytes were replaced with U+FFFD"
-        )
-        return caption, warning
 
 
 def _validated_oriented_size(path: Path) -> tuple[int, int]:

@@ -1,10 +1,15 @@
 """Bucketed batches, the per-epoch batch order, and a DataLoader that decodes whole batches.
 
-Every batch holds images of one aspect bucket. The number of batches per epoch depends
-only on the items and the batch size, so the trainer knows steps per epoch (and can build
-its LR schedule) before any randomness. The order of an epoch's batches is a pure function
-of (seed, epoch), so a run resumed at batch i of epoch e sees exactly the batches the
+Every batch holds images of one aspect bucket. Image multipliers (data/multiply.py) decide how
+many samples of each image an epoch holds, with a fixed count per bucket, so the number of
+batches per epoch is the same every epoch and the trainer knows steps per epoch (and can build
+its LR schedule) before any randomness. The samples and order of an epoch's batches are a pure
+function of (seed, epoch), so a run resumed at batch i of epoch e sees exactly the batches the
 interrupted run would have seen.
+
+A sample is an int: copy * number of items + item index. Copy 0 of item i is just i, so with
+every multiplier 1 the samples are the item indices. Flips, tag shuffles and caption dropout
+are seeded by (seed, epoch, sample): two copies of one image in an epoch differ.
 
 Unlike ED2, a bucket whose size is not a multiple of batch_size ends in a smaller "runt"
 batch; it is never padded with duplicates.
@@ -18,19 +23,24 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TypedDict
+from typing import TypedDict, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.buckets import Bucket, assign_bucket, bucket_sizes
+from data.captions import build_caption
 from data.images import ImageItem, ImageLoadError, SkippedImage, load_image
+from data.multiply import draw_extra_copies, extra_copy_count, fraction, whole_copies
+
+T = TypeVar("T")
 
 
 class Batch(TypedDict):
     pixel_values: torch.Tensor  # [B, 3, H, W] float32 in [-1, 1]
-    captions: list[str]
+    captions: list[str]  # built per sample: tags shuffled, dropout applied (an empty caption)
     paths: list[str]
+    loss_scales: torch.Tensor  # [B] float32: each image's loss_scale, to multiply its loss by
     failed: list[SkippedImage]  # images dropped because they could not be decoded
 
 
@@ -40,6 +50,15 @@ def assign_buckets(items: Sequence[ImageItem], resolution: int) -> list[Bucket]:
     return [assign_bucket(item.width, item.height, buckets) for item in items]
 
 
+def item_of(sample: int, num_items: int) -> int:
+    """The item index of a sample (see the module docstring)."""
+    return sample % num_items
+
+
+def _sample(item: int, copy: int, num_items: int) -> int:
+    return copy * num_items + item
+
+
 def _derived_rng(purpose: str, *numbers: int) -> random.Random:
     # random.Random hashes a str seed with SHA-512, so the stream is the same in every
     # process and on every platform; hash() would not be, and the global RNG is untouched.
@@ -47,7 +66,7 @@ def _derived_rng(purpose: str, *numbers: int) -> random.Random:
 
 
 class BucketBatches:
-    """Groups training items by bucket and plans each epoch's batches."""
+    """Groups training items by bucket and plans each epoch's samples and batches."""
 
     def __init__(self, items: Sequence[ImageItem], batch_size: int, resolution: int) -> None:
         if batch_size < 1:
@@ -55,17 +74,31 @@ class BucketBatches:
         if not items:
             raise ValueError("no training images to batch")
         self.batch_size = batch_size
+        self.num_items = len(items)
+        self.multipliers = [item.multiply for item in items]
         self.item_buckets = assign_buckets(items, resolution)
         self.bucket_members: dict[Bucket, list[int]] = {}
         for index, bucket in enumerate(self.item_buckets):
             self.bucket_members.setdefault(bucket, []).append(index)
+        if self.samples_per_epoch == 0:
+            raise ValueError("every training image has multiply 0: there is nothing to train on")
+
+    def bucket_sample_count(self, bucket: Bucket) -> int:
+        """Samples of bucket in every epoch: its whole copies plus its fixed count of extra copies."""
+        multipliers = [self.multipliers[index] for index in self.bucket_members[bucket]]
+        return sum(map(whole_copies, multipliers)) + extra_copy_count([fraction(m) for m in multipliers])
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Images trained per epoch, multipliers included."""
+        return sum(self.bucket_sample_count(bucket) for bucket in self.bucket_members)
 
     @property
     def num_batches(self) -> int:
-        """Batches per epoch on one process: sum over buckets of ceil(bucket size / batch size)."""
+        """Batches per epoch on one process: sum over buckets of ceil(bucket samples / batch size)."""
         return sum(
-            -(-len(members) // self.batch_size)  # ceiling division
-            for members in self.bucket_members.values()
+            -(-self.bucket_sample_count(bucket) // self.batch_size)  # ceiling division
+            for bucket in self.bucket_members
         )
 
     def batches_per_rank(self, world_size: int) -> int:
@@ -78,12 +111,31 @@ class BucketBatches:
             )
         return self.num_batches // world_size
 
+    def epoch_samples(self, epoch: int, seed: int) -> dict[Bucket, list[int]]:
+        """Each bucket's samples in epoch, sorted: whole copies, plus this epoch's extra copies."""
+        rng = _derived_rng("multiply", seed, epoch)
+        samples = {}
+        for bucket in sorted(self.bucket_members):
+            members = self.bucket_members[bucket]
+            chosen = [
+                _sample(index, copy, self.num_items)
+                for index in members
+                for copy in range(whole_copies(self.multipliers[index]))
+            ]
+            fractions = [fraction(self.multipliers[index]) for index in members]
+            chosen += [
+                _sample(members[pick], whole_copies(self.multipliers[members[pick]]), self.num_items)
+                for pick in draw_extra_copies(fractions, rng)
+            ]
+            samples[bucket] = sorted(chosen)
+        return samples
+
     def epoch_batches(
         self, epoch: int, seed: int, rank: int = 0, world_size: int = 1
     ) -> list[list[int]]:
-        """This rank's batches (lists of item indices) for epoch, in training order.
+        """This rank's batches (lists of samples) for epoch, in training order.
 
-        Items are shuffled within each bucket, cut into batches, and the batches shuffled
+        Samples are shuffled within each bucket, cut into batches, and the batches shuffled
         together. With several ranks, the shuffled list is dealt round-robin so that ranks
         get disjoint whole batches; the last num_batches % world_size batches of the order
         are dropped so every rank takes the same number of steps. Because the order changes
@@ -94,22 +146,23 @@ class BucketBatches:
         per_rank = self.batches_per_rank(world_size)
         rng = _derived_rng("batches", seed, epoch)
         batches: list[list[int]] = []
-        for bucket in sorted(self.bucket_members):
-            members = list(self.bucket_members[bucket])
-            rng.shuffle(members)
+        for samples in self.epoch_samples(epoch, seed).values():
+            rng.shuffle(samples)
             batches += [
-                members[start : start + self.batch_size]
-                for start in range(0, len(members), self.batch_size)
+                samples[start : start + self.batch_size]
+                for start in range(0, len(samples), self.batch_size)
             ]
         rng.shuffle(batches)
         return batches[: per_rank * world_size][rank::world_size]
 
 
 class ImageBatchDataset(Dataset):
-    """Decodes one whole batch per fetch; index it with a list of item indices.
+    """Decodes one whole batch per fetch; index it with a list of samples.
 
-    Build one per epoch: the epoch is fixed at construction because it seeds the flips,
-    and worker processes hold copies of the dataset that a later set_epoch() would miss.
+    Build one per epoch: the epoch is fixed at construction because it seeds the flips, tag
+    shuffles and caption dropout, and worker processes hold copies of the dataset that a later
+    set_epoch() would miss. flip_p, cond_dropout, shuffle_tags and keep_tags are the run's
+    values, used for every image that does not set its own; they default to off.
     """
 
     def __init__(
@@ -120,9 +173,15 @@ class ImageBatchDataset(Dataset):
         seed: int,
         epoch: int,
         flip_p: float = 0.0,
+        cond_dropout: float = 0.0,
+        shuffle_tags: bool = False,
+        keep_tags: int = 0,
     ) -> None:
-        if not 0.0 <= flip_p <= 1.0:
-            raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
+        for name, probability in (("flip_p", flip_p), ("cond_dropout", cond_dropout)):
+            if not 0.0 <= probability <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {probability}")
+        if keep_tags < 0:
+            raise ValueError(f"keep_tags must be at least 0, got {keep_tags}")
         if len(items) != len(bucket_batches.item_buckets):
             raise ValueError("items must be the list the BucketBatches was built from")
         self.items = list(items)
@@ -130,37 +189,72 @@ class ImageBatchDataset(Dataset):
         self.seed = seed
         self.epoch = epoch
         self.flip_p = flip_p
+        self.cond_dropout = cond_dropout
+        self.shuffle_tags = shuffle_tags
+        self.keep_tags = keep_tags
 
-    def should_flip(self, index: int) -> bool:
-        """Whether item index is mirrored this epoch: reproducible, from a private RNG."""
-        if self.flip_p == 0.0:
+    def item(self, sample: int) -> ImageItem:
+        return self.items[item_of(sample, len(self.items))]
+
+    def should_flip(self, sample: int) -> bool:
+        """Whether sample is mirrored this epoch: reproducible, from a private RNG."""
+        probability = _own_or_run(self.item(sample).flip_p, self.flip_p)
+        if probability == 0.0:
             return False
-        return _derived_rng("flip", self.seed, self.epoch, index).random() < self.flip_p
+        return self._rng("flip", sample).random() < probability
 
-    def __getitem__(self, indices: Sequence[int]) -> Batch:
-        size = self._shared_bucket(indices)
-        pixel_values, captions, paths, failed = [], [], [], []
-        for index in indices:
-            item = self.items[index]
+    def caption(self, sample: int) -> str:
+        """The caption sample trains on this epoch: empty when dropped, else tags shuffled if on."""
+        item = self.item(sample)
+        dropout = _own_or_run(item.cond_dropout, self.cond_dropout)
+        if dropout > 0.0 and self._rng("cond_dropout", sample).random() < dropout:
+            return ""
+        shuffle = _own_or_run(item.shuffle_tags, self.shuffle_tags)
+        return build_caption(
+            item.main_prompt,
+            item.tags,
+            keep_tags=_own_or_run(item.keep_tags, self.keep_tags),
+            max_length=item.max_caption_length,
+            rng=self._rng("shuffle_tags", sample) if shuffle else None,
+        )
+
+    def _rng(self, purpose: str, sample: int) -> random.Random:
+        return _derived_rng(purpose, self.seed, self.epoch, sample)
+
+    def __getitem__(self, samples: Sequence[int]) -> Batch:
+        size = self._shared_bucket(samples)
+        pixel_values, captions, paths, loss_scales, failed = [], [], [], [], []
+        for sample in samples:
+            item = self.item(sample)
             try:
-                pixel_values.append(load_image(item, size, self.should_flip(index)))
+                pixel_values.append(load_image(item, size, self.should_flip(sample)))
             except ImageLoadError as error:
                 failed.append(SkippedImage(item.path, str(error)))
                 continue
-            captions.append(item.caption)
+            captions.append(self.caption(sample))
             paths.append(str(item.path))
+            loss_scales.append(item.loss_scale)
         if not pixel_values:
             reasons = "; ".join(entry.reason for entry in failed)
             raise ImageLoadError(f"no image in the batch could be loaded: {reasons}")
         return Batch(
-            pixel_values=torch.stack(pixel_values), captions=captions, paths=paths, failed=failed
+            pixel_values=torch.stack(pixel_values),
+            captions=captions,
+            paths=paths,
+            loss_scales=torch.tensor(loss_scales, dtype=torch.float32),
+            failed=failed,
         )
 
-    def _shared_bucket(self, indices: Sequence[int]) -> Bucket:
-        buckets = {self.item_buckets[index] for index in indices}
+    def _shared_bucket(self, samples: Sequence[int]) -> Bucket:
+        buckets = {self.item_buckets[item_of(sample, len(self.items))] for sample in samples}
         if len(buckets) != 1:
             raise ValueError(f"a batch must hold exactly one bucket, got {sorted(buckets)}")
         return buckets.pop()
+
+
+def _own_or_run(own_value: T | None, run_value: T) -> T:
+    """An image's own setting when it has one (None: not set), else the run's."""
+    return run_value if own_value is None else own_value
 
 
 def make_loader(

@@ -442,8 +442,8 @@ def test_demo_data_matches_the_generator(tmp_path):
             assert (tmp_path / name).read_text() == (DEMO_DATA / name).read_text()
 
 
-def load_epoch(items, plan, epoch, num_workers=0, flip_p=0.0):
-    dataset = ImageBatchDataset(items, plan, seed=5, epoch=epoch, flip_p=flip_p)
+def load_epoch(items, plan, epoch, num_workers=0, **run_settings):
+    dataset = ImageBatchDataset(items, plan, seed=5, epoch=epoch, **run_settings)
     return list(make_loader(dataset, plan.epoch_batches(epoch, seed=5), num_workers=num_workers))
 
 
@@ -458,15 +458,18 @@ def test_loader_yields_whole_batches_in_range(demo_items):
         assert batch["pixel_values"].dtype == torch.float32
         assert -1.0 <= batch["pixel_values"].min() and batch["pixel_values"].max() <= 1.0
         assert len(batch["captions"]) == len(batch["paths"]) == 4 and batch["failed"] == []
+        assert batch["loss_scales"].tolist() == [1.0] * 4
     loaded_paths = sorted(path for batch in batches for path in batch["paths"])
     assert loaded_paths == [str(item.path) for item in demo_items]
 
 
 def test_worker_processes_give_the_same_batches(demo_items):
     plan = BucketBatches(demo_items, 4, 256)
-    in_process = load_epoch(demo_items, plan, epoch=1, flip_p=0.5)
-    with_workers = load_epoch(demo_items, plan, epoch=1, num_workers=2, flip_p=0.5)
+    in_process = load_epoch(demo_items, plan, epoch=1, flip_p=0.5, cond_dropout=0.5)
+    with_workers = load_epoch(demo_items, plan, epoch=1, num_workers=2, flip_p=0.5, cond_dropout=0.5)
     assert [b["paths"] for b in in_process] == [b["paths"] for b in with_workers]
+    assert [b["captions"] for b in in_process] == [b["captions"] for b in with_workers]
+    assert "" in {caption for b in in_process for caption in b["captions"]}
     for a, b in zip(in_process, with_workers):
         assert torch.equal(a["pixel_values"], b["pixel_values"])
     heights_and_widths = {tuple(batch["pixel_values"].shape[2:]) for batch in in_process}

@@ -50,14 +50,6 @@ def add_pyramid_noise(noise: torch.Tensor, discount: float, generator: Optional[
     return total / total.std()
 
 
-def drop_captions(captions: list[str], probability: float) -> list[str]:
-    """Conditional dropout: train some captions as the empty prompt, so classifier-free guidance works."""
-    if probability <= 0:
-        return captions
-    keep = torch.rand(len(captions)) >= probability
-    return [caption if k else "" for caption, k in zip(captions, keep.tolist())]
-
-
 def denoising_loss(
     model: SDModel,
     latents: torch.Tensor,
@@ -111,9 +103,11 @@ def training_loss(model: SDModel, batch: dict, config, device) -> torch.Tensor:
     noise = sample_noise(latents, config.zero_frequency_noise_ratio, pyramid_discount=config.pyramid_noise_discount)
     last = min(config.timestep_end, model.noise_scheduler.config.num_train_timesteps)
     timesteps = torch.randint(config.timestep_start, last, (latents.shape[0],), device=latents.device)
-    captions = drop_captions(batch["captions"], config.cond_dropout)
-    hidden = perturb_embeddings(encode_prompts(model, captions, config.clip_skip, device), config.embedding_perturbation)
-    return denoising_loss(model, latents, hidden, noise, timesteps, config.min_snr_gamma, config.loss_type).mean()
+    # Captions arrive with conditional dropout and tag shuffling applied by the dataset (seeded per sample).
+    hidden = encode_prompts(model, batch["captions"], config.clip_skip, device)
+    hidden = perturb_embeddings(hidden, config.embedding_perturbation)
+    losses = denoising_loss(model, latents, hidden, noise, timesteps, config.min_snr_gamma, config.loss_type)
+    return (losses * batch["loss_scales"].to(losses.device)).mean()
 
 
 def min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:

@@ -28,9 +28,9 @@ from trainer.diffusion import training_loss
 from trainer.model import SDModel, configure_for_training, load_model
 from trainer.resume import (changed_settings, images_fingerprint, locate_state, model_layout, refuse_incompatible,
                             run_dir_of, trained_parameters)
-from trainer.safety import (Stop, check_writable, disk_space_note, estimate_save_sizes, resume_command,
+from trainer.safety import (SaveSizes, Stop, check_writable, disk_space_note, estimate_save_sizes, resume_command,
                             stop_signals_handled)
-from trainer.sampling import make_samples, read_prompts
+from trainer.sampling import make_samples, read_prompts, samples_due
 from trainer.validation import StabilizedLoss
 from utils.checkpoint import checkpoint_name, copy_atomic, save_checkpoint, saved_checkpoints
 from utils.config import ConfigError, TrainConfig
@@ -191,7 +191,8 @@ class Trainer:
         self.say(disk_space_note(self._save_sizes(), self.run_dir))
         self.logger = self._open_logs()
         self.validator = self._build_validator()
-        self.sample_prompts = read_prompts(config.sample_prompts, self.data.train) if config.sample_prompts else []
+        self.sample_prompts = (read_prompts(config.sample_prompts, self.data.train + self.data.val)
+                               if config.sample_prompts else [])
 
     def _prepare_for_accelerator(self) -> None:
         accelerator, model, config = self.accelerator, self.model, self.config
@@ -254,7 +255,7 @@ class Trainer:
         if self.data.skipped or failed:
             write_skipped_report(list(self.data.skipped) + failed, self.run_dir / "skipped_images.txt")
 
-    def _save_sizes(self):
+    def _save_sizes(self) -> SaveSizes:
         model, config = self.unwrapped_model(), self.config
         trained = sum(p.numel() for module in self.trained_models().values() for p in module.parameters())
         everything = sum(p.numel() for part in (model.unet, model.vae, model.text_encoder) for p in part.parameters())
@@ -328,8 +329,11 @@ class Trainer:
             notes.append("changed since the state was saved (the new values apply): " + "; ".join(changed))
         next_lrs = self._next_lrs(step)
         if next_lrs != saved["next_lrs"]:
+            def listed(lrs: dict) -> str:
+                return ", ".join(f"{group} {lr:.4g}" for group, lr in lrs.items())
+
             notes.append(f"the LR schedule changed: from step {step + 1} on the run follows the new curve "
-                         f"(next LR {next_lrs}, was {saved['next_lrs']})")
+                         f"(next LR {listed(next_lrs)}, was {listed(saved['next_lrs'])})")
         for note in notes:
             self.say(note)
 
@@ -425,7 +429,7 @@ class Trainer:
             try:
                 batch = next(loader)
             except ImageLoadError as error:
-                self._report_failed_images([SkippedImage(Path("(whole micro-batch)"), str(error))])
+                self._report_failed_images([SkippedImage(Path("(a whole micro-batch)"), str(error))])
                 continue
             self._report_failed_images(batch.get("failed", []))
             batches.append(batch)
@@ -467,7 +471,7 @@ class Trainer:
             f"{progress.global_step}; max_nan_steps {config.max_nan_steps}), so the run stops without saving. "
             f"Last good state: {progress.last_state or 'none saved yet'}. Lower the learning rate (lr is "
             f"{config.lr:g}; try {lower:g}) and "
-            + (f"resume: {resume_command()} --lr {lower:g}" if progress.last_state else "start again.")))
+            + (f"resume: {resume_command(changes={'lr': f'{lower:g}'})}" if progress.last_state else "start again.")))
 
     def request_stop(self, stop: Stop) -> None:
         """Stop after the current step (a signal, divergence, a failed save); the first reason wins."""
@@ -477,9 +481,11 @@ class Trainer:
         """The epoch's batches from its `first_step` on: the order is a function of (seed, epoch), so a resumed
         run skips exactly the batches its interrupted run consumed."""
         batches = self.data.batches.epoch_batches(epoch, self.seed)[first_step * self.plan.grad_accum:]
-        dataset = ImageBatchDataset(self.data.train, self.data.batches, flip_p=self.config.flip_p, seed=self.seed,
-                                    epoch=epoch)
-        return make_loader(dataset, batches, num_workers=self.config.num_workers,
+        config = self.config
+        dataset = ImageBatchDataset(self.data.train, self.data.batches, seed=self.seed, epoch=epoch,
+                                    flip_p=config.flip_p, cond_dropout=config.cond_dropout,
+                                    shuffle_tags=config.shuffle_tags, keep_tags=config.keep_tags)
+        return make_loader(dataset, batches, num_workers=config.num_workers,
                            pin_memory=self.accelerator.device.type == "cuda")
 
     def _after_step(self, loss: float, lrs: dict[str, float], images_per_second: float, bar) -> None:
@@ -497,13 +503,15 @@ class Trainer:
                         img_s=f"{images_per_second:.1f}")
         if self._validation_due(step):
             self.validate()
-        if self.sample_prompts and step % config.sample_steps == 0 and not self.stop:  # a stop may have little time
+        # Not once a stop is requested: a stop may have little time left.
+        if self.sample_prompts and samples_due(step, self.plan, config, self.sample_prompts) and not self.stop:
             self.sample()
         minutes = config.ckpt_every_n_minutes
         if minutes and time.monotonic() - progress.last_save_time >= minutes * 60:
             self.save()
         minutes = config.save_state_every_n_minutes
-        if minutes and time.monotonic() - progress.last_state_time >= minutes * 60:
+        in_nan_streak = progress.nonfinite_in_a_row > 0  # the last good state stays the newest one
+        if minutes and time.monotonic() - progress.last_state_time >= minutes * 60 and not in_nan_streak:
             self.save_state()
 
     def _validation_due(self, step: int) -> bool:
@@ -616,6 +624,8 @@ class Trainer:
     def finish(self) -> dict:
         """The end of the run, complete or stopped: final saves, samples, plots, summary. A stopped run says
         how to resume it; its summary carries the exit code."""
+        if self.stop and self.stop.save and self.progress.global_step >= self.plan.total_steps:
+            self.stop = None  # the signal came during the last step: nothing is left to resume
         final = self.save() if self.stop is None or self.stop.save else {}
         if self.stop is None:  # complete, and its final save worked
             if self.is_main and self.config.save_ckpt_dir and "single_file" in final:

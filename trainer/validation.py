@@ -60,14 +60,16 @@ class StabilizedLoss:
         ]
 
     @torch.no_grad()
-    def __call__(self, model: SDModel) -> float:
-        """Mean loss over every image and fixed timestep."""
+    def __call__(self, model: SDModel, accelerator=None) -> float:
+        """Mean loss over every image and fixed timestep. With several processes each scores its share of the
+        batches and the sums are added up, so every process gets the same mean of the whole set."""
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         device = model.unet.device
         was_training = (model.unet.training, model.text_encoder.training)
         model.unet.eval()
         model.text_encoder.eval()
         total, count = 0.0, 0
-        for batch in self.batches:
+        for batch in self.batches[rank::world]:
             latents = batch.latents.to(device)
             hidden = encode_prompts(model, batch.captions, self.clip_skip, device)
             generator = torch.Generator(device="cpu").manual_seed(batch.noise_seed)
@@ -79,4 +81,7 @@ class StabilizedLoss:
                 count += loss.numel()
         model.unet.train(was_training[0])
         model.text_encoder.train(was_training[1])
+        if world > 1:
+            sums = accelerator.reduce(torch.tensor([total, float(count)], device=device, dtype=torch.float64), "sum")
+            total, count = sums[0].item(), int(sums[1].item())
         return total / max(count, 1)

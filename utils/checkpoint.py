@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -62,6 +63,21 @@ def _fsync_dir(folder: Path) -> None:
 
 def checkpoint_name(project_name: str, epoch: int, global_step: int) -> str:
     return f"{project_name}-ep{epoch:03d}-gs{global_step:05d}"
+
+
+def saved_checkpoints(ckpts_dir: Path, up_to_step: int) -> list[dict]:
+    """The complete checkpoints of a run folder up to a step, oldest first (a resumed run's list)."""
+    found = []
+    for folder in Path(ckpts_dir).glob("*-gs*"):
+        match = re.search(r"-gs(\d+)$", folder.name)
+        if folder.name.startswith(".") or not match or not (folder / "model_index.json").is_file():
+            continue  # hidden: the temporary folder of a save in progress
+        step = int(match.group(1))
+        single_file = folder.with_name(f"{folder.name}.safetensors")
+        if step <= up_to_step:
+            found.append({"step": step, "diffusers": str(folder),
+                          **({"single_file": str(single_file)} if single_file.is_file() else {})})
+    return sorted(found, key=lambda entry: entry["step"])
 
 
 def save_checkpoint(pipeline, ckpts_dir: Path, name: str, half: bool, single_file: bool) -> dict[str, str]:

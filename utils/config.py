@@ -84,7 +84,10 @@ class TrainConfig(_Strict):
     resume_ckpt: str = Field(
         "tiny", description="base model: a local diffusers folder, a hub id, or 'tiny' (built-in demo model)"
     )
-    data_root: str = Field("input", description="folder of training images with .txt/.caption captions (recursive)")
+    data_root: str = Field(
+        "input", description="folder of training images (recursive; captions from .txt/.caption/.yaml sidecars or the "
+        "file name; ED2 per-folder files) or an ED2 JSON manifest"
+    )
     project_name: str = Field("myproj", description="names the run folder and checkpoints")
     logdir: str = Field("logs", description="root of the run folders")
     save_ckpt_dir: Optional[str] = Field(
@@ -230,8 +233,14 @@ class TrainConfig(_Strict):
 
     # --- logging, samples, validation, checkpoints ---------------------------------------------------
     log_step: int = Field(25, ge=1, description="log scalars every N optimizer steps")
-    sample_prompts: Optional[str] = Field(None, description="a .txt with one prompt a line (null: no samples)")
+    sample_prompts: Optional[str] = Field(
+        None, description="a .txt (one prompt a line; empty: a few training captions) or an ED2 sample .json "
+        "(prompts, negative prompts, seeds, sizes, cfgs, scheduler, steps); null: no samples"
+    )
     sample_steps: int = Field(250, ge=1, description="make samples every N optimizer steps")
+    sample_every_n_epochs: Optional[float] = Field(
+        None, gt=0, description="make samples every N epochs instead (0.5: twice per epoch); wins over sample_steps"
+    )
     validation_config: Optional[ValidationSettings] = Field(
         None, description="validation JSON file (ED2 keys) or an inline object; null: validation off"
     )
@@ -478,10 +487,11 @@ def find_last_checkpoint(config: TrainConfig) -> str:
 
 def check_paths(config: TrainConfig) -> None:
     """Paths that must exist before anything expensive starts."""
-    if not Path(config.data_root).is_dir():
+    data_root = Path(config.data_root)
+    if not (data_root.is_dir() or (data_root.suffix == ".json" and data_root.is_file())):
         raise ConfigError(
-            f"key 'data_root' = '{config.data_root}': no such folder. Give the folder that holds your training "
-            f"images (searched recursively for jpg, jpeg, png, webp, bmp)."
+            f"key 'data_root' = '{config.data_root}': no such folder or .json manifest. Give the folder that holds "
+            f"your training images (searched recursively for jpg, jpeg, png, webp, bmp), or an ED2 JSON manifest."
         )
     manual = config.validation.manual_data_root
     if config.validation.enabled and config.validation.val_split_mode == "manual" and not Path(manual).is_dir():
@@ -489,7 +499,7 @@ def check_paths(config: TrainConfig) -> None:
     if config.sample_prompts and not Path(config.sample_prompts).is_file():
         raise ConfigError(
             f"key 'sample_prompts' = '{config.sample_prompts}': no such file. Give a .txt with one prompt a line, "
-            f"or null for no samples."
+            f"an ED2 sample .json, or null for no samples."
         )
 
 

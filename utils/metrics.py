@@ -18,7 +18,8 @@ TENSORBOARD_TAGS = {
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool = True, purge_step: Optional[int] = None):
+        """`purge_step`: a resumed run hides the TensorBoard events its interrupted run wrote from that step on."""
         self.enabled = enabled
         self.csv_path = Path(run_dir) / "metrics.csv"
         self._writer = None
@@ -26,7 +27,7 @@ class RunLogger:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(run_dir))
+            self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
             is_new = not self.csv_path.exists()
             self._csv = open(self.csv_path, "a", newline="", encoding="utf-8")
             self._rows = csv.DictWriter(self._csv, fieldnames=METRIC_COLUMNS)

@@ -1,0 +1,170 @@
+"""Resuming a run: which state to continue from, and whether the new config may continue it.
+
+A resumed run must be the run it continues. Its fingerprint records what would silently change the
+training if it changed: the model, the trained parameters, the optimizer, batch size, gradient accumulation,
+resolution, seed, and the training and validation images (paths and sizes). A difference is refused with a
+ConfigError naming the key. Everything else (run length, save cadence, logging, samples, validation cadence,
+the LR schedule) comes from the new config, and the log lists what changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+from utils.config import ConfigError, TrainConfig
+from utils.state import STATE_FOLDER, DamagedStateError, newest_complete_state, set_aside_damaged, verify_state
+
+# fingerprint entry -> (the config key to name, what it is)
+REFUSED_CHANGES = {
+    "model_layout": ("resume_ckpt", "the model (the UNet / text encoder layout or prediction type differ)"),
+    "trained_parameters": ("disable_unet_training / disable_textenc_training / text_encoder_unfreeze_last_n_layers",
+                           "which parameters train"),
+    "optimizer": ("optimizer", "the optimizer"),
+    "batch_size": ("batch_size", "the batch size"),
+    "grad_accum": ("grad_accum", "gradient accumulation"),
+    "resolution": ("resolution", "the resolution"),
+    "seed": ("seed", "the seed (it fixes the data order)"),
+    "train_images": ("data_root", "the training images"),
+    "validation_images": ("validation_config", "the validation split"),
+}
+
+
+def project_run_dirs(logdir: str, project_name: str) -> list[Path]:
+    """`<logdir>/<project_name>-<YYYYMMDD-HHMMSS>[-n]`: this project's run folders, not those of 'name-v2'."""
+    pattern = re.compile(re.escape(project_name) + r"-\d{8}-\d{6}(-\d+)?$")
+    root = Path(logdir)
+    return sorted(p for p in root.iterdir() if p.is_dir() and pattern.match(p.name)) if root.is_dir() else []
+
+
+def locate_state(config: TrainConfig) -> tuple[Optional[Path], list[str]]:
+    """The state folder `resume_from` points at, and notes for the log. `latest` with no state at all starts a
+    new run (so one command serves the first start and every restart of a preemptible job)."""
+    value = config.resume_from
+    if value is None:
+        return None, []
+    if value == "latest":
+        return _newest_state(project_run_dirs(config.logdir, config.project_name), value,
+                             f"of project '{config.project_name}' under logdir '{config.logdir}'")
+    path = Path(value)
+    if (path / STATE_FOLDER).is_dir():  # a run folder: its newest complete state
+        return _newest_state([path], value, f"in the run folder '{path}'")
+    if not path.is_dir():
+        raise ConfigError(f"key 'resume_from' = '{value}': no such folder. Give 'latest', a state folder "
+                          f"(<run>/state/state-gs<step>) or a run folder.")
+    try:
+        verify_state(path)
+    except DamagedStateError as problem:
+        raise ConfigError(f"key 'resume_from' = '{value}': not a complete training state ({problem}).") from None
+    return path, []
+
+
+def _newest_state(run_dirs: list[Path], value: str, where: str) -> tuple[Optional[Path], list[str]]:
+    search = newest_complete_state(run_dirs)
+    notes = []
+    for folder, problem in search.damaged:
+        moved = set_aside_damaged(folder)
+        notes.append(f"warning: state {folder} is damaged ({problem}); skipped, and renamed to {moved.name}")
+    if search.found is None:
+        if search.damaged or value != "latest":
+            raise ConfigError(f"key 'resume_from' = '{value}': no complete state {where}"
+                              + "".join(f"\n  {note}" for note in notes))
+        notes.append(f"resume_from 'latest': no saved state {where} yet: starting a new run")
+    elif search.damaged:
+        notes.append(f"resuming from the previous complete state, {search.found}")
+    return search.found, notes
+
+
+def run_dir_of(state_folder: Path) -> Optional[Path]:
+    """The run folder a state belongs to (None for a state copied out of its run folder)."""
+    return state_folder.parent.parent if state_folder.parent.name == STATE_FOLDER else None
+
+
+# --- the fingerprint -------------------------------------------------------------------------------------
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def images_fingerprint(items, roots: list[str]) -> dict:
+    """Count and hash of the sorted (path relative to its data folder, file size) pairs: moving the data
+    folder keeps it, adding, removing or replacing an image changes it."""
+    entries = sorted((_relative(item.path, roots), os.path.getsize(item.path)) for item in items)
+    return {"count": len(entries), "sha256": _digest(entries), "first": [name for name, _ in entries[:3]]}
+
+
+def _relative(path: Path, roots: list[str]) -> str:
+    for root in roots:
+        try:
+            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:
+            continue
+    return Path(path).name
+
+
+def model_layout(modules: dict, prediction_type: str) -> str:
+    """Parameter names and shapes of each model, and the prediction type."""
+    shapes = {name: [[key, list(tensor.shape)] for key, tensor in module.state_dict().items()]
+              for name, module in modules.items()}
+    return _digest({"shapes": shapes, "prediction_type": prediction_type})
+
+
+def trained_parameters(modules: dict) -> str:
+    return _digest({name: [key for key, p in module.named_parameters() if p.requires_grad]
+                    for name, module in modules.items()})
+
+
+def compare_fingerprints(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(refusals, notes): what breaks the run, and what changed harmlessly."""
+    refusals = []
+    for entry, (key, what) in REFUSED_CHANGES.items():
+        if saved.get(entry) != current.get(entry):
+            refusals.append(f"key '{key}': {what} changed ({_describe(entry, saved.get(entry))} in the state, "
+                            f"{_describe(entry, current.get(entry))} now)")
+    notes = []
+    if saved.get("model_source") != current.get("model_source") and saved.get("model_layout") == current.get(
+            "model_layout"):
+        notes.append(f"resume_ckpt changed from '{saved.get('model_source')}' to '{current.get('model_source')}'; "
+                     f"same layout, so the run continues: trained weights come from the state, frozen parts "
+                     f"from the new path")
+    if saved.get("mixed_precision") != current.get("mixed_precision"):
+        notes.append(f"mixed precision changed from {saved.get('mixed_precision')} to "
+                     f"{current.get('mixed_precision')}: the run continues, but not bit-identically")
+    return refusals, notes
+
+
+def _describe(entry: str, value) -> str:
+    if isinstance(value, dict) and "count" in value:
+        first = ", ".join(value.get("first", []))
+        return f"{value['count']} images ({first}{', ...' if value['count'] > 3 else ''})"
+    if entry in ("model_layout", "trained_parameters") and isinstance(value, str):
+        return f"layout {value[:12]}"
+    return json.dumps(value)
+
+
+def refuse_incompatible(state_folder: Path, saved: dict, current: dict) -> list[str]:
+    """ConfigError naming every refused change; otherwise the notes for the log."""
+    refusals, notes = compare_fingerprints(saved, current)
+    if refusals:
+        raise ConfigError(
+            f"key 'resume_from': the state {state_folder} cannot continue with this config, because\n  "
+            + "\n  ".join(refusals)
+            + "\nPut these keys back as they were, or start a new run (without resume_from)."
+        )
+    return notes
+
+
+def changed_settings(saved_config: dict, config: TrainConfig) -> list[str]:
+    """Config keys whose value differs from the state's config, for the log ('max_epochs 2 -> 4')."""
+    now = config.model_dump(mode="json")
+    changed = []
+    for key in sorted(set(saved_config) | set(now)):
+        if key == "resume_from" or saved_config.get(key) == now.get(key):
+            continue
+        changed.append(f"{key} {json.dumps(saved_config.get(key))} -> {json.dumps(now.get(key))}")
+    return changed
+
