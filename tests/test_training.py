@@ -102,3 +102,21 @@ def test_validation_does_not_change_the_training_trajectory(model_cache, tmp_pat
     first, second = (UNet2DConditionModel.from_pretrained(r["final_checkpoint"]["diffusers"], subfolder="unet")
                      .state_dict() for r in results)
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_extra_validation_sets_and_stabilized_train_loss_are_measured(model_cache, demo_copy, tmp_path):
+    """ED2's extra_manual_datasets (loss/<name>) and stabilize_training_loss (loss/stabilize-train)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    for image in sorted(demo_copy.glob("scene0*.png"))[:3]:
+        image.rename(extra / image.name)
+    config = tiny_config(model_cache, demo_copy, tmp_path / "runs", max_epochs=1, no_save_ckpt=True,
+                         validation_config={"auto_split_proportion": 0.2, "timesteps": 2, "stabilize_training_loss": True,
+                                            "extra_manual_datasets": {"holdout": str(extra)}})
+    summary = train(config)
+    events = EventAccumulator(summary["run_dir"]).Reload()
+    for tag in ("loss/holdout", "loss/stabilize-train", "loss/val"):
+        values = [event.value for event in events.Scalars(tag)]
+        assert len(values) == 2 and all(math.isfinite(v) for v in values), tag

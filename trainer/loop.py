@@ -19,9 +19,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from data.buckets import assign_bucket, bucket_sizes
-from data.images import ImageLoadError, SkippedImage, write_skipped_report
+from data.images import ImageLoadError, SkippedImage, scan_images, write_skipped_report
 from data.loader import ImageBatchDataset, make_loader
-from data.prepare import PreparedData, prepare_data
+from data.prepare import PreparedData, as_validation_item, prepare_data
 from optimizer.lr import build_lr_scheduler, current_lrs, plan_schedule
 from optimizer.optimizers import build_optimizer, model_param_groups
 from trainer.diffusion import training_loss
@@ -191,6 +191,7 @@ class Trainer:
         self.say(disk_space_note(self._save_sizes(), self.run_dir))
         self.logger = self._open_logs()
         self.validator = self._build_validator()
+        self.extra_validators = self._build_extra_validators()
         self.sample_prompts = (read_prompts(config.sample_prompts, self.data.train + self.data.val)
                                if config.sample_prompts else [])
 
@@ -209,12 +210,27 @@ class Trainer:
         # and accelerate would step it once per process.
 
     def _build_validator(self) -> Optional[StabilizedLoss]:
+        return self._stabilized_loss(self.data.val) if self.data.val else None
+
+    def _stabilized_loss(self, items) -> StabilizedLoss:
         settings = self.config.validation
-        if not self.data.val:
-            return None
-        return StabilizedLoss(self.unwrapped_model(), self.data.val, self.config.resolution,
+        return StabilizedLoss(self.unwrapped_model(), items, self.config.resolution,
                               settings.batch_size or self.config.batch_size, settings.timesteps,
                               settings.seed, self.config.clip_skip)
+
+    def _build_extra_validators(self) -> dict[str, StabilizedLoss]:
+        """ED2's extra manual validation sets (loss/<name>) and the stabilized training subset
+        (loss/stabilize-train): the same fixed-noise measurement on other images."""
+        settings = self.config.validation
+        if not settings.enabled:
+            return {}
+        extras = {name: self._stabilized_loss([as_validation_item(i) for i in scan_images(Path(folder)).items])
+                  for name, folder in settings.extra_manual_datasets.items()}
+        if settings.stabilize_training_loss:
+            count = max(1, round(len(self.data.train) * settings.stabilize_split_proportion))
+            subset = sorted(random.Random(settings.seed).sample(self.data.train, count), key=lambda i: i.path)
+            extras["stabilize-train"] = self._stabilized_loss([as_validation_item(i) for i in subset])
+        return extras
 
     def _check_output_folders(self) -> None:
         """A clear error naming the folder now, rather than a crash at the first save hours later."""
@@ -515,7 +531,7 @@ class Trainer:
             self.save_state()
 
     def _validation_due(self, step: int) -> bool:
-        if not self.validator:
+        if not (self.validator or self.extra_validators):
             return False
         every = max(1, round(self.config.validation.every_n_epochs * self.plan.steps_per_epoch))
         return step % every == 0 or step == self.plan.total_steps
@@ -529,11 +545,16 @@ class Trainer:
 
     # --- measurements and outputs -------------------------------------------------------------------
     def validate(self) -> Optional[float]:
+        step = self.progress.global_step
+        for name, extra in self.extra_validators.items():
+            with self.accelerator.autocast():
+                extra_loss = extra(self.unwrapped_model(), self.accelerator)
+            self.logger.scalar(f"loss/{name}", extra_loss, step)
+            self.say(f"step {step}: {name} loss {extra_loss:.5f}")
         if not self.validator:
             return None
         with self.accelerator.autocast():
-            loss = self.validator(self.unwrapped_model())
-        step = self.progress.global_step
+            loss = self.validator(self.unwrapped_model(), self.accelerator)
         self.progress.val_losses.append((step, loss))
         self.logger.log(step, step / self.plan.steps_per_epoch, loss_val=loss)
         self.say(f"step {step}: validation loss {loss:.5f}")

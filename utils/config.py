@@ -508,7 +508,8 @@ def key_table_markdown() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for model, prefix in ((TrainConfig, ""), (ValidationSettings, "validation_config.")):
         for name, field in model.model_fields.items():
-            default = json.dumps(field.default, default=str) if field.default is not None else "null"
+            value = field.get_default(call_default_factory=True)
+            default = json.dumps(value, default=str) if value is not None else "null"
             rows.append(f"| `{prefix}{name}` | `{default}` | {field.description} |")
     return "\n".join(rows)
 

@@ -46,6 +46,11 @@ class RunLogger:
             if value is not None and math.isfinite(value):
                 self._writer.add_scalar(TENSORBOARD_TAGS[key], value, step)
 
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        """A TensorBoard-only scalar (extra validation sets), beside the fixed metrics.csv columns."""
+        if self.enabled and math.isfinite(value):
+            self._writer.add_scalar(tag, value, step)
+
     def image(self, tag: str, array_hwc, step: int) -> None:
         if self.enabled:
             self._writer.add_image(tag, array_hwc, step, dataformats="HWC")
