@@ -60,6 +60,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from optimizer.schedules import FunctionLR  # noqa: E402
 from trainer.loop import Trainer, new_run_dir, optimizer_step, write_json  # noqa: E402
 from trainer.validation import StabilizedLoss  # noqa: E402
+from utils.checkpoint import atomic_path  # noqa: E402
 from utils.config import ConfigError, TrainConfig, load_config, read_json_file  # noqa: E402
 
 DEFAULT_STEPS = 200  # with the default 4-decade exponential ramp: 50 steps per decade
@@ -586,13 +587,9 @@ def write_suggested_config(path: Path, config_path: Optional[Path], overrides: d
     written, dropped = suggested_config({**raw, **overrides}, config, fragment)
     path.parent.mkdir(parents=True, exist_ok=True)
     written = rebase_paths(written, Path(config_path).parent if config_path else None, path.parent)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # beside NEW.json: relative paths resolve alike
-    staging.write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
-    try:
-        check_suggestion_in_force(load_config(staging), fragment)
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
+    with atomic_path(path) as staging:  # beside NEW.json: relative paths resolve alike
+        staging.write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
+        check_suggestion_in_force(load_config(staging), fragment)  # raising here leaves NEW.json unwritten
     return dropped
 
 

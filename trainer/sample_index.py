@@ -7,8 +7,9 @@ in a second, not in ten.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from utils.checkpoint import atomic_path
 
 INDEX_FILE = "index.json"
 
@@ -20,9 +21,8 @@ def record_in_index(samples_dir: Path, step: int, entries: list[dict]) -> None:
     index[step] = dict(enumerate(entries))
     serialisable = {str(s): {str(i): entry for i, entry in prompts.items()} for s, prompts in sorted(index.items())}
     index_path = Path(samples_dir) / INDEX_FILE
-    temporary = index_path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(serialisable, indent=1) + "\n", encoding="utf-8")
-    os.replace(temporary, index_path)
+    with atomic_path(index_path) as temporary:
+        temporary.write_text(json.dumps(serialisable, indent=1) + "\n", encoding="utf-8")
 
 
 def read_index(samples_dir: Path) -> dict[int, dict[int, dict]]:

@@ -31,6 +31,8 @@ import safetensors.torch
 import torch
 import yaml
 
+from utils.checkpoint import atomic_path
+
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
 
@@ -383,34 +385,12 @@ def _file_metadata(scheduler_config: Mapping[str, Any] | None) -> dict[str, str]
     return metadata
 
 
-def _fsync_directory(folder: Path) -> None:
-    """Make the rename itself durable; not every platform can open a directory for this."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def write_safetensors_atomically(
     tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None
 ) -> None:
-    """Write `path` so that it is either the complete new file or untouched: the data goes to a
-    temporary file in the same folder (same filesystem, so the rename is atomic), is fsynced, and
-    only then replaces `path`. On failure the temporary file is removed."""
-    temporary = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
+    """Write `path` so that it is either the complete new file or untouched (utils.checkpoint.atomic_path)."""
+    with atomic_path(path) as temporary:
         safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
 
 
 def save_single_file(
