@@ -18,9 +18,8 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from data.buckets import assign_bucket, bucket_sizes
 from data.images import ImageLoadError, SkippedImage, scan_images, write_skipped_report
-from data.loader import ImageBatchDataset, make_loader
+from data.loader import ImageBatchDataset, assign_buckets, make_loader
 from data.prepare import PreparedData, as_validation_item, prepare_data
 from optimizer.lr import build_lr_scheduler, current_lrs, plan_schedule
 from optimizer.optimizers import build_optimizer, model_param_groups
@@ -256,10 +255,9 @@ class Trainer:
                 (self.run_dir / "data_warnings.txt").write_text("\n".join(warnings) + "\n", encoding="utf-8")
 
     def _undersized_images(self) -> list[str]:
-        buckets = bucket_sizes(self.config.resolution)
+        items = self.data.train + self.data.val
         found = []
-        for item in self.data.train + self.data.val:
-            width, height = assign_bucket(item.width, item.height, buckets)
+        for item, (width, height) in zip(items, assign_buckets(items, self.config.resolution)):
             if item.width < width or item.height < height:
                 found.append(f"{item.path} ({item.width}x{item.height}, bucket {width}x{height})")
         return found

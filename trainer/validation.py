@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from data.buckets import assign_bucket, bucket_sizes
 from data.images import ImageItem, load_image
+from data.loader import assign_buckets
 from trainer.diffusion import denoising_loss, encode_latents
 from trainer.model import SDModel, encode_prompts
 
@@ -33,10 +33,9 @@ def fixed_timesteps(count: int, num_train_timesteps: int) -> list[int]:
 
 def group_into_fixed_batches(items: list[ImageItem], resolution: int, batch_size: int):
     """Items grouped by bucket, in path order: a fixed composition for every pass."""
-    buckets = bucket_sizes(resolution)
     by_bucket: dict[tuple[int, int], list[ImageItem]] = {}
-    for item in items:
-        by_bucket.setdefault(assign_bucket(item.width, item.height, buckets), []).append(item)
+    for item, bucket in zip(items, assign_buckets(items, resolution)):
+        by_bucket.setdefault(bucket, []).append(item)
     for size in sorted(by_bucket):
         group = by_bucket[size]
         for start in range(0, len(group), batch_size):
