@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     parser.add_argument("--config", type=Path, help="the JSON config of the run")
     parser.add_argument("--plot_schedule", nargs="?", const="", default=None, metavar="OUT_DIR",
                         help="write lr_schedule.csv/.png and print the schedule summary, then exit")
+    parser.add_argument("--num_processes", type=int, default=None, metavar="N",
+                        help="with --plot_schedule: preview for N processes (GPUs); default: the launcher's, else 1")
     parser.add_argument("--find_lr", action="store_true",
                         help="LR range test: ramp the LR, score the probe loss, suggest lr_min and lr, then exit")
     parser.add_argument("--find_lr_write", type=Path, metavar="NEW_JSON",
@@ -52,6 +55,14 @@ def parse_overrides(tokens: list[str]) -> dict:
     return overrides
 
 
+def preview_processes(requested: int | None) -> int:
+    """The process count a schedule preview plans for: --num_processes, else the launcher's (WORLD_SIZE)."""
+    count = requested if requested is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if count < 1:
+        raise ConfigError(f"--num_processes {count}: give 1 or more processes.")
+    return count
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args, overrides = parse_arguments(sys.argv[1:] if argv is None else argv)
@@ -62,15 +73,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.plot_schedule is not None:
             from optimizer.preview import preview_schedule
 
-            preview_schedule(config, Path(args.plot_schedule or "."))
+            preview_schedule(config, Path(args.plot_schedule or "."), preview_processes(args.num_processes))
             return 0
+        if args.num_processes is not None:
+            raise ConfigError("--num_processes only sets the preview's process count (with --plot_schedule); to "
+                              f"train on {args.num_processes} processes run: accelerate launch --multi_gpu "
+                              f"--num_processes {args.num_processes} train.py --config ...")
         if args.find_lr or args.find_lr_write:
             from trainer.lr_finder import find_lr_command
 
             return find_lr_command(config, args.config, overrides, args.find_lr_write)
+        from accelerate import PartialState
+
         from trainer.loop import train
 
         summary = train(config)
+        if not PartialState().is_main_process:  # under accelerate launch the main process reports
+            return summary["exit_code"]
         if summary["stopped"]:
             print(f"stopped ({summary['stopped']}) after {summary['steps']} steps; outputs in {summary['run_dir']}")
             return summary["exit_code"]  # 130 SIGINT, 143 SIGTERM, 1 divergence or a failed save

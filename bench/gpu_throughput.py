@@ -50,8 +50,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from bench.flops import FlopsPerImage, flops_per_image, latent_side, parameter_counts  # noqa: E402
 from optimizer.optimizers import build_optimizer, model_param_groups  # noqa: E402
-from trainer.diffusion import denoising_loss, perturb_embeddings, sample_noise, training_loss  # noqa: E402
-from trainer.model import SDModel, configure_for_training, encode_prompts  # noqa: E402
+from trainer.diffusion import training_loss  # noqa: E402
+from trainer.model import SDModel, configure_for_training  # noqa: E402
 from trainer.single_file import bundled_config_dir  # noqa: E402
 from trainer.tiny_model import DEFAULT_CACHE_DIR, tiny_model_path  # noqa: E402
 from utils.config import TrainConfig, load_config  # noqa: E402
@@ -238,29 +238,18 @@ def train_config(setting: Setting) -> TrainConfig:
 
 
 def synthetic_batch(model: SDModel, setting: Setting, resolution: int, device: torch.device) -> dict:
-    """What the data loader yields (pixels in [-1, 1], captions, per-image loss scales), or the VAE latents a
-    latent cache would hold instead of the pixels, already on the device: loading and the host-to-device copy
-    are not measured."""
+    """What the data loader yields (pixels in [-1, 1], captions, per-image loss scales), or, with cache_latents,
+    what the latent cache holds instead of the pixels: the VAE's latent distribution parameters (mean and logvar,
+    [B, 2C, h, w] in the VAE's dtype), from which training_loss samples each step. Already on the device: loading
+    and the host-to-device copy are not measured."""
     batch = {"captions": [CAPTION] * setting.batch_size, "loss_scales": torch.ones(setting.batch_size)}
     if setting.cached_latents:
         side = latent_side(model.vae, resolution)
-        batch["latents"] = torch.randn(setting.batch_size, model.unet.config.in_channels, side, side, device=device)
+        channels = 2 * model.vae.config.latent_channels
+        batch["latents"] = torch.randn(setting.batch_size, channels, side, side, device=device, dtype=model.vae.dtype)
     else:
         batch["pixel_values"] = torch.rand(setting.batch_size, 3, resolution, resolution, device=device) * 2 - 1
     return batch
-
-
-def cached_latents_loss(model: SDModel, batch: dict, config: TrainConfig, device) -> torch.Tensor:
-    """trainer.diffusion.training_loss with the VAE encode replaced by cached latents; the rest (noise,
-    timesteps, text encoder, UNet, loss) is the same sequence of the same functions."""
-    latents = batch["latents"]
-    noise = sample_noise(latents, config.zero_frequency_noise_ratio, pyramid_discount=config.pyramid_noise_discount)
-    last = min(config.timestep_end, model.noise_scheduler.config.num_train_timesteps)
-    timesteps = torch.randint(config.timestep_start, last, (latents.shape[0],), device=latents.device)
-    hidden = perturb_embeddings(encode_prompts(model, batch["captions"], config.clip_skip, device),
-                                config.embedding_perturbation)
-    losses = denoising_loss(model, latents, hidden, noise, timesteps, config.min_snr_gamma, config.loss_type)
-    return (losses * batch["loss_scales"].to(losses.device)).mean()
 
 
 def training_step(loss_of: Callable, model: SDModel, batch: dict, config: TrainConfig, optimizer,
@@ -337,9 +326,9 @@ class Bench:
         if setting.compile:
             model.unet = torch.compile(model.unet)
         scaler = torch.amp.GradScaler(self.device.type) if setting.precision == "fp16" else None
-        loss_of = cached_latents_loss if setting.cached_latents else training_loss
         batch = synthetic_batch(model, setting, self.size.resolution, self.device)
-        step = partial(training_step, loss_of, model, batch, config, optimizer, scaler, self.device,
+        # training_loss samples cached latents when the batch has them, else encodes the pixels (the trainer's path)
+        step = partial(training_step, training_loss, model, batch, config, optimizer, scaler, self.device,
                        weight_dtype(setting.precision))
         timing = time_steps(step, size, self.device)
         return timing | peak_memory(self.device) | self.rates(setting, timing)

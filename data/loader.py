@@ -14,6 +14,11 @@ are seeded by (seed, epoch, sample): two copies of one image in an epoch differ.
 Unlike ED2, a bucket whose size is not a multiple of batch_size ends in a smaller "runt"
 batch; it is never padded with duplicates.
 
+Cached latents: given a latent lookup (trainer/cache.py), a batch carries "latents", the VAE
+distribution parameters cached for each (image, bucket, flip), instead of "pixel_values", and no
+image is decoded; given a text-embedding lookup it also carries "encoder_hidden_states", the
+cached CLIP hidden states of each caption.
+
 Failed decodes: an image that passed the scan but cannot be decoded at training time is
 dropped from its batch and listed under the batch's "failed" key, so one bad file costs
 one image, not the run. Only a batch in which every image fails raises ImageLoadError.
@@ -22,8 +27,8 @@ one image, not the run. Only a batch in which every image fails raises ImageLoad
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from typing import TypedDict, TypeVar
+from collections.abc import Callable, Sequence
+from typing import NotRequired, Optional, TypedDict, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -37,7 +42,9 @@ T = TypeVar("T")
 
 
 class Batch(TypedDict):
-    pixel_values: torch.Tensor  # [B, 3, H, W] float32 in [-1, 1]
+    pixel_values: NotRequired[torch.Tensor]  # [B, 3, H, W] float32 in [-1, 1]; absent with cached latents
+    latents: NotRequired[torch.Tensor]  # [B, 2C, h, w]: cached VAE mean and logvar, instead of pixel_values
+    encoder_hidden_states: NotRequired[torch.Tensor]  # [B, 77, D]: cached CLIP hidden states of the captions
     captions: list[str]  # built per sample: tags shuffled, dropout applied (an empty caption)
     paths: list[str]
     loss_scales: torch.Tensor  # [B] float32: each image's loss_scale, to multiply its loss by
@@ -107,7 +114,9 @@ class BucketBatches:
             raise ValueError(f"world_size must be at least 1, got {world_size}")
         if self.num_batches < world_size:
             raise ValueError(
-                f"{self.num_batches} batch(es) per epoch cannot feed {world_size} ranks"
+                f"{self.num_batches} batch(es) per epoch cannot feed {world_size} processes: each process "
+                f"needs at least one whole batch per epoch; lower batch_size ({self.batch_size}), add "
+                f"images, or use at most {self.num_batches} processes"
             )
         return self.num_batches // world_size
 
@@ -163,6 +172,9 @@ class ImageBatchDataset(Dataset):
     shuffles and caption dropout, and worker processes hold copies of the dataset that a later
     set_epoch() would miss. flip_p, cond_dropout, shuffle_tags and keep_tags are the run's
     values, used for every image that does not set its own; they default to off.
+
+    `latents(item, bucket, flip)` returns an image's cached latent distribution parameters (or raises
+    ImageLoadError, as a failed decode would); `text_embeddings(caption)` its caption's hidden states.
     """
 
     def __init__(
@@ -176,6 +188,8 @@ class ImageBatchDataset(Dataset):
         cond_dropout: float = 0.0,
         shuffle_tags: bool = False,
         keep_tags: int = 0,
+        latents: Optional[Callable[[ImageItem, Bucket, bool], torch.Tensor]] = None,
+        text_embeddings: Optional[Callable[[str], torch.Tensor]] = None,
     ) -> None:
         for name, probability in (("flip_p", flip_p), ("cond_dropout", cond_dropout)):
             if not 0.0 <= probability <= 1.0:
@@ -192,6 +206,8 @@ class ImageBatchDataset(Dataset):
         self.cond_dropout = cond_dropout
         self.shuffle_tags = shuffle_tags
         self.keep_tags = keep_tags
+        self.latents = latents
+        self.text_embeddings = text_embeddings
 
     def item(self, sample: int) -> ImageItem:
         return self.items[item_of(sample, len(self.items))]
@@ -223,27 +239,32 @@ class ImageBatchDataset(Dataset):
 
     def __getitem__(self, samples: Sequence[int]) -> Batch:
         size = self._shared_bucket(samples)
-        pixel_values, captions, paths, loss_scales, failed = [], [], [], [], []
+        load = self.latents if self.latents is not None else load_image
+        tensors, captions, paths, loss_scales, failed = [], [], [], [], []
         for sample in samples:
             item = self.item(sample)
             try:
-                pixel_values.append(load_image(item, size, self.should_flip(sample)))
+                tensors.append(load(item, size, self.should_flip(sample)))
             except ImageLoadError as error:
                 failed.append(SkippedImage(item.path, str(error)))
                 continue
             captions.append(self.caption(sample))
             paths.append(str(item.path))
             loss_scales.append(item.loss_scale)
-        if not pixel_values:
+        if not tensors:
             reasons = "; ".join(entry.reason for entry in failed)
             raise ImageLoadError(f"no image in the batch could be loaded: {reasons}")
-        return Batch(
-            pixel_values=torch.stack(pixel_values),
-            captions=captions,
-            paths=paths,
-            loss_scales=torch.tensor(loss_scales, dtype=torch.float32),
-            failed=failed,
-        )
+        images = "latents" if self.latents is not None else "pixel_values"
+        batch: Batch = {
+            images: torch.stack(tensors),
+            "captions": captions,
+            "paths": paths,
+            "loss_scales": torch.tensor(loss_scales, dtype=torch.float32),
+            "failed": failed,
+        }
+        if self.text_embeddings is not None:
+            batch["encoder_hidden_states"] = torch.stack([self.text_embeddings(c) for c in captions])
+        return batch
 
     def _shared_bucket(self, samples: Sequence[int]) -> Bucket:
         buckets = {self.item_buckets[item_of(sample, len(self.items))] for sample in samples}
@@ -262,12 +283,15 @@ def make_loader(
     batches: Sequence[Sequence[int]],
     num_workers: int = 0,
     pin_memory: bool = False,
+    prefetch_factor: int = 2,
 ) -> DataLoader:
     """A DataLoader yielding one Batch per entry of batches, in order.
 
     batch_size=None turns off torch's own batching: each sampled index list already is a
-    batch. Workers are not persistent, matching one dataset and one loader per epoch; to
-    resume mid-epoch pass batches=bucket_batches.epoch_batches(epoch, seed)[next_batch:].
+    batch. Workers are not persistent, matching one dataset and one loader per epoch (the
+    trainer starts the next epoch's loader ahead, so its workers are ready at the boundary);
+    to resume mid-epoch pass batches=bucket_batches.epoch_batches(epoch, seed)[next_batch:].
+    prefetch_factor: batches each worker loads ahead (ignored without workers).
     """
     return DataLoader(
         dataset,
@@ -275,6 +299,7 @@ def make_loader(
         batch_size=None,
         num_workers=num_workers,
         pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         # Each iter() draws a worker base seed; a private generator keeps that draw off the
         # global torch RNG, so the training noise sequence does not depend on the loader.
         generator=torch.Generator(),

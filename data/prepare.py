@@ -22,6 +22,14 @@ class PreparedData:
     # Notes from the settings files: ED2 keys that are not used, unknown keys, undecodable text.
     warnings: list[str] = field(default_factory=list)
 
+    def batches_per_process(self, num_processes: int) -> int:
+        """Micro-batches each of `num_processes` trains per epoch: the epoch's batches are dealt out across them, so
+        one optimizer step of the group trains num_processes x batch_size x grad_accum images."""
+        try:
+            return self.batches.batches_per_rank(num_processes)
+        except ValueError as error:
+            raise ConfigError(f"key 'batch_size' = {self.batches.batch_size}: {error}.") from None
+
     def summary(self) -> str:
         """One line of counts, then one 'warning:' line per note from the settings files."""
         counts = (

@@ -60,7 +60,10 @@ def build_optimizer(config: TrainConfig, param_groups: list[dict]) -> torch.opti
               | {"lr": 0.0} for group in param_groups]
     kwargs = _checked_extra_arguments(optimizer_class, config)
     if config.optimizer == "adamw" and all(p.is_cuda for g in groups for p in g["params"]):
-        kwargs["fused"] = True  # one kernel for all parameters on CUDA; torch picks foreach elsewhere
+        # One kernel for all parameters. Elsewhere torch's default (foreach=None) takes the multi-tensor foreach
+        # kernels on devices that have them and the per-tensor loop on the CPU, where foreach measured no faster
+        # (bench/step_overhead.py's machine, tiny model). The trainer moves the trained parts to the GPU first.
+        kwargs["fused"] = True
     return optimizer_class(groups, **kwargs)
 
 

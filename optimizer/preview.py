@@ -46,9 +46,11 @@ def summary_lines(plan, described: dict) -> list[str]:
     return lines  # the schedule's own notes come with plan_schedule's
 
 
-def preview_schedule(config: TrainConfig, out_dir: Path) -> dict:
+def preview_schedule(config: TrainConfig, out_dir: Path, num_processes: int = 1) -> dict:
+    """With `num_processes` (GPUs under accelerate launch) the epoch's batches are dealt out across them, so an
+    epoch has fewer, larger optimizer steps: the preview counts the steps of the whole group, as training does."""
     data = prepare_data(config)
-    plan, functions, notes = plan_schedule(config, data.batches.num_batches)
+    plan, functions, notes = plan_schedule(config, data.batches_per_process(num_processes))
     out_dir.mkdir(parents=True, exist_ok=True)
     write_schedule_csv(out_dir / "lr_schedule.csv", functions, plan.total_steps)
     steps = list(range(plan.total_steps))
@@ -59,6 +61,9 @@ def preview_schedule(config: TrainConfig, out_dir: Path) -> dict:
             title=f"{config.lr_scheduler} schedule, {plan.total_steps} steps")
     described = schedules.describe(unet_spec(config, plan))
     print(data.summary())
+    if num_processes > 1:
+        print(f"{num_processes} processes: a step trains {num_processes} x batch_size {config.batch_size} x grad_accum "
+              f"{config.grad_accum} images")
     for line in summary_lines(plan, described) + notes:
         print(line)
     print(f"wrote {out_dir / 'lr_schedule.csv'} and {out_dir / 'lr_schedule.png'}")

@@ -205,3 +205,11 @@ def test_save_size_estimate_for_sd15_numbers(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: disk(0, 0, 100 * 1024**3))
     gigabytes = (3 * 11_790_977_328 + 3 * 6_397_411_842) / 1024**3
     assert disk_space_note(sizes, tmp_path).startswith(f"disk: the saves need about {gigabytes:.2f} GB (3 checkpoint")
+
+
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
+def test_a_launch_set_up_for_sharded_training_is_refused_with_the_ddp_command(model_cache, tmp_path, monkeypatch,
+                                                                                variable, name):
+    monkeypatch.setenv(variable, "true")
+    with pytest.raises(ConfigError, match=f"set up for {name} .*accelerate launch --multi_gpu --num_processes N"):
+        Trainer(tiny_config(model_cache, DEMO_DATA, tmp_path, **FAST))

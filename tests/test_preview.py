@@ -112,3 +112,16 @@ def test_plot_schedule_command_loads_no_model(tmp_path):
     assert "stepsize: 40 steps (10 epochs), cycle 80 steps, 10 cycles" in result.stdout
     assert "the run ends on a low point" in result.stdout
     assert result.stdout.strip().endswith("False")  # trainer.model was never imported
+
+
+def test_the_preview_counts_the_steps_of_a_group_of_processes(tmp_path, capsys):
+    """20 images, 4 held out, 4 batches of 4: one process takes 4 steps per epoch, two take 2, and the run's
+    epochs, not its steps, stay as configured."""
+    config = post_config("post_constant", max_epochs=10)
+    alone = preview_schedule(config, tmp_path / "one")["plan"]
+    pair = preview_schedule(config, tmp_path / "two", num_processes=2)["plan"]
+    assert (alone.steps_per_epoch, alone.total_steps) == (4, 40)
+    assert (pair.steps_per_epoch, pair.total_steps) == (2, 20)
+    assert "2 processes: a step trains 2 x batch_size 4 x grad_accum 1 images" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="key 'batch_size' = 4: 4 batch\\(es\\) per epoch cannot feed 5 processes"):
+        preview_schedule(config, tmp_path / "five", num_processes=5)

@@ -2,17 +2,11 @@
 exact), a second SIGINT exits at once leaving nothing half-written, and a kill -9 in the middle of a save leaves
 the previous states intact for `latest`."""
 
-import csv
-import json
-import os
-import queue
 import re
 import shlex
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import train as train_cli
-from tests.conftest import DEMO_DATA, ROOT
+from tests.conftest import ROOT
+from tests.processes import Output, only_run_dir, start, wait_for_run_dir, wait_for_trained_steps, write_config
 from trainer.safety import resume_command
 from utils.state import STATE_FOLDER, list_states, newest_complete_state, verify_state
 
@@ -45,77 +40,13 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
-def write_config(folder: Path, model_cache: Path, **overrides) -> Path:
-    values = {"resume_ckpt": "tiny", "model_cache_dir": str(model_cache), "data_root": str(DEMO_DATA),
-              "logdir": str(folder / "logs"), "project_name": "sig", "resolution": 64, "batch_size": 4,
-              "max_steps": 200, "lr": 1e-4, "lr_scheduler": "cyclic", "lr_decay_steps": 3, "lr_min": 1e-5,
-              "optimizer": "adamw", "mixed_precision": "no", "cond_dropout": 0.1, "flip_p": 0.5, "log_step": 1,
-              "seed": 42, "no_save_ckpt": True,
-              "validation_config": {"auto_split_proportion": 0.2, "every_n_epochs": 1, "timesteps": 2}}
-    path = folder / "config.json"
-    path.write_text(json.dumps({**values, **overrides}))
-    return path
-
-
-class Output:
-    """The merged stdout/stderr of a process, read line by line in the background."""
-
-    def __init__(self, process: subprocess.Popen):
-        self.lines: list[str] = []
-        self._queue: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, args=(process.stdout,), daemon=True).start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, text: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(text in line for line in self.lines):
-            line = self._queue.get(timeout=max(0.1, deadline - time.monotonic()))
-            if line is None:
-                raise AssertionError(f"the process ended before printing {text!r}:\n" + "".join(self.lines[-30:]))
-            self.lines.append(line)
-
-    def rest(self) -> str:
-        while (line := self._queue.get(timeout=60)) is not None:
-            self.lines.append(line)
-        return "".join(self.lines)
-
-
-def start(command: list[str], folder: Path, **env) -> tuple[subprocess.Popen, Output]:
-    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env})
-    return process, Output(process)
-
-
-def wait_for_trained_steps(metrics: Path, steps: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if metrics.is_file():
-            rows = list(csv.DictReader(open(metrics)))
-            if sum(1 for row in rows if row["loss_train"]) >= steps:
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"{metrics}: fewer than {steps} trained steps after {timeout} s")
-
-
-def only_run_dir(folder: Path) -> Path:
-    (run_dir,) = (folder / "logs").iterdir()
-    return run_dir
-
-
 def test_sigterm_saves_prints_the_resume_command_and_resuming_is_exact(model_cache, tmp_path):
     config_path = write_config(tmp_path, model_cache)
     train_py = str(ROOT / "train.py")
     process, output = start([sys.executable, train_py, "--config", str(config_path)], tmp_path)
     # wait until the run is training: run folder, then two trained steps in metrics.csv
     output.wait_for("run: ")
-    deadline = time.monotonic() + 60
-    while not (tmp_path / "logs").is_dir() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    wait_for_trained_steps(only_run_dir(tmp_path) / "metrics.csv", 2)
+    wait_for_trained_steps(wait_for_run_dir(tmp_path) / "metrics.csv", 2)
     process.send_signal(signal.SIGTERM)
     text = output.rest()
     assert process.wait(timeout=60) == 143, text
@@ -198,3 +129,14 @@ def test_the_resume_command_replaces_a_changed_key():
         "python train.py --config c.json --gradient_checkpointing --resume_from latest --lr 1e-05"
     assert resume_command(["pytest"], {"lr": 1e-05}) == \
         'run it again with "resume_from": "latest", "lr": 1e-05 (or the same keys on the command line)'
+
+
+@pytest.mark.parametrize("world, local_world, launcher", [
+    ("2", "2", "accelerate launch --multi_gpu --num_processes 2"),
+    ("16", "8", "accelerate launch --multi_gpu --num_processes 16 --num_machines 2"),
+])
+def test_the_resume_command_of_a_launched_process_launches_again(monkeypatch, world, local_world, launcher):
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert resume_command(["train.py", "--config", "c.json"]) == \
+        f"{launcher} train.py --config c.json --resume_from latest"

@@ -120,3 +120,22 @@ def test_extra_validation_sets_and_stabilized_train_loss_are_measured(model_cach
     for tag in ("loss/holdout", "loss/stabilize-train", "loss/val"):
         values = [event.value for event in events.Scalars(tag)]
         assert len(values) == 2 and all(math.isfinite(v) for v in values), tag
+
+
+def test_clip_skip_and_a_partly_frozen_text_encoder_use_the_transformers_5_layout(tiny_model_dir):
+    """transformers 5 flattened CLIPTextModel (no .text_model): clip_skip reads the second-last layer through the
+    final norm, and unfreezing the last layer leaves the embeddings and the first layers frozen."""
+    from trainer.model import encode_prompts, freeze_text_encoder_front, load_pretrained
+
+    model = load_pretrained(str(tiny_model_dir), "tiny")
+    with torch.no_grad():
+        last, second_last = (encode_prompts(model, ["a photo"], skip, "cpu") for skip in (1, 2))
+        ids = model.tokenizer(["a photo"], padding="max_length", max_length=model.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+        hidden = model.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+        assert torch.equal(second_last, model.text_encoder.final_layer_norm(hidden))
+    assert not torch.equal(last, second_last)
+    freeze_text_encoder_front(model.text_encoder, 1)
+    trainable = {name.split(".")[0] + "." + name.split(".")[2] if name.startswith("encoder.") else name.split(".")[0]
+                 for name, p in model.text_encoder.named_parameters() if p.requires_grad}
+    assert trainable == {f"encoder.{len(model.text_encoder.encoder.layers) - 1}", "final_layer_norm"}

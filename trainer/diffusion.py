@@ -8,16 +8,31 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
+try:
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+except ImportError:  # diffusers before 0.26
+    from diffusers.models.vae import DiagonalGaussianDistribution
+
 from trainer.model import SDModel, encode_prompts
 
 
 @torch.no_grad()
 def encode_latents(model: SDModel, pixel_values: torch.Tensor, sample: bool = True) -> torch.Tensor:
     """VAE latents, scaled as the UNet expects. `sample=False` takes the mean (deterministic, for validation)."""
-    pixel_values = pixel_values.to(device=model.vae.device, dtype=model.vae.dtype)
+    # Copy, then convert on the device: from the loader's pinned memory the copy is asynchronous (the CPU goes on
+    # launching work instead of waiting for the GPU's queue), and the dtype conversion runs on the GPU.
+    pixel_values = pixel_values.to(device=model.vae.device, non_blocking=True).to(dtype=model.vae.dtype)
     dist = model.vae.encode(pixel_values).latent_dist
     latents = dist.sample() if sample else dist.mode()
     return latents.float() * model.vae_scale
+
+
+def sample_cached_latents(parameters: torch.Tensor, vae_scale: float, device) -> torch.Tensor:
+    """A fresh latent sample from cached VAE distribution parameters ([B, 2C, h, w]: mean, then logvar), with
+    the very math of an encode (diffusers' DiagonalGaussianDistribution.sample: mean + std * randn from the global
+    RNG, same shape, dtype and device), so a cached run draws what an uncached run draws."""
+    dist = DiagonalGaussianDistribution(parameters.to(device))
+    return dist.sample().float() * vae_scale
 
 
 def sample_noise(latents: torch.Tensor, offset_ratio: float, generator: Optional[torch.Generator] = None,
@@ -98,13 +113,21 @@ def perturb_embeddings(hidden: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def training_loss(model: SDModel, batch: dict, config, device) -> torch.Tensor:
-    """Mean denoising loss of one micro-batch: encode, noise, predict, compare."""
-    latents = encode_latents(model, batch["pixel_values"])
+    """Mean denoising loss of one micro-batch: encode, noise, predict, compare. A batch from the latent cache
+    (trainer/cache.py) carries "latents", the VAE distribution parameters, instead of "pixel_values", and one
+    from the text-embedding cache carries "encoder_hidden_states"."""
+    if "latents" in batch:
+        latents = sample_cached_latents(batch["latents"], model.vae_scale, device)
+    else:
+        latents = encode_latents(model, batch["pixel_values"])
     noise = sample_noise(latents, config.zero_frequency_noise_ratio, pyramid_discount=config.pyramid_noise_discount)
     last = min(config.timestep_end, model.noise_scheduler.config.num_train_timesteps)
     timesteps = torch.randint(config.timestep_start, last, (latents.shape[0],), device=latents.device)
     # Captions arrive with conditional dropout and tag shuffling applied by the dataset (seeded per sample).
-    hidden = encode_prompts(model, batch["captions"], config.clip_skip, device)
+    if "encoder_hidden_states" in batch:
+        hidden = batch["encoder_hidden_states"].to(device)
+    else:
+        hidden = encode_prompts(model, batch["captions"], config.clip_skip, device)
     hidden = perturb_embeddings(hidden, config.embedding_perturbation)
     losses = denoising_loss(model, latents, hidden, noise, timesteps, config.min_snr_gamma, config.loss_type)
     return (losses * batch["loss_scales"].to(losses.device)).mean()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, gather_object
 from tqdm.auto import tqdm
 
 from data.images import ImageLoadError, SkippedImage, scan_images, write_skipped_report
@@ -23,8 +26,9 @@ from data.loader import ImageBatchDataset, assign_buckets, make_loader
 from data.prepare import PreparedData, as_validation_item, prepare_data
 from optimizer.lr import build_lr_scheduler, current_lrs, plan_schedule
 from optimizer.optimizers import build_optimizer, model_param_groups
+from trainer.cache import TrainingCaches, build_caches
 from trainer.diffusion import training_loss
-from trainer.model import SDModel, configure_for_training, load_model
+from trainer.model import SDModel, compile_unet, configure_for_training, load_model, use_tf32
 from trainer.resume import (changed_settings, images_fingerprint, locate_state, model_layout, refuse_incompatible,
                             run_dir_of, trained_parameters)
 from trainer.safety import (SaveSizes, Stop, check_writable, disk_space_note, estimate_save_sizes, resume_command,
@@ -76,8 +80,54 @@ def resolve_mixed_precision(setting: str) -> str:
     return "no"
 
 
+def launched_on_cpus() -> bool:
+    """`accelerate launch --num_processes N` on a machine without a GPU (CI, a laptop): the processes train on
+    the CPU over gloo. accelerate forms that group only when it is told to use the CPU."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def resolve_num_workers(setting: int, device: torch.device, num_processes: int, batches_per_epoch: int) -> int:
+    """num_workers -1 (auto): on CUDA, enough DataLoader workers that the GPU does not wait for image decoding:
+    min(8, this process's share of the CPUs less one for itself, the batches of an epoch: more would only take
+    longer to start); on the CPU none, as the workers would take cores from the training itself."""
+    if setting >= 0:
+        return setting
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // num_processes - 1, batches_per_epoch))
+
+
+def refuse_sharded_training() -> None:
+    """FSDP and DeepSpeed shard the weights or the optimizer state across the processes; the saves, validation,
+    samples and exact resume here read whole models from the main process, as DDP keeps them."""
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() in ("1", "true"):
+            raise ConfigError(
+                f"accelerate launch is set up for {name} (your accelerate config's distributed_type, or "
+                f"--use_{name.lower()}), which EveryCycle does not support: it trains data-parallel (DDP), every "
+                f"process holding the whole model. SD 1.x / 2.x fit one 12 GB GPU that way with optimizer adamw8bit "
+                f"and gradient_checkpointing. Launch with `accelerate launch --multi_gpu --num_processes N train.py "
+                f"...`, or run `accelerate config` and choose multi-GPU.")
+
+
 def resolve_seed(seed: int) -> int:
     return random.SystemRandom().randrange(2**31) if seed == -1 else seed
+
+
+def agreed(accelerator: Accelerator, value):
+    """The main process's `value` on every process: what is picked once (a run folder name, a random seed, the
+    state to resume) must be the same everywhere."""
+    if accelerator.num_processes == 1:
+        return value
+    return broadcast_object_list([value], from_process=0)[0]
+
+
+def first_stop(accelerator: Accelerator, stop: Optional[Stop]) -> Optional[Stop]:
+    """The stop request of the lowest process that has one (a signal may reach the processes one by one)."""
+    if accelerator.num_processes == 1:
+        return stop
+    return next((request for request in gather_object([stop]) if request is not None), None)
 
 
 def seed_everything(seed: int) -> None:
@@ -113,17 +163,37 @@ def optimizer_step(model, micro_batches, optimizer, accelerator, config, trained
                     stack.enter_context(accelerator.no_sync(module))
             with accelerator.autocast():
                 loss = training_loss(model, batch, config, accelerator.device)
-            if skip_nonfinite and not math.isfinite(loss.item()):
+            # The loss is read once: with skip_nonfinite before the backward (to skip it), and that same value is
+            # summed, so no second read makes the CPU wait for the backward (it loads the next batch meanwhile).
+            value = loss.item() if skip_nonfinite else None
+            if skip_nonfinite and not finite_everywhere(accelerator, value):
                 optimizer.zero_grad(set_to_none=True)
-                return loss.item()
+                return math.nan
             accelerator.backward(loss / len(micro_batches))
-        total += loss.detach().item()
+        total += value if value is not None else loss.detach().item()
     if config.clip_grad_norm:
         for module in trained_modules:
             accelerator.clip_grad_norm_(module.parameters(), config.clip_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / len(micro_batches)
+
+
+def finite_everywhere(accelerator: Accelerator, loss: float) -> bool:
+    """Whether the loss is finite on every process. They skip an update together or not at all: a process that
+    skipped its backward would leave the others waiting in the gradient all-reduce."""
+    bad = 0.0 if math.isfinite(loss) else 1.0
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(torch.tensor([bad], device=accelerator.device), "sum").item()
+    return bad == 0
+
+
+def fewest_everywhere(accelerator: Accelerator, count: int) -> int:
+    """The smallest `count` of all processes (each must run as many forward/backward passes as the others)."""
+    if accelerator.num_processes == 1:
+        return count
+    counts = accelerator.gather(torch.tensor([count], device=accelerator.device))
+    return int(counts.min().item())
 
 
 def new_run_dir(config: TrainConfig) -> Path:
@@ -146,13 +216,17 @@ class Trainer:
     def __init__(self, config: TrainConfig, run_dir: Optional[Path] = None, stop_at_step: Optional[int] = None):
         """`stop_at_step`: stop after that step as if a SIGTERM had come during it (the tests' kill)."""
         self.config = config
-        self.seed = resolve_seed(config.seed)
-        self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision))
+        refuse_sharded_training()
+        self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
+                                       cpu=launched_on_cpus())
         self.is_main = self.accelerator.is_main_process
-        self.run_dir = Path(run_dir) if run_dir else new_run_dir(config)
+        self.seed = agreed(self.accelerator, resolve_seed(config.seed))
+        self.run_dir = agreed(self.accelerator, Path(run_dir) if run_dir else new_run_dir(config))
         self.progress = Progress()
         self.resume_state: Optional[Path] = None  # the state folder this run continues
-        self.stop: Optional[Stop] = None
+        self.stop: Optional[Stop] = None  # agreed by every process: the run stops after the current step
+        self.stop_requested: Optional[Stop] = None  # asked on this process; becomes `stop` at the step's end
+        self.saves_due = (False, False)  # (checkpoint, state) timed saves, agreed at the step's end
         self.stop_at_step = stop_at_step
 
     # --- set-up -------------------------------------------------------------------------------------
@@ -162,22 +236,39 @@ class Trainer:
 
     def set_up(self) -> None:
         config = self.config
-        seed_everything(self.seed)
+        # Each process draws its own noise and timesteps; the data order comes from the seed alone.
+        seed_everything(self.seed + self.accelerator.process_index)
         self._check_output_folders()
         self.data: PreparedData = prepare_data(config)
         self.say(self.data.summary())
-        self.plan, self.schedules, notes = plan_schedule(config, self.data.batches.num_batches)
+        batches = self.data.batches_per_process(self.accelerator.num_processes)
+        self.plan, self.schedules, notes = plan_schedule(config, batches)
         for note in notes:
             self.say(note)
         self.say(f"run: {self.plan.steps_per_epoch} steps per epoch, {self.plan.total_steps} steps, "
                  f"{self.plan.epochs} epochs, seed {self.seed}, precision {self.accelerator.mixed_precision}")
+        self.num_workers = resolve_num_workers(config.num_workers, self.accelerator.device,
+                                               self.accelerator.num_processes, batches)
+        if config.num_workers == -1 and self.num_workers:
+            self.say(f"data loading: {self.num_workers} worker processes per GPU (num_workers -1, auto)")
+        processes = self.accelerator.num_processes
+        if processes > 1:
+            self.say(f"{processes} processes: a step trains {processes} x batch_size {config.batch_size} x grad_accum "
+                     f"{config.grad_accum} = {processes * config.batch_size * config.grad_accum} images (global batch)")
 
         model_notes: list[str] = []
-        self.model = load_model(config, model_notes)
+        with self.accelerator.local_main_process_first():  # one process per machine builds a cached model first
+            self.model = load_model(config, model_notes)
         for note in config.notes + model_notes:
             self.say(f"note: {note}")
+        use_tf32(self.accelerator.device, config.allow_tf32)
         configure_for_training(self.model, config)
         place_frozen_parts(self.model, self.accelerator, config.train_text_encoder)
+        # The trained parts go to the device before the optimizer is built, in fp32: AdamW is fused only when it
+        # is given CUDA parameters (accelerator.prepare below would move them only after it was built).
+        for trained in ([] if config.disable_unet_training else [self.model.unet]) + \
+                ([self.model.text_encoder] if config.train_text_encoder else []):
+            trained.to(self.accelerator.device)
         self.optimizer = build_optimizer(config, model_param_groups(config, self.model.unet, self.model.text_encoder))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.schedules, config.lr_cycle_momentum)
         self._prepare_for_accelerator()
@@ -193,6 +284,9 @@ class Trainer:
         self.extra_validators = self._build_extra_validators()
         self.sample_prompts = (read_prompts(config.sample_prompts, self.data.train + self.data.val)
                                if config.sample_prompts else [])
+        # Last: the validators above still encode with the VAE the latent cache may move off the device.
+        self.caches: TrainingCaches = build_caches(config, self.data.train, self.data.batches.item_buckets,
+                                                   self.unwrapped_model(), self.accelerator, self.say, self.num_workers)
 
     def _prepare_for_accelerator(self) -> None:
         accelerator, model, config = self.accelerator, self.model, self.config
@@ -200,6 +294,8 @@ class Trainer:
             model.unet.to(accelerator.device, dtype=weight_dtype_of(accelerator))
         else:
             model.unet = accelerator.prepare(model.unet)
+        if config.torch_compile:
+            model.unet = compile_unet(model.unet)
         if config.train_text_encoder:
             model.text_encoder = accelerator.prepare(model.text_encoder)
         self.optimizer = accelerator.prepare(self.optimizer)
@@ -318,7 +414,8 @@ class Trainer:
     # --- resuming ------------------------------------------------------------------------------------
     def _find_state_to_resume(self) -> None:
         """resume_from: the state to continue, and with it the run folder to keep writing into."""
-        self.resume_state, notes = locate_state(self.config)
+        # The main process alone looks (it may set a damaged state aside), then tells the others.
+        self.resume_state, notes = agreed(self.accelerator, locate_state(self.config) if self.is_main else None)
         for note in notes:
             self.say(note)
         if self.resume_state is None:
@@ -368,10 +465,34 @@ class Trainer:
         self.progress.last_state = str(self.resume_state)
         if self.is_main:
             self._write_skipped_report()
+        epoch, step_in_epoch = divmod(state.step, self.plan.steps_per_epoch)
         self.say(f"resumed from {self.resume_state}: step {state.step} of {self.plan.total_steps}, epoch "
-                 f"{state.info['epoch'] + 1} with {state.info['step_in_epoch']} of its {self.plan.steps_per_epoch} "
-                 f"steps done")
-        for note in restore_rng(state.rng):
+                 f"{epoch + 1} with {step_in_epoch} of its {self.plan.steps_per_epoch} steps done")
+        self._note_process_count_change(state.info)
+        self._restore_rng(state)
+
+    def _note_process_count_change(self, info: dict) -> None:
+        """Another number of processes deals the epoch's batches out differently and changes the global batch and
+        the steps per epoch: the run goes on from the same step number, but not with the batches, noise and epoch
+        position the interrupted run would have had."""
+        before, now = info["num_processes"], self.accelerator.num_processes
+        if before == now:
+            return
+        self.say(f"note: the state was saved by {before} process(es) and this run has {now}: a step now trains "
+                 f"{now * self.config.batch_size * self.config.grad_accum} images instead of "
+                 f"{before * self.config.batch_size * self.config.grad_accum}, an epoch has "
+                 f"{self.plan.steps_per_epoch} steps instead of {info['steps_per_epoch']} (step "
+                 f"{self.progress.global_step} was epoch {info['epoch'] + 1} step {info['step_in_epoch']}), and the "
+                 f"data order and noise from here on differ from what the interrupted run would have drawn")
+
+    def _restore_rng(self, state: TrainingState) -> None:
+        """Each process takes back its own generators; a process the state has none for starts fresh ones."""
+        saved = state.rng["processes"]
+        rank = self.accelerator.process_index
+        if rank >= len(saved):
+            seed_everything(self.seed + rank + 1_000_003 * state.step)
+            return
+        for note in restore_rng(saved[rank]):
             self.say(f"warning: {note}")
 
     def _load_optimizer_state(self, saved: dict) -> None:
@@ -384,8 +505,10 @@ class Trainer:
             group.update(values)
 
     def unwrapped_model(self) -> SDModel:
-        """The model with its accelerate/DDP wrappers removed, for inference and saving."""
-        unwrap = self.accelerator.unwrap_model
+        """The model with its accelerate/DDP and torch.compile wrappers removed, for inference and saving (plain
+        state-dict keys, no `_orig_mod.`)."""
+        def unwrap(module):
+            return self.accelerator.unwrap_model(module, keep_torch_compile=False)
         return SDModel(unet=unwrap(self.model.unet), vae=self.model.vae, text_encoder=unwrap(self.model.text_encoder),
                        tokenizer=self.model.tokenizer, noise_scheduler=self.model.noise_scheduler,
                        source=self.model.source)
@@ -407,9 +530,11 @@ class Trainer:
         plan, progress = self.plan, self.progress
         self.started = time.monotonic()
         bar = tqdm(total=plan.total_steps, initial=progress.global_step, disable=not self.is_main, unit="step")
-        for epoch in range(plan.epoch_of(progress.global_step), plan.epochs):
+        first_epoch = plan.epoch_of(progress.global_step)
+        loaders = self._epoch_iterators(first_epoch, progress.global_step - first_epoch * plan.steps_per_epoch)
+        for epoch in range(first_epoch, plan.epochs):
             first_step = progress.global_step - epoch * plan.steps_per_epoch  # > 0 where a resumed run starts
-            loader = iter(self._epoch_loader(epoch, first_step))
+            loader = next(loaders)
             for step_in_epoch in range(first_step, plan.steps_per_epoch):
                 if progress.global_step >= plan.total_steps or self.stop:
                     break
@@ -419,10 +544,26 @@ class Trainer:
             self._after_epoch(epoch)
         bar.close()
 
+    def _epoch_iterators(self, first_epoch: int, first_step: int):
+        """Each epoch's batch iterator in turn, from `first_step` of `first_epoch` on. With workers, the next
+        epoch's loader is started when an epoch starts: its workers fork and load its first batches while this
+        epoch trains, so no epoch begins with a stall (a loader is built per epoch, see data/loader.py)."""
+        ahead = self.num_workers > 0
+        upcoming = iter(self._epoch_loader(first_epoch, first_step))
+        for epoch in range(first_epoch, self.plan.epochs):
+            current = upcoming
+            has_next = epoch + 1 < self.plan.epochs
+            upcoming = iter(self._epoch_loader(epoch + 1)) if ahead and has_next else None
+            yield current
+            if upcoming is None and has_next:
+                upcoming = iter(self._epoch_loader(epoch + 1))
+
     def _train_step(self, loader, step_in_epoch: int, bar) -> None:
         progress = self.progress
         step_start = time.monotonic()
         micro_batches = self._next_micro_batches(loader, step_in_epoch)
+        # A micro-batch whose images all failed to load is left out; the other processes leave one out too.
+        micro_batches = micro_batches[:fewest_everywhere(self.accelerator, len(micro_batches))]
         images = sum(len(b["captions"]) for b in micro_batches)
         loss = optimizer_step(self.model, micro_batches, self.optimizer, self.accelerator, self.config,
                               self.trained_modules, skip_nonfinite=True) if micro_batches else math.nan
@@ -430,10 +571,11 @@ class Trainer:
         # A skipped update still counts as a step: the LR curve and the data order stay aligned with it.
         self.lr_scheduler.step()
         progress.global_step += 1
-        self._count_skipped_update(loss, images)
-        self._after_step(loss, lrs, images / (time.monotonic() - step_start), bar)
         if progress.global_step == self.stop_at_step:
             self.request_stop(Stop("stop_at_step", 0, save=True))
+        loss = self._agree_after_step(loss)
+        self._count_skipped_update(loss, bool(micro_batches))
+        self._after_step(loss, lrs, images * self.accelerator.num_processes / (time.monotonic() - step_start), bar)
 
     def _next_micro_batches(self, loader, step_in_epoch: int) -> list[dict]:
         """This step's micro-batches. The loader drops images that fail to decode and lists them under
@@ -459,14 +601,14 @@ class Trainer:
         if self.is_main:
             self._write_skipped_report()
 
-    def _count_skipped_update(self, loss: float, images: int) -> None:
+    def _count_skipped_update(self, loss: float, trained: bool) -> None:
         """A NaN/inf loss skipped its update; after max_nan_steps in a row the run stops with its last good
         state (no new one is saved: weights that give NaN losses are not worth keeping)."""
         progress, step = self.progress, self.progress.global_step
         if math.isfinite(loss):
             progress.nonfinite_in_a_row = 0
             return
-        if images:
+        if trained:
             progress.nonfinite_in_a_row += 1
             reason = f"loss is {loss}"
         else:
@@ -474,7 +616,7 @@ class Trainer:
         progress.skipped_updates.append((step, reason))
         self.say(f"step {step}: {reason}: update skipped (weights unchanged, gradients zeroed)")
         if progress.nonfinite_in_a_row >= self.config.max_nan_steps:
-            self.request_stop(self._diverged())
+            self.stop = self.stop or self._diverged()  # every process counts the same agreed losses
 
     def _diverged(self) -> Stop:
         config, progress = self.config, self.progress
@@ -488,19 +630,44 @@ class Trainer:
             + (f"resume: {resume_command(changes={'lr': f'{lower:g}'})}" if progress.last_state else "start again.")))
 
     def request_stop(self, stop: Stop) -> None:
-        """Stop after the current step (a signal, divergence, a failed save); the first reason wins."""
-        self.stop = self.stop or stop
+        """Stop after the current step (a signal, the tests' stop_at_step); the first reason wins. Every process
+        stops after the same step: the request takes effect when the step's end agrees on it."""
+        self.stop_requested = self.stop_requested or stop
+
+    def _agree_after_step(self, loss: float) -> float:
+        """One all-reduce per step settles what every process must do alike: the group's mean loss (logged),
+        whether any process asked to stop, and whether a timed save is due (by any process's clock)."""
+        config, progress, accelerator = self.config, self.progress, self.accelerator
+        now = time.monotonic()
+        checkpoint_due = bool(config.ckpt_every_n_minutes) and \
+            now - progress.last_save_time >= config.ckpt_every_n_minutes * 60
+        state_due = bool(config.save_state_every_n_minutes) and \
+            now - progress.last_state_time >= config.save_state_every_n_minutes * 60
+        wanted = [loss, self.stop_requested is not None, checkpoint_due, state_due]
+        if accelerator.num_processes > 1:
+            flags = torch.tensor([float(value) for value in wanted], dtype=torch.float64, device=accelerator.device)
+            wanted = accelerator.reduce(flags, "sum").tolist()
+            wanted[0] /= accelerator.num_processes
+            if wanted[1]:  # a signal may have reached only some processes yet: all stop, for the first one's reason
+                self.stop_requested = first_stop(accelerator, self.stop_requested)
+        if wanted[1]:
+            self.stop = self.stop or self.stop_requested
+        self.saves_due = (bool(wanted[2]), bool(wanted[3]))
+        return wanted[0]
 
     def _epoch_loader(self, epoch: int, first_step: int = 0):
         """The epoch's batches from its `first_step` on: the order is a function of (seed, epoch), so a resumed
         run skips exactly the batches its interrupted run consumed."""
-        batches = self.data.batches.epoch_batches(epoch, self.seed)[first_step * self.plan.grad_accum:]
+        accelerator = self.accelerator
+        batches = self.data.batches.epoch_batches(epoch, self.seed, accelerator.process_index,
+                                                  accelerator.num_processes)[first_step * self.plan.grad_accum:]
         config = self.config
         dataset = ImageBatchDataset(self.data.train, self.data.batches, seed=self.seed, epoch=epoch,
                                     flip_p=config.flip_p, cond_dropout=config.cond_dropout,
-                                    shuffle_tags=config.shuffle_tags, keep_tags=config.keep_tags)
-        return make_loader(dataset, batches, num_workers=config.num_workers,
-                           pin_memory=self.accelerator.device.type == "cuda")
+                                    shuffle_tags=config.shuffle_tags, keep_tags=config.keep_tags,
+                                    latents=self.caches.latents, text_embeddings=self.caches.text_embeddings)
+        return make_loader(dataset, batches, num_workers=self.num_workers,
+                           pin_memory=self.accelerator.device.type == "cuda", prefetch_factor=config.prefetch_factor)
 
     def _after_step(self, loss: float, lrs: dict[str, float], images_per_second: float, bar) -> None:
         config, progress = self.config, self.progress
@@ -512,20 +679,20 @@ class Trainer:
         self.logger.log(step, epoch, to_tensorboard=step % config.log_step == 0, loss_train=loss,
                         lr_unet=lrs.get("unet"), lr_text_encoder=lrs.get("text_encoder"),
                         images_per_second=images_per_second)
-        bar.update(1)
+        # refresh=False: update() redraws at most every mininterval (0.1 s), not at every step.
         bar.set_postfix(loss=f"{sum(window) / len(window):.4f}", lr=f"{lrs['unet']:.3g}",
-                        img_s=f"{images_per_second:.1f}")
+                        img_s=f"{images_per_second:.1f}", refresh=False)
+        bar.update(1)
         if self._validation_due(step):
             self.validate()
         # Not once a stop is requested: a stop may have little time left.
         if self.sample_prompts and samples_due(step, self.plan, config, self.sample_prompts) and not self.stop:
             self.sample()
-        minutes = config.ckpt_every_n_minutes
-        if minutes and time.monotonic() - progress.last_save_time >= minutes * 60:
+        checkpoint_due, state_due = self.saves_due
+        if checkpoint_due:
             self.save()
-        minutes = config.save_state_every_n_minutes
         in_nan_streak = progress.nonfinite_in_a_row > 0  # the last good state stays the newest one
-        if minutes and time.monotonic() - progress.last_state_time >= minutes * 60 and not in_nan_streak:
+        if state_due and not in_nan_streak:
             self.save_state()
 
     def _validation_due(self, step: int) -> bool:
@@ -543,6 +710,10 @@ class Trainer:
 
     # --- measurements and outputs -------------------------------------------------------------------
     def validate(self) -> Optional[float]:
+        with self.caches.parts_on_device("text_encoder"):  # back from the CPU if the text cache moved it there
+            return self._validate()
+
+    def _validate(self) -> Optional[float]:
         step = self.progress.global_step
         for name, extra in self.extra_validators.items():
             with self.accelerator.autocast():
@@ -562,21 +733,24 @@ class Trainer:
         if not self.is_main:
             return
         step = self.progress.global_step
-        paths = make_samples(self.unwrapped_model(), self.sample_prompts, self.run_dir / "samples", step,
-                             self.config.resolution, self.accelerator.device, self.seed)
+        with self.caches.parts_on_device("vae", "text_encoder"):  # back from the CPU if a cache moved them there
+            paths = make_samples(self.unwrapped_model(), self.sample_prompts, self.run_dir / "samples", step,
+                                 self.config.resolution, self.accelerator.device, self.seed)
         for index, (path, image) in enumerate(paths):
             self.logger.image(f"samples/prompt_{index}", image, step)
 
     def save(self) -> dict:
-        """A resumable state, then a checkpoint of the current weights (main process writes, all processes wait).
+        """A resumable state, then a checkpoint of the current weights (the main process writes, the others wait).
         The state goes first: after a SIGTERM the time left may be short, and the state is what resuming needs."""
         if not self.save_state():
             return {}
-        self.accelerator.wait_for_everyone()
         self.progress.last_save_time = time.monotonic()
+        paths = self._write_checkpoint() if self.is_main else {}
+        self._shared_save_outcome(bool(paths))
+        return paths
+
+    def _write_checkpoint(self) -> dict:
         step, checkpoints = self.progress.global_step, self.progress.checkpoints
-        if not self.is_main:
-            return {}
         if checkpoints and checkpoints[-1]["step"] == step:  # e.g. a stop right after an epoch's save
             return {key: value for key, value in checkpoints[-1].items() if key != "step"}
         name = checkpoint_name(self.config.project_name, self.plan.epoch_of(max(step - 1, 0)), step)
@@ -593,14 +767,17 @@ class Trainer:
 
     def save_state(self) -> bool:
         """Everything the run depends on, to <run_dir>/state/state-gs<step>/, atomically; only the newest
-        save_state_keep states are kept. False when the save failed (the run is then asked to stop)."""
-        self.accelerator.wait_for_everyone()
+        save_state_keep states are kept. False when the save failed (the run then stops)."""
+        rng = self._every_process_rng()  # also the barrier: every process has finished the step
         self.progress.last_state_time = time.monotonic()
         step, last = self.progress.global_step, self.progress.last_state
-        if not self.is_main or (last and Path(last).name == state_folder_name(step)):
-            return True
+        already_saved = last and Path(last).name == state_folder_name(step)
+        return self._shared_save_outcome(self._write_state(rng) if self.is_main and not already_saved else True)
+
+    def _write_state(self, rng: dict) -> bool:
+        step = self.progress.global_step
         try:
-            saved = write_state(self._training_state(), self.run_dir / STATE_FOLDER)
+            saved = write_state(self._training_state(rng), self.run_dir / STATE_FOLDER)
         except OSError as error:
             self._save_failed("state", error)
             return False
@@ -610,7 +787,20 @@ class Trainer:
                  + (f"; removed {len(pruned)} older state(s)" if pruned else ""))
         return True
 
-    def _training_state(self) -> TrainingState:
+    def _shared_save_outcome(self, saved: bool) -> bool:
+        """Only the main process writes: whether it managed to (a failed save stops the run) is news to the
+        others, who wait for it here."""
+        if self.accelerator.num_processes > 1:
+            saved, stop = agreed(self.accelerator, (saved, self.stop))
+            self.stop = self.stop or stop
+        return saved
+
+    def _every_process_rng(self) -> dict:
+        """The random generators of every process, in process order: each draws its own noise."""
+        mine = capture_rng()
+        return {"processes": gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]}
+
+    def _training_state(self, rng: dict) -> TrainingState:
         step = self.progress.global_step
         epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
         scaler = self.accelerator.scaler
@@ -618,6 +808,8 @@ class Trainer:
             "epoch": epoch,
             "step_in_epoch": step_in_epoch,  # optimizer steps done in the epoch; its batch order comes from the seed
             "seed": self.seed,
+            "num_processes": self.accelerator.num_processes,
+            "steps_per_epoch": self.plan.steps_per_epoch,
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "next_lrs": self._next_lrs(step),
             "grad_scaler": scaler.state_dict() if scaler is not None else None,
@@ -626,7 +818,7 @@ class Trainer:
             "config": self.config.model_dump(mode="json"),
         }
         weights = {name: module.state_dict() for name, module in self.trained_models().items()}
-        return TrainingState(step, info, weights, self.optimizer.state_dict(), capture_rng())
+        return TrainingState(step, info, weights, self.optimizer.state_dict(), rng)
 
     def _save_failed(self, what: str, error: OSError) -> None:
         """Nothing half-written is left (atomic writes) and the previous files are intact: say so, and stop."""
@@ -634,11 +826,11 @@ class Trainer:
         disk_full = " (the disk is full)" if error.errno == errno.ENOSPC else ""
         checkpoints = self.progress.checkpoints
         self.say(f"error: saving the {what} at step {step} failed{disk_full}: {error}")
-        self.request_stop(Stop.failed("save failed", (
+        self.stop = self.stop or Stop.failed("save failed", (
             f"saving the {what} at step {step} failed{disk_full}: {error}. No half-written file was left and the "
             f"previous saves are intact: last state {self.progress.last_state or 'none'}, last checkpoint "
             f"{checkpoints[-1]['diffusers'] if checkpoints else 'none'}. Free some space, then resume: "
-            f"{resume_command()}")))
+            f"{resume_command()}"))
 
     def finish(self) -> dict:
         """The end of the run, complete or stopped: final saves, samples, plots, summary. A stopped run says
@@ -654,6 +846,7 @@ class Trainer:
             if self.sample_prompts:
                 self.sample()
         summary = self._summary(final)
+        summary["processes"] = self._weights_across_processes()
         if self.is_main:
             self._plots()
             write_json(self.run_dir / "run_summary.json", summary)
@@ -662,6 +855,24 @@ class Trainer:
         if self.stop:
             self._say_how_it_stopped()
         return summary
+
+    def _weights_across_processes(self) -> dict:
+        """With several processes, a hash of each one's trained weights: data parallel training keeps them equal,
+        and the run summary shows that it did."""
+        count = self.accelerator.num_processes
+        if count == 1:
+            return {"count": 1}
+        digest = hashlib.sha256()
+        for name, module in sorted(self.trained_models().items()):
+            for key, tensor in sorted(module.state_dict().items()):
+                digest.update(f"{name}.{key}".encode())
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        hashes = gather_object([digest.hexdigest()])
+        identical = len(set(hashes)) == 1
+        if not identical:
+            self.say(f"warning: the {count} processes ended with different weights (sha256 {hashes}); the saved "
+                     f"checkpoint holds the main process's")
+        return {"count": count, "weights_identical": identical, "weights_sha256": hashes}
 
     def _say_how_it_stopped(self) -> None:
         stop, step = self.stop, self.progress.global_step

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import textwrap
 import time
@@ -55,10 +56,12 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from optimizer.schedules import FunctionLR  # noqa: E402
-from trainer.loop import Trainer, new_run_dir, optimizer_step, write_json  # noqa: E402
+from trainer.loop import Trainer, finite_everywhere, new_run_dir, optimizer_step, write_json  # noqa: E402
+from trainer.safety import launcher_prefix  # noqa: E402
 from trainer.validation import StabilizedLoss  # noqa: E402
 from utils.checkpoint import atomic_path  # noqa: E402
 from utils.config import ConfigError, TrainConfig, load_config, read_json_file  # noqa: E402
@@ -336,8 +339,10 @@ def training_subset_probe(trainer: Trainer) -> StabilizedLoss:
     items = trainer.data.train
     chosen = random.Random(settings.seed).sample(items, min(config.lr_find_probe_images, len(items)))
     chosen.sort(key=lambda item: item.path)
-    return StabilizedLoss(trainer.unwrapped_model(), chosen, config.resolution,
-                          settings.batch_size or config.batch_size, settings.timesteps, settings.seed, config.clip_skip)
+    with trainer.caches.parts_on_device("vae"):  # it encodes its images: back from the CPU if the cache moved it
+        return StabilizedLoss(trainer.unwrapped_model(), chosen, config.resolution,
+                              settings.batch_size or config.batch_size, settings.timesteps, settings.seed,
+                              config.clip_skip)
 
 
 def micro_batch_stream(trainer: Trainer):
@@ -359,8 +364,8 @@ def run_sweep(trainer: Trainer, probe: StabilizedLoss, sweep: Sweep) -> SweepLog
 
     def measure(step: int, lr: float, train_loss: Optional[float]) -> None:
         probe_started = time.monotonic()
-        with trainer.accelerator.autocast():
-            loss = probe(trainer.unwrapped_model())
+        with trainer.accelerator.autocast(), trainer.caches.parts_on_device("text_encoder"):
+            loss = probe(trainer.unwrapped_model(), trainer.accelerator)  # averaged over the processes
         log.probe_seconds += time.monotonic() - probe_started
         probes.append(loss)
         log.rows.append({"step": step, "lr": lr, "probe_loss": loss, "train_loss": train_loss})
@@ -377,7 +382,8 @@ def run_sweep(trainer: Trainer, probe: StabilizedLoss, sweep: Sweep) -> SweepLog
         trainer.logger.log(step, step / trainer.plan.steps_per_epoch, loss_train=train_loss, lr_unet=lr)
         bar.update(1)
         # A NaN/inf training loss means NaN weights: probe at once, so the sweep stops there.
-        if step % sweep.probe_every == 0 or step == sweep.steps or not math.isfinite(train_loss):
+        due = step % sweep.probe_every == 0 or step == sweep.steps
+        if due or not finite_everywhere(trainer.accelerator, train_loss):
             measure(step, lr, train_loss)
             bar.set_postfix(lr=f"{lr:.3g}", probe=f"{probes[-1]:.4f}")
             log.stopped_early = divergence(probes, sweep.diverge)
@@ -616,6 +622,8 @@ def find_lr_command(config: TrainConfig, config_path: Optional[Path], overrides:
     """train.py --find_lr [--find_lr_write NEW.json]: exit status 0, or 1 when NEW.json cannot be backed."""
     check_write_target(write_path, config_path)
     result = find_lr(config)
+    if not PartialState().is_main_process:  # under accelerate launch the main process reports and writes
+        return 0
     for line in summary_lines(result):
         print(line)
     if write_path is None:
@@ -628,5 +636,5 @@ def find_lr_command(config: TrainConfig, config_path: Optional[Path], overrides:
     if dropped:
         print(f"dropped from the written config (a plain cycle between lr_min and lr ignores them): "
               f"{', '.join(dropped)}")
-    print(f"wrote {write_path}; next: python train.py --config {write_path}")
+    print(f"wrote {write_path}; next: {shlex.join([*launcher_prefix(), 'train.py', '--config', str(write_path)])}")
     return 0

@@ -114,7 +114,8 @@ def load_pretrained(source: str, resume_ckpt: str) -> SDModel:
 
 
 def configure_for_training(model: SDModel, config) -> None:
-    """Which parts train (and which text encoder layers), the attention kernel, gradient checkpointing."""
+    """Which parts train (and which text encoder layers), the attention kernel, gradient checkpointing, the
+    memory format."""
     train_unet, train_text_encoder = not config.disable_unet_training, config.train_text_encoder
     model.vae.requires_grad_(False)
     model.vae.eval()
@@ -132,6 +133,32 @@ def configure_for_training(model: SDModel, config) -> None:
         model.unet.enable_gradient_checkpointing()
         if train_text_encoder:
             model.text_encoder.gradient_checkpointing_enable()
+    if config.channels_last:
+        # NHWC activations: cuDNN's tensor-core convolutions run without layout transposes. Only 4-D weights
+        # change layout; later .to(device, dtype) calls keep it (they preserve the memory format).
+        model.unet.to(memory_format=torch.channels_last)
+        if not getattr(config, "cache_latents", False):  # with cached latents the VAE does not run while training
+            model.vae.to(memory_format=torch.channels_last)
+
+
+def use_tf32(device: torch.device, allowed: bool = True) -> None:
+    """On CUDA, let fp32 matmuls and cuDNN convolutions use TF32 tensor cores (10-bit mantissa, fp32 range).
+    Under bf16/fp16 autocast most of a step is already low precision; what stays fp32 (the loss, norms, the
+    fp32 parts of the text encoder when it trains) gets the tensor cores too. Nothing changes on the CPU."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
+def compile_unet(unet: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile (inductor) of the UNet, after accelerator.prepare, as accelerate's own dynamo support
+    compiles (last, around the DDP wrapper), but for the UNet alone. The compiled wrapper shares the UNet's
+    parameters; Trainer.unwrapped_model takes it off again, so checkpoints and states keep plain keys (no
+    `_orig_mod.` prefix)."""
+    from accelerate.utils import is_compiled_module
+
+    return unet if is_compiled_module(unet) else torch.compile(unet)
 
 
 def freeze_text_encoder_front(text_encoder: CLIPTextModel, unfrozen_layers: int) -> None:
@@ -139,12 +166,12 @@ def freeze_text_encoder_front(text_encoder: CLIPTextModel, unfrozen_layers: int)
 
     Frozen parameters get requires_grad=False (ED2 only left them out of the optimizer and still computed
     their gradients)."""
-    layers = text_encoder.text_model.encoder.layers
+    layers = text_encoder.encoder.layers
     text_encoder.requires_grad_(False)
     for layer in layers[len(layers) - min(unfrozen_layers, len(layers)):] if unfrozen_layers else []:
         layer.requires_grad_(True)
-    text_encoder.text_model.final_layer_norm.requires_grad_(unfrozen_layers > 0)
-    text_encoder.text_model.embeddings.requires_grad_(unfrozen_layers >= len(layers))
+    text_encoder.final_layer_norm.requires_grad_(unfrozen_layers > 0)
+    text_encoder.embeddings.requires_grad_(unfrozen_layers >= len(layers))
 
 
 def enable_xformers(model: SDModel) -> None:
@@ -165,4 +192,4 @@ def encode_prompts(model: SDModel, captions: list[str], clip_skip: int, device) 
     if clip_skip <= 1:
         return model.text_encoder(ids)[0]
     hidden = model.text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    return model.text_encoder.text_model.final_layer_norm(hidden)
+    return model.text_encoder.final_layer_norm(hidden)

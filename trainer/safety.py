@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shlex
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -51,14 +53,21 @@ def stop_signals_handled(request_stop: Callable[[Stop], None]) -> Iterator[None]
         yield  # signal handlers can only be installed from the main thread
         return
     received: list[str] = []
+    first_at: list[float] = []
+    # Under a launcher, Ctrl-C reaches every process from the terminal and once more from the launcher, which
+    # forwards it: a repeat within this many seconds is the same request.
+    same_request_seconds = 3.0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0.0
 
     def handle(signum, _frame):
         name = signal.Signals(signum).name
+        if received and time.monotonic() - first_at[0] < same_request_seconds:
+            return
         if received:
             print(f"\n{name} again: exiting at once, without saving. The last complete state and checkpoint "
                   f"are intact.", file=sys.stderr, flush=True)
             raise SystemExit(128 + signum)
         received.append(name)
+        first_at.append(time.monotonic())
         print(f"\n{name}: finishing the current step, then saving a state and a checkpoint "
               f"(send it again to exit at once).", file=sys.stderr, flush=True)
         request_stop(Stop.by_signal(name))
@@ -89,7 +98,20 @@ def resume_command(argv: Optional[list[str]] = None, changes: Optional[dict] = N
         kept.append(argv[index])
         index += 1
     added = [token for key, value in changes.items() for token in (f"--{key}", str(value))]
-    return shlex.join(["python", argv[0], *kept, *added])
+    return shlex.join([*launcher_prefix(), argv[0], *kept, *added])
+
+
+def launcher_prefix() -> list[str]:
+    """How this process was started: `python`, or `accelerate launch` with its process count (torchrun-style
+    launchers set WORLD_SIZE and LOCAL_WORLD_SIZE in every process)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if processes == 1:
+        return ["python"]
+    machines = processes // int(os.environ.get("LOCAL_WORLD_SIZE", str(processes)))
+    prefix = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes)]
+    if machines > 1:  # each machine adds its own --machine_rank and the main machine's address
+        prefix += ["--num_machines", str(machines)]
+    return prefix
 
 
 def check_writable(folder: Path, key: str) -> None:

@@ -113,7 +113,26 @@ class TrainConfig(_Strict):
     max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps (wins over max_epochs)")
     resolution: int = Field(512, ge=64, description="training resolution, a multiple of 64 (buckets keep about this area)")
     seed: int = Field(555, description="global seed (-1: pick one at random and record it)")
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 loads images in the main process)")
+    num_workers: int = Field(
+        -1, ge=-1, description="DataLoader worker processes: 0 loads images in the main process; -1 (auto): on CUDA "
+        "min(8, CPUs per process - 1, batches per epoch), on the CPU 0 (the workers would take the training's cores)"
+    )
+    prefetch_factor: int = Field(
+        2, ge=1, description="batches each DataLoader worker loads ahead (only with workers)"
+    )
+    cache_latents: bool = Field(
+        False, description="encode each image's VAE latent distribution once, before training (per bucket and per "
+        "flip that can occur), and reuse it every epoch: no image decoding or VAE encode per step, and the VAE "
+        "leaves the GPU while training"
+    )
+    latent_cache_dir: Optional[str] = Field(
+        None, description="with cache_latents: keep the latents in this folder (safetensors, keyed by image content, "
+        "bucket, flip and VAE) and reuse them in later runs; null: in memory"
+    )
+    cache_text_embeddings: bool = Field(
+        False, description="with a frozen text encoder and fixed captions (no shuffle_tags): encode each distinct "
+        "caption once, before training, and reuse it; the text encoder leaves the GPU while training"
+    )
 
     # --- learning rate ---------------------------------------------------------------------------------
     lr: float = Field(1e-6, gt=0, description="learning rate; the peak (upper bound) of cyclic schedules")
@@ -210,6 +229,18 @@ class TrainConfig(_Strict):
     attn_type: Literal["sdp", "xformers", "slice"] = Field(
         "sdp", description="attention kernel: torch SDPA, xformers (CUDA), or slice (sliced attention, least memory)"
     )
+    channels_last: bool = Field(
+        False, description="UNet (and the VAE when it encodes every step) in channels_last memory format: faster "
+        "convolutions on tensor-core GPUs; no effect on results beyond rounding"
+    )
+    torch_compile: bool = Field(
+        False, description="torch.compile the UNet: faster steps after a first step that compiles for minutes; "
+        "checkpoints and states keep plain keys"
+    )
+    allow_tf32: bool = Field(
+        True, description="on CUDA, fp32 matmuls and convolutions (those outside autocast) use TF32 tensor cores; "
+        "false: full fp32"
+    )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, else fp16 on CUDA, no on the CPU"
     )
@@ -298,7 +329,21 @@ class TrainConfig(_Strict):
             raise ValueError(f"timestep_start ({self.timestep_start}) must be below timestep_end ({self.timestep_end})")
         if self.lr_cycle_stages and self.lr_cycle_decay != "stages":
             self.__dict__["lr_cycle_decay"] = "stages"  # giving stages is choosing them; avoid a pointless error
+        self._check_caches()
         return self
+
+    def _check_caches(self) -> None:
+        """The config-level conditions of the caches (per-image shuffle_tags is checked when the cache is built)."""
+        if self.latent_cache_dir and not self.cache_latents:
+            raise ValueError("key 'latent_cache_dir': it is used only with cache_latents true; set cache_latents "
+                             "true, or leave latent_cache_dir out")
+        if self.cache_text_embeddings and self.train_text_encoder:
+            raise ValueError("key 'cache_text_embeddings': the text encoder trains (disable_textenc_training is "
+                             "false), so its embeddings change every step; set disable_textenc_training true or "
+                             "turn cache_text_embeddings off")
+        if self.cache_text_embeddings and self.shuffle_tags:
+            raise ValueError("key 'cache_text_embeddings': shuffle_tags is on, so the captions change every epoch "
+                             "and cannot be encoded once; turn one of them off")
 
     # --- derived values -------------------------------------------------------------------------------
     @property
@@ -433,7 +478,7 @@ def load_config(config_path: Optional[Path] = None, overrides: Optional[dict] = 
     if optimizer_file:
         data = _merge_optimizer_json(data, Path(_resolve_path(str(optimizer_file), base_dir)), notes)
     data.update(overrides)
-    for key in ("data_root", "save_ckpt_dir", "logdir", "sample_prompts", "model_cache_dir"):
+    for key in ("data_root", "save_ckpt_dir", "logdir", "sample_prompts", "model_cache_dir", "latent_cache_dir"):
         if isinstance(data.get(key), str):
             data[key] = _resolve_path(data[key], base_dir)
     if isinstance(data.get("resume_ckpt"), str) and data["resume_ckpt"] != "tiny":
