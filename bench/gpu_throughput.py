@@ -181,12 +181,16 @@ def time_limit(seconds: float):
         raise SettingTimeout(f"stopped at the sweep's time budget ({seconds:.0f} s were left)")
 
     previous = signal.signal(signal.SIGALRM, interrupt)
+    # The interrupt can land between torch.no_grad()'s switch and its `with` body, whose exit then never runs:
+    # put the grad mode back, or everything after this (other tests, other settings) runs without gradients.
+    grad_enabled = torch.is_grad_enabled()
     signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))  # 0 would disarm the timer instead
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        torch.set_grad_enabled(grad_enabled)
 
 
 @contextmanager

@@ -1,10 +1,12 @@
 """Running train.py in real processes for the tests: a config for short runs, the output read line by line, waits
 for trained steps."""
 
+import contextlib
 import csv
 import json
 import os
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -46,16 +48,30 @@ class Output:
                 raise AssertionError(f"the process ended before printing {text!r}:\n" + "".join(self.lines[-30:]))
             self.lines.append(line)
 
-    def rest(self) -> str:
-        while (line := self._queue.get(timeout=60)) is not None:
+    def rest(self, silence: float = 60) -> str:
+        """Everything up to the end of the output; a process silent for `silence` seconds fails the test."""
+        while True:
+            try:
+                line = self._queue.get(timeout=silence)
+            except queue.Empty:
+                raise AssertionError(f"no output for {silence} s; the last lines:\n" + "".join(self.lines[-40:]))
+            if line is None:
+                return "".join(self.lines)
             self.lines.append(line)
-        return "".join(self.lines)
 
 
 def start(command: list[str], folder: Path, **env) -> tuple[subprocess.Popen, Output]:
+    """The command in a session of its own, so that `kill_all` also reaches what it started (a launcher's workers)."""
     process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env})
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env},
+                               start_new_session=True)
     return process, Output(process)
+
+
+def kill_all(process: subprocess.Popen) -> None:
+    """The process and every process it started, if any is left: a failed test leaves nothing running."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def wait_for_trained_steps(metrics: Path, steps: int, timeout: float = 180) -> None:

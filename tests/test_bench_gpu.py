@@ -170,5 +170,6 @@ def test_the_compile_setting_runs_its_path(tiny_bench, monkeypatch, one_thread):
 def test_a_setting_past_the_deadline_is_stopped_or_skipped(tiny_bench):
     stopped = bench.run_setting(tiny_bench, "batch", bench.Setting(2), bench.Deadline(0.05), needs_seconds=0)
     assert stopped.status == "timeout" and "time budget" in stopped.reason
+    assert torch.is_grad_enabled()  # even when the interrupt landed inside a torch.no_grad() switch
     skipped = bench.run_setting(tiny_bench, "compile", bench.Setting(2), bench.Deadline(30), needs_seconds=180)
     assert skipped.status == "skipped" and skipped.reason.startswith("time budget: needs 180 s")

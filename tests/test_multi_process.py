@@ -16,14 +16,16 @@ from safetensors.torch import load_file
 
 import train as train_cli
 from tests.conftest import ROOT
-from tests.processes import only_run_dir, start, wait_for_run_dir, wait_for_trained_steps, write_config
+from tests.processes import kill_all, only_run_dir, start, wait_for_run_dir, wait_for_trained_steps, write_config
 from utils.state import STATE_FOLDER, list_states, verify_state
 
 pytestmark = pytest.mark.multi_process
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two processes share the machine's cores
+# Two processes share the machine's cores; after forwarding a SIGTERM the launcher waits this long for the save
+# (30 s by default, which a loaded CI machine can exceed), as the README advises for real runs.
+LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
 
 # train.py whose training loss is NaN on the second process at its third micro-batch only.
 NAN_ON_ONE_PROCESS = """
@@ -44,7 +46,7 @@ sys.exit(train.main(sys.argv[1:]))
 
 
 def launch(folder: Path, *arguments: str, script: Path = ROOT / "train.py"):
-    return start([*LAUNCH, str(script), "--config", str(folder / "config.json"), *arguments], folder, **ONE_THREAD)
+    return start([*LAUNCH, str(script), "--config", str(folder / "config.json"), *arguments], folder, **LAUNCH_ENV)
 
 
 def launched_run(folder: Path, *arguments: str, script: Path = ROOT / "train.py") -> str:
@@ -53,8 +55,17 @@ def launched_run(folder: Path, *arguments: str, script: Path = ROOT / "train.py"
         text = output.rest()
         assert process.wait(timeout=300) == 0, text
     finally:
-        process.kill()  # a hung process group fails the test instead of hanging CI
+        kill_all(process)  # a hung launch fails the test and leaves no worker behind
     return text
+
+
+@pytest.fixture
+def cleanup():
+    """Processes a test starts by hand: whatever is left of them when it ends (a failure) is killed."""
+    started: list = []
+    yield started.append
+    for process in started:
+        kill_all(process)
 
 
 def validation_losses(run_dir: Path) -> dict[int, float]:
@@ -72,7 +83,8 @@ def test_two_processes_write_one_run_keep_equal_weights_and_learn_like_the_doubl
     two, one = tmp_path / "two", tmp_path / "one"
     for folder in (two, one):
         folder.mkdir()
-        write_config(folder, model_cache, max_steps=12, lr=1e-3, lr_min=1e-4, no_save_ckpt=False)
+        # cache_latents: each process encodes half of the images, and the halves are shared
+        write_config(folder, model_cache, max_steps=12, lr=1e-3, lr_min=1e-4, no_save_ckpt=False, cache_latents=True)
     text = launched_run(two)
 
     run_dir = only_run_dir(two)  # one run folder, not one per process
@@ -82,6 +94,7 @@ def test_two_processes_write_one_run_keep_equal_weights_and_learn_like_the_doubl
     assert summary["steps_per_epoch"] == 2 and summary["steps"] == 12
     assert "a step trains 2 x batch_size 4 x grad_accum 1 = 8 images" in text
     assert text.count("done: 12 steps") == 1  # the main process reports
+    assert "latent cache: 32 latents of 16 images" in text and "0 reused, 32 encoded" in text, text  # 2 flips each
     steps = [int(row["step"]) for row in csv.DictReader(open(run_dir / "metrics.csv")) if row["loss_train"]]
     assert steps == list(range(1, 13))  # every step logged once
     assert [path.name for path in list_states(run_dir / STATE_FOLDER)] == ["state-gs00012"]
@@ -100,12 +113,13 @@ def test_two_processes_write_one_run_keep_equal_weights_and_learn_like_the_doubl
 
 
 def test_sigterm_to_the_launcher_saves_one_state_that_resumes_exactly_or_with_another_process_count(
-        model_cache, tmp_path):
+        model_cache, tmp_path, cleanup):
     stopped_dir, reference_dir = tmp_path / "stopped", tmp_path / "reference"
     for folder in (stopped_dir, reference_dir):
         folder.mkdir()
         write_config(folder, model_cache)
     process, output = launch(stopped_dir)
+    cleanup(process)
     output.wait_for("run: ")
     wait_for_trained_steps(wait_for_run_dir(stopped_dir) / "metrics.csv", 2)
     process.send_signal(signal.SIGTERM)  # as a spot instance's shutdown does to the launcher
@@ -127,7 +141,8 @@ def test_sigterm_to_the_launcher_saves_one_state_that_resumes_exactly_or_with_an
     # The same state on one process: it goes on from the same step and says what changes.
     one_state = moved / STATE_FOLDER / state.name
     process, output = start([sys.executable, str(ROOT / "train.py"), "--config", str(stopped_dir / "config.json"),
-                             "--resume_from", str(one_state), "--max_steps", str(end)], tmp_path, **ONE_THREAD)
+                             "--resume_from", str(one_state), "--max_steps", str(end)], tmp_path, **LAUNCH_ENV)
+    cleanup(process)
     text = output.rest()
     assert process.wait(timeout=300) == 0, text
     assert "the state was saved by 2 process(es) and this run has 1" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import hashlib
 import json
 import math
@@ -106,8 +107,8 @@ def refuse_sharded_training() -> None:
             raise ConfigError(
                 f"accelerate launch is set up for {name} (your accelerate config's distributed_type, or "
                 f"--use_{name.lower()}), which EveryCycle does not support: it trains data-parallel (DDP), every "
-                f"process holding the whole model. SD 1.x / 2.x fit one 12 GB GPU that way with optimizer adamw8bit "
-                f"and gradient_checkpointing. Launch with `accelerate launch --multi_gpu --num_processes N train.py "
+                f"process holding the whole model. SD 1.x / 2.x fit one 12 GB GPU that way with optimizer adamw8bit, "
+                f"gradient_checkpointing and a frozen text encoder. Launch with `accelerate launch --multi_gpu --num_processes N train.py "
                 f"...`, or run `accelerate config` and choose multi-GPU.")
 
 
@@ -239,39 +240,8 @@ class Trainer:
         # Each process draws its own noise and timesteps; the data order comes from the seed alone.
         seed_everything(self.seed + self.accelerator.process_index)
         self._check_output_folders()
-        self.data: PreparedData = prepare_data(config)
-        self.say(self.data.summary())
-        batches = self.data.batches_per_process(self.accelerator.num_processes)
-        self.plan, self.schedules, notes = plan_schedule(config, batches)
-        for note in notes:
-            self.say(note)
-        self.say(f"run: {self.plan.steps_per_epoch} steps per epoch, {self.plan.total_steps} steps, "
-                 f"{self.plan.epochs} epochs, seed {self.seed}, precision {self.accelerator.mixed_precision}")
-        self.num_workers = resolve_num_workers(config.num_workers, self.accelerator.device,
-                                               self.accelerator.num_processes, batches)
-        if config.num_workers == -1 and self.num_workers:
-            self.say(f"data loading: {self.num_workers} worker processes per GPU (num_workers -1, auto)")
-        processes = self.accelerator.num_processes
-        if processes > 1:
-            self.say(f"{processes} processes: a step trains {processes} x batch_size {config.batch_size} x grad_accum "
-                     f"{config.grad_accum} = {processes * config.batch_size * config.grad_accum} images (global batch)")
-
-        model_notes: list[str] = []
-        with self.accelerator.local_main_process_first():  # one process per machine builds a cached model first
-            self.model = load_model(config, model_notes)
-        for note in config.notes + model_notes:
-            self.say(f"note: {note}")
-        use_tf32(self.accelerator.device, config.allow_tf32)
-        configure_for_training(self.model, config)
-        place_frozen_parts(self.model, self.accelerator, config.train_text_encoder)
-        # The trained parts go to the device before the optimizer is built, in fp32: AdamW is fused only when it
-        # is given CUDA parameters (accelerator.prepare below would move them only after it was built).
-        for trained in ([] if config.disable_unet_training else [self.model.unet]) + \
-                ([self.model.text_encoder] if config.train_text_encoder else []):
-            trained.to(self.accelerator.device)
-        self.optimizer = build_optimizer(config, model_param_groups(config, self.model.unet, self.model.text_encoder))
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.schedules, config.lr_cycle_momentum)
-        self._prepare_for_accelerator()
+        self._plan_the_run()
+        self._build_model_and_optimizer()
         self.fingerprint = self._fingerprint()
         if self.resume_state:
             self._check_resume_compatible()  # before anything in the run folder changes
@@ -287,6 +257,43 @@ class Trainer:
         # Last: the validators above still encode with the VAE the latent cache may move off the device.
         self.caches: TrainingCaches = build_caches(config, self.data.train, self.data.batches.item_buckets,
                                                    self.unwrapped_model(), self.accelerator, self.say, self.num_workers)
+
+    def _plan_the_run(self) -> None:
+        """The data, the steps (of the whole group of processes) and the LR schedule, said before any model loads."""
+        config, processes = self.config, self.accelerator.num_processes
+        self.data: PreparedData = prepare_data(config)
+        self.say(self.data.summary())
+        batches = self.data.batches_per_process(processes)
+        self.plan, self.schedules, notes = plan_schedule(config, batches)
+        for note in notes:
+            self.say(note)
+        self.say(f"run: {self.plan.steps_per_epoch} steps per epoch, {self.plan.total_steps} steps, "
+                 f"{self.plan.epochs} epochs, seed {self.seed}, precision {self.accelerator.mixed_precision}")
+        if processes > 1:
+            self.say(f"{processes} processes: a step trains {processes} x batch_size {config.batch_size} x grad_accum "
+                     f"{config.grad_accum} = {processes * config.batch_size * config.grad_accum} images (global batch)")
+        self.num_workers = resolve_num_workers(config.num_workers, self.accelerator.device, processes, batches)
+        if config.num_workers == -1 and self.num_workers:
+            self.say(f"data loading: {self.num_workers} worker processes per GPU (num_workers -1, auto)")
+
+    def _build_model_and_optimizer(self) -> None:
+        config, device = self.config, self.accelerator.device
+        model_notes: list[str] = []
+        with self.accelerator.local_main_process_first():  # one process per machine builds a cached model first
+            self.model = load_model(config, model_notes)
+        for note in config.notes + model_notes:
+            self.say(f"note: {note}")
+        use_tf32(device, config.allow_tf32)
+        configure_for_training(self.model, config)
+        place_frozen_parts(self.model, self.accelerator, config.train_text_encoder)
+        # The trained parts go to the device before the optimizer is built, in fp32: AdamW is fused only when it
+        # is given CUDA parameters (accelerator.prepare below would move them only after it was built).
+        for trained in ([] if config.disable_unet_training else [self.model.unet]) + \
+                ([self.model.text_encoder] if config.train_text_encoder else []):
+            trained.to(device)
+        self.optimizer = build_optimizer(config, model_param_groups(config, self.model.unet, self.model.text_encoder))
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.schedules, config.lr_cycle_momentum)
+        self._prepare_for_accelerator()
 
     def _prepare_for_accelerator(self) -> None:
         accelerator, model, config = self.accelerator, self.model, self.config
@@ -850,11 +857,22 @@ class Trainer:
         if self.is_main:
             self._plots()
             write_json(self.run_dir / "run_summary.json", summary)
-        self.logger.close()
-        self.accelerator.end_training()
+        self.close()
         if self.stop:
             self._say_how_it_stopped()
         return summary
+
+    def close(self) -> None:
+        """Logs closed, then the process group. The DDP wrappers go first, while the group is still registered:
+        freed after it, a wrapper takes the group's last reference down with it while holding the GIL, and gloo's
+        destructor can then wait forever on a worker thread that needs the GIL (seen as a hang at exit)."""
+        self.logger.close()
+        self.accelerator.wait_for_everyone()
+        self.model = self.unwrapped_model()
+        self.trained_modules = []
+        self.accelerator.free_memory()  # accelerate's own references to the prepared models and optimizer
+        gc.collect()
+        self.accelerator.end_training()
 
     def _weights_across_processes(self) -> dict:
         """With several processes, a hash of each one's trained weights: data parallel training keeps them equal,

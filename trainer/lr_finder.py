@@ -411,8 +411,7 @@ def find_lr(config: TrainConfig) -> FinderResult:
     try:
         log = run_sweep(trainer, probe, sweep)
     finally:
-        trainer.logger.close()
-        trainer.accelerator.end_training()
+        trainer.close()
     suggestion = suggest_range(*log.probe_points(), sweep.ramp)
     fragment = config_fragment(config, suggestion) if suggestion.backed else None
     result = FinderResult(run_dir, sweep, log, suggestion, probe_source, fragment)
