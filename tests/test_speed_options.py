@@ -11,6 +11,7 @@ from safetensors import safe_open
 
 from data.loader import item_of
 from tests.conftest import DEMO_DATA, tiny_config
+import trainer.loop
 from trainer.loop import Trainer, resolve_num_workers
 from trainer.model import configure_for_training, load_model, use_tf32
 from utils.config import ConfigError, TrainConfig, load_config
@@ -82,6 +83,18 @@ def plain_keys(state_dict_keys) -> bool:
     return not any("_orig_mod" in key for key in state_dict_keys)
 
 
+def steps_through_a_compiled_unet(monkeypatch) -> list[bool]:
+    """Filled as the trainer steps: whether each micro-batch's loss went through a compiled UNet."""
+    real_loss, seen = trainer.loop.training_loss, []
+
+    def loss_noting_the_unet(model, *args):
+        seen.append(is_compiled_module(model.unet))
+        return real_loss(model, *args)
+
+    monkeypatch.setattr(trainer.loop, "training_loss", loss_noting_the_unet)
+    return seen
+
+
 def check_compiled_run(model_cache, logdir, monkeypatch, backend, steps=2) -> tuple[Trainer, dict]:
     """A run with torch_compile through Trainer.run(): set-up, steps, final state and checkpoint. `backend` None
     compiles for real (inductor); otherwise torch.compile is called with that backend."""
@@ -93,16 +106,17 @@ def check_compiled_run(model_cache, logdir, monkeypatch, backend, steps=2) -> tu
         return real_compile(module, **kwargs) if backend is None else real_compile(module, backend=backend, **kwargs)
 
     monkeypatch.setattr(torch, "compile", compile_with_backend)
-    trainer = Trainer(tiny_config(model_cache, DEMO_DATA, logdir, validation_config=None, max_steps=steps,
-                                  torch_compile=True, save_full_precision=True))
-    summary = trainer.run()
+    stepped_through = steps_through_a_compiled_unet(monkeypatch)
+    run = Trainer(tiny_config(model_cache, DEMO_DATA, logdir, validation_config=None, max_steps=steps,
+                              torch_compile=True, save_full_precision=True))
+    summary = run.run()
     assert summary["exit_code"] == 0 and summary["steps"] == steps
-    assert len(compiled) == 1 and is_compiled_module(trainer.model.unet)  # the UNet, and only it
-    assert not is_compiled_module(trainer.unwrapped_model().unet)
+    assert len(compiled) == 1 and stepped_through == [True] * steps  # the UNet, and only it; every step
+    assert not is_compiled_module(run.unwrapped_model().unet)
 
     # the resumable state and both checkpoint formats keep the UNet's own keys
     state = read_state(summary["last_state"])
-    unet_keys = set(trainer.unwrapped_model().unet.state_dict())
+    unet_keys = set(run.unwrapped_model().unet.state_dict())
     assert set(state.weights["unet"]) == unet_keys and plain_keys(state.weights["unet"])
     final = summary["final_checkpoint"]
     loaded, info = UNet2DConditionModel.from_pretrained(final["diffusers"], subfolder="unet",
@@ -112,7 +126,7 @@ def check_compiled_run(model_cache, logdir, monkeypatch, backend, steps=2) -> tu
         assert plain_keys(handle.keys())
     for key, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, state.weights["unet"][key]), key
-    return trainer, summary
+    return run, summary
 
 
 @pytest.fixture(autouse=True)
@@ -125,15 +139,16 @@ def test_torch_compile_trains_saves_and_resumes_with_plain_keys(model_cache, tmp
     """The wiring with dynamo's eager backend: the UNet is captured by torch.compile and runs through the compiled
     wrapper, but no C++ is built (inductor takes minutes on this CPU; the slow test below does it for real)."""
     expected = train_losses(set_up_trainer(model_cache, tmp_path / "plain"))
-    trainer, summary = check_compiled_run(model_cache, tmp_path / "compiled", monkeypatch, backend="eager")
-    assert [loss for _, loss in trainer.progress.train_losses] == pytest.approx(expected, rel=1e-6)
+    compiled, summary = check_compiled_run(model_cache, tmp_path / "compiled", monkeypatch, backend="eager")
+    assert [loss for _, loss in compiled.progress.train_losses] == pytest.approx(expected, rel=1e-6)
 
     # resuming loads the plain-key state into the compiled run and goes on
+    stepped_through = steps_through_a_compiled_unet(monkeypatch)
     resumed = Trainer(tiny_config(model_cache, DEMO_DATA, tmp_path / "compiled", validation_config=None,
                                   max_steps=3, torch_compile=True, resume_from="latest"))
     again = resumed.run()
     assert again["exit_code"] == 0 and again["steps"] == 3 and again["resumed_from"] == summary["last_state"]
-    assert is_compiled_module(resumed.model.unet)
+    assert stepped_through == [True]  # step 3, through the compiled UNet
 
 
 @pytest.mark.skipif(not SLOW, reason="torch.compile with inductor builds C++ kernels for the tiny UNet: about 3 "
