@@ -4,6 +4,7 @@
     python train.py --config damon.json --plot_schedule [DIR]  preview the LR schedule, no model loaded
     python train.py --config damon.json --find_lr [--find_lr_write new.json]   LR range test, suggests lr_min and lr
     python train.py --help_keys                                 every config key, its default and meaning
+    accelerate launch --multi_gpu --num_processes 4 train.py --config damon.json    the same run on 4 GPUs (DDP)
 """
 
 from __future__ import annotations

@@ -5,14 +5,15 @@
 
 Each setting builds the model from the bundled configs (random weights, nothing downloaded), takes the
 trainer's own step (trainer.diffusion.training_loss, optimizer.optimizers.build_optimizer, configure_for_training)
-for a few warmup and a few timed steps, and records images/s, peak GPU memory and MFU. The text encoder is
+for a few warmup and a few timed steps, and records images/s, peak GPU memory and MFU. TF32 is set as the
+trainer sets it (use_tf32 with the config's allow_tf32, on by default). The text encoder is
 frozen, as with `disable_textenc_training`: it runs forward every step with no gradients, in the low-precision
 dtype like the VAE, while the UNet keeps fp32 master weights under autocast (what the trainer does).
 
 The sweep, in priority order, inside a time budget (settings that no longer fit are skipped and say so):
   batch    the default recipe (bf16, sdp attention, VAE encode every step, fused AdamW) over batch sizes
   variant  one change at a time at the reference batch: fp16 + GradScaler, xformers, cached latents,
-           8-bit AdamW, gradient checkpointing, and all three memory savers together
+           8-bit AdamW, gradient checkpointing, all three memory savers together, and channels_last
   memory   each memory recipe at small batches, so its peak memory can be fitted as fixed + per-image
   verify   the predicted largest batch for 24 GB and 80 GB cards, run under a memory cap
   compile  torch.compile of the UNet, last because compiling takes minutes; interrupted at the budget
@@ -51,7 +52,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 from bench.flops import FlopsPerImage, flops_per_image, latent_side, parameter_counts  # noqa: E402
 from optimizer.optimizers import build_optimizer, model_param_groups  # noqa: E402
 from trainer.diffusion import training_loss  # noqa: E402
-from trainer.model import SDModel, configure_for_training  # noqa: E402
+from trainer.model import SDModel, configure_for_training, use_tf32  # noqa: E402
 from trainer.single_file import bundled_config_dir  # noqa: E402
 from trainer.tiny_model import DEFAULT_CACHE_DIR, tiny_model_path  # noqa: E402
 from utils.config import TrainConfig, load_config  # noqa: E402
@@ -95,12 +96,14 @@ class Setting:
     cached_latents: bool = False  # False: the VAE encodes every batch, as the trainer does
     optimizer: str = "adamw"  # torch AdamW, fused on CUDA; or bitsandbytes' adamw8bit
     gradient_checkpointing: bool = False
+    channels_last: bool = False  # the config key: configure_for_training converts the UNet (and VAE) to NHWC
     compile: bool = False
 
     @property
     def name(self) -> str:
         parts = [self.precision, self.attention, "cached" if self.cached_latents else "vae", self.optimizer]
-        parts += ["ckpt"] * self.gradient_checkpointing + ["compile"] * self.compile
+        parts += ["ckpt"] * self.gradient_checkpointing + ["channels_last"] * self.channels_last
+        parts += ["compile"] * self.compile
         return " ".join(parts)
 
     def at_batch(self, batch_size: int) -> "Setting":
@@ -110,7 +113,7 @@ class Setting:
 ALL_MEMORY_SAVERS = {"cached_latents": True, "optimizer": "adamw8bit", "gradient_checkpointing": True}
 # The changes measured one at a time against the default recipe at the reference batch.
 VARIANTS = ({"precision": "fp16"}, {"attention": "xformers"}, {"cached_latents": True}, {"optimizer": "adamw8bit"},
-            {"gradient_checkpointing": True}, ALL_MEMORY_SAVERS)
+            {"gradient_checkpointing": True}, ALL_MEMORY_SAVERS, {"channels_last": True})
 # The recipes whose peak memory is modelled, as Settings without a batch size.
 MEMORY_RECIPES = {
     "default": Setting(0),
@@ -237,6 +240,8 @@ def train_config(setting: Setting) -> TrainConfig:
         "attn_type": setting.attention,
         "optimizer": setting.optimizer,
         "gradient_checkpointing": setting.gradient_checkpointing,
+        "cache_latents": setting.cached_latents,  # configure_for_training leaves the VAE alone with cached latents
+        "channels_last": setting.channels_last,
         "disable_textenc_training": True,
     })
 
@@ -323,6 +328,7 @@ class Bench:
     def measure(self, setting: Setting, size: SweepSize) -> dict:
         config = train_config(setting)
         model = build_random_model(self.config_dir, self.device, setting)
+        use_tf32(self.device, config.allow_tf32)  # the trainer's set-up order: TF32, then configure_for_training
         configure_for_training(model, config)
         optimizer = build_optimizer(config, model_param_groups(config, model.unet, model.text_encoder))
         for group in optimizer.param_groups:

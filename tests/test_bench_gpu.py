@@ -44,6 +44,9 @@ def test_tiny_sweep_runs_end_to_end(model_cache, tmp_path, capsys, one_thread):
             assert setting["compile"] or setting["attention"] == "xformers", setting
             assert setting["reason"]
     assert {s["group"] for s in saved["settings"] if s["status"] == "ok"} == {"batch", "variant", "memory"}
+    channels_last = [s for s in saved["settings"] if s["channels_last"]]
+    assert [(s["group"], s["name"], s["batch_size"], s["status"]) for s in channels_last] == \
+        [("variant", "bf16 sdp vae adamw channels_last", bench.TINY.reference_batch, "ok")]
     assert saved["memory_fit"] == []  # no CUDA memory statistics on a CPU
 
     printed = capsys.readouterr().out
@@ -145,6 +148,7 @@ def test_the_full_plan_changes_one_thing_at_a_time():
     baseline = bench.Setting(bench.FULL.reference_batch)
     variants = [setting for group, setting in plan if group == "variant"]
     assert all(v.batch_size == baseline.batch_size and v != baseline for v in variants)
+    assert bench.Setting(bench.FULL.reference_batch, channels_last=True) in variants
     assert [s.batch_size for group, s in plan if group == "batch"] == list(bench.FULL.batch_sizes)
 
 
@@ -165,6 +169,25 @@ def test_the_compile_setting_runs_its_path(tiny_bench, monkeypatch, one_thread):
 
     assert result.status == "ok", result.reason
     assert len(compiled) == 1 and result.measured["first_step_seconds"] > 0
+
+
+def test_a_setting_sets_up_the_model_as_the_trainer_does(tiny_bench, monkeypatch, one_thread):
+    """TF32 from the config's allow_tf32 before configure_for_training, which applies channels_last."""
+    calls = []
+    configure = bench.configure_for_training
+    monkeypatch.setattr(bench, "use_tf32", lambda device, allowed: calls.append(("use_tf32", device.type, allowed)))
+
+    def configured(model, config):
+        configure(model, config)
+        convs = [m.weight for m in model.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+        calls.append(("configure", config.channels_last,
+                      all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)))
+    monkeypatch.setattr(bench, "configure_for_training", configured)
+
+    result = bench.run_setting(tiny_bench, "variant", bench.Setting(2, channels_last=True), bench.Deadline(60), 1.0)
+
+    assert result.status == "ok", result.reason
+    assert calls == [("use_tf32", "cpu", True), ("configure", True, True)]
 
 
 def test_a_setting_past_the_deadline_is_stopped_or_skipped(tiny_bench):

@@ -125,3 +125,10 @@ def test_the_preview_counts_the_steps_of_a_group_of_processes(tmp_path, capsys):
     assert "2 processes: a step trains 2 x batch_size 4 x grad_accum 1 images" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="key 'batch_size' = 4: 4 batch\\(es\\) per epoch cannot feed 5 processes"):
         preview_schedule(config, tmp_path / "five", num_processes=5)
+
+
+def test_num_processes_is_only_for_the_preview(capsys):
+    import train as train_cli
+
+    assert train_cli.main(["--config", str(ROOT / "configs" / "demo.json"), "--num_processes", "2"]) == 2
+    assert "accelerate launch --multi_gpu --num_processes 2 train.py" in capsys.readouterr().err
