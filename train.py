@@ -10,10 +10,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
+from trainer.safety import launched_processes
 from utils.config import ConfigError, key_table_markdown, load_config, parse_cli_value
 
 
@@ -58,7 +58,7 @@ def parse_overrides(tokens: list[str]) -> dict:
 
 def preview_processes(requested: int | None) -> int:
     """The process count a schedule preview plans for: --num_processes, else the launcher's (WORLD_SIZE)."""
-    count = requested if requested is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    count = requested if requested is not None else launched_processes()
     if count < 1:
         raise ConfigError(f"--num_processes {count}: give 1 or more processes.")
     return count

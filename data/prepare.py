@@ -30,6 +30,12 @@ class PreparedData:
         except ValueError as error:
             raise ConfigError(f"key 'batch_size' = {self.batches.batch_size}: {error}.") from None
 
+    def global_batch_line(self, num_processes: int, grad_accum: int) -> str:
+        """What one optimizer step of a group of processes trains, in words."""
+        per_step = num_processes * self.batches.batch_size * grad_accum
+        return (f"{num_processes} processes: a step trains {num_processes} x batch_size {self.batches.batch_size} x "
+                f"grad_accum {grad_accum} = {per_step} images (global batch)")
+
     def summary(self) -> str:
         """One line of counts, then one 'warning:' line per note from the settings files."""
         counts = (

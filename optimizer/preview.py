@@ -62,8 +62,7 @@ def preview_schedule(config: TrainConfig, out_dir: Path, num_processes: int = 1)
     described = schedules.describe(unet_spec(config, plan))
     print(data.summary())
     if num_processes > 1:
-        print(f"{num_processes} processes: a step trains {num_processes} x batch_size {config.batch_size} x grad_accum "
-              f"{config.grad_accum} images")
+        print(data.global_batch_line(num_processes, config.grad_accum))
     for line in summary_lines(plan, described) + notes:
         print(line)
     print(f"wrote {out_dir / 'lr_schedule.csv'} and {out_dir / 'lr_schedule.png'}")

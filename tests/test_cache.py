@@ -18,9 +18,9 @@ from data.images import ImageItem, ImageLoadError, load_image
 from data.loader import ImageBatchDataset
 from tests.conftest import DEMO_DATA, tiny_config
 from trainer import cache as cache_module
-from trainer.cache import (LatentLookup, TrainingCaches, build_latent_cache, encode_parameters, latent_jobs,
+from trainer.cache import (LatentLookup, TrainingCaches, build_latent_cache, latent_jobs,
                            possible_captions, possible_flips, vae_identity)
-from trainer.diffusion import sample_cached_latents
+from trainer.diffusion import sample_cached_latents, vae_distribution
 from trainer.loop import Trainer
 from trainer.lr_finder import find_lr
 from utils.config import ConfigError
@@ -144,7 +144,8 @@ def test_a_flipped_sample_gets_the_flipped_latent(model_cache, demo_copy, tmp_pa
     unflipped = next(sample for sample in copies if not dataset.should_flip(sample))
     item04 = trainer.data.train[index]
     with torch.no_grad():
-        expected = {flip: encode_parameters(model, load_image(item04, size, flip)[None])[0] for flip in (False, True)}
+        expected = {flip: vae_distribution(model, load_image(item04, size, flip)[None]).parameters[0]
+                    for flip in (False, True)}
     assert torch.equal(dataset[[flipped]]["latents"][0], expected[True])
     assert torch.equal(dataset[[unflipped]]["latents"][0], expected[False])
     assert not torch.equal(expected[True], expected[False])

@@ -122,7 +122,8 @@ def test_the_preview_counts_the_steps_of_a_group_of_processes(tmp_path, capsys):
     pair = preview_schedule(config, tmp_path / "two", num_processes=2)["plan"]
     assert (alone.steps_per_epoch, alone.total_steps) == (4, 40)
     assert (pair.steps_per_epoch, pair.total_steps) == (2, 20)
-    assert "2 processes: a step trains 2 x batch_size 4 x grad_accum 1 images" in capsys.readouterr().out
+    assert "2 processes: a step trains 2 x batch_size 4 x grad_accum 1 = 8 images (global batch)" in \
+        capsys.readouterr().out
     with pytest.raises(ConfigError, match="key 'batch_size' = 4: 4 batch\\(es\\) per epoch cannot feed 5 processes"):
         preview_schedule(config, tmp_path / "five", num_processes=5)
 

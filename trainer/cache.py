@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 
 from data.buckets import Bucket
 from data.images import ImageItem, ImageLoadError, load_image
+from trainer.diffusion import vae_distribution
 from trainer.model import SDModel, encode_prompts
-from utils.checkpoint import atomic_path
+from utils.checkpoint import atomic_path, file_sha256
 from utils.config import ConfigError, TrainConfig
 
 # Bump when the pixels fed to the VAE (data/images.py load_image) or the stored layout change: older files
@@ -120,14 +121,6 @@ def possible_captions(items: Sequence[ImageItem], config: TrainConfig) -> list[s
 
 
 # --- keys of the disk cache --------------------------------------------------------------------------------
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def vae_identity(vae, mixed_precision: str) -> str:
     """A short hash of the VAE: its config, the precision, and each weight's name, shape, dtype and the bytes of
@@ -257,14 +250,6 @@ def chunks_of(jobs: Sequence[LatentJob], size: int) -> list[list[LatentJob]]:
             for start in range(0, len(group), size)]
 
 
-@torch.no_grad()
-def encode_parameters(model: SDModel, pixels: torch.Tensor) -> torch.Tensor:
-    """VAE latent distribution parameters [B, 2C, h, w] (mean, logvar), as trainer/diffusion.py encode_latents
-    computes them before it samples."""
-    pixels = pixels.to(device=model.vae.device, dtype=model.vae.dtype)
-    return model.vae.encode(pixels).latent_dist.parameters
-
-
 def _encode_share(model: SDModel, images: list[list[LatentJob]], config: TrainConfig, accelerator,
                   cache_dir: Optional[Path], vae_id: str, num_workers: int, show_progress: bool) -> _Share:
     share = _Share()
@@ -296,7 +281,7 @@ def _encode_share(model: SDModel, images: list[list[LatentJob]], config: TrainCo
                 share.failures[str(job.item.path)] = reason
             if pixels is not None:
                 with accelerator.autocast():
-                    parameters = encode_parameters(model, pixels).cpu()
+                    parameters = vae_distribution(model, pixels).parameters.cpu()  # mean, logvar
                 for job, row in zip(done, parameters):
                     row = row.clone()  # its own storage: a view would keep (and pickle) the whole batch
                     if cache_dir is None:

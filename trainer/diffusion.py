@@ -8,21 +8,25 @@ import torch
 import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 
-try:
-    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-except ImportError:  # diffusers before 0.26
-    from diffusers.models.vae import DiagonalGaussianDistribution
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from trainer.model import SDModel, encode_prompts
 
 
 @torch.no_grad()
-def encode_latents(model: SDModel, pixel_values: torch.Tensor, sample: bool = True) -> torch.Tensor:
-    """VAE latents, scaled as the UNet expects. `sample=False` takes the mean (deterministic, for validation)."""
+def vae_distribution(model: SDModel, pixel_values: torch.Tensor) -> DiagonalGaussianDistribution:
+    """The VAE's latent distribution of the images (its `.parameters`: mean and logvar, what the latent cache
+    keeps)."""
     # Copy, then convert on the device: from the loader's pinned memory the copy is asynchronous (the CPU goes on
     # launching work instead of waiting for the GPU's queue), and the dtype conversion runs on the GPU.
     pixel_values = pixel_values.to(device=model.vae.device, non_blocking=True).to(dtype=model.vae.dtype)
-    dist = model.vae.encode(pixel_values).latent_dist
+    return model.vae.encode(pixel_values).latent_dist
+
+
+@torch.no_grad()
+def encode_latents(model: SDModel, pixel_values: torch.Tensor, sample: bool = True) -> torch.Tensor:
+    """VAE latents, scaled as the UNet expects. `sample=False` takes the mean (deterministic, for validation)."""
+    dist = vae_distribution(model, pixel_values)
     latents = dist.sample() if sample else dist.mode()
     return latents.float() * model.vae_scale
 

@@ -32,8 +32,8 @@ from trainer.diffusion import training_loss
 from trainer.model import SDModel, compile_unet, configure_for_training, load_model, use_tf32
 from trainer.resume import (changed_settings, images_fingerprint, locate_state, model_layout, refuse_incompatible,
                             run_dir_of, trained_parameters)
-from trainer.safety import (SaveSizes, Stop, check_writable, disk_space_note, estimate_save_sizes, resume_command,
-                            stop_signals_handled)
+from trainer.safety import (SaveSizes, Stop, check_writable, disk_space_note, estimate_save_sizes, launched_processes,
+                            resume_command, stop_signals_handled)
 from trainer.sampling import make_samples, read_prompts, samples_due
 from trainer.validation import StabilizedLoss
 from utils.checkpoint import checkpoint_name, copy_atomic, save_checkpoint, saved_checkpoints
@@ -84,7 +84,7 @@ def resolve_mixed_precision(setting: str) -> str:
 def launched_on_cpus() -> bool:
     """`accelerate launch --num_processes N` on a machine without a GPU (CI, a laptop): the processes train on
     the CPU over gloo. accelerate forms that group only when it is told to use the CPU."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    return launched_processes() > 1 and not torch.cuda.is_available()
 
 
 def resolve_num_workers(setting: int, device: torch.device, num_processes: int, batches_per_epoch: int) -> int:
@@ -107,28 +107,29 @@ def refuse_sharded_training() -> None:
             raise ConfigError(
                 f"accelerate launch is set up for {name} (your accelerate config's distributed_type, or "
                 f"--use_{name.lower()}), which EveryCycle does not support: it trains data-parallel (DDP), every "
-                f"process holding the whole model. SD 1.x / 2.x fit one 12 GB GPU that way with optimizer adamw8bit, "
-                f"gradient_checkpointing and a frozen text encoder. Launch with `accelerate launch --multi_gpu --num_processes N train.py "
-                f"...`, or run `accelerate config` and choose multi-GPU.")
+                f"process holding the whole model. SD 1.x / 2.x fit one 12 GB GPU that way with optimizer "
+                f"adamw8bit, gradient_checkpointing and a frozen text encoder. Launch with `accelerate launch "
+                f"--multi_gpu --num_processes N train.py ...`, or run `accelerate config` and choose multi-GPU.")
 
 
 def resolve_seed(seed: int) -> int:
     return random.SystemRandom().randrange(2**31) if seed == -1 else seed
 
 
-def agreed(accelerator: Accelerator, value):
+def agreed(value):
     """The main process's `value` on every process: what is picked once (a run folder name, a random seed, the
-    state to resume) must be the same everywhere."""
-    if accelerator.num_processes == 1:
-        return value
+    state to resume) must be the same everywhere. (accelerate's collectives return their input on one process.)"""
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def first_stop(accelerator: Accelerator, stop: Optional[Stop]) -> Optional[Stop]:
+def first_stop(stop: Optional[Stop]) -> Optional[Stop]:
     """The stop request of the lowest process that has one (a signal may reach the processes one by one)."""
-    if accelerator.num_processes == 1:
-        return stop
     return next((request for request in gather_object([stop]) if request is not None), None)
+
+
+def trained_part_names(config: TrainConfig) -> list[str]:
+    """The parts of the model whose weights train."""
+    return ([] if config.disable_unet_training else ["unet"]) + (["text_encoder"] if config.train_text_encoder else [])
 
 
 def seed_everything(seed: int) -> None:
@@ -221,8 +222,8 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision),
                                        cpu=launched_on_cpus())
         self.is_main = self.accelerator.is_main_process
-        self.seed = agreed(self.accelerator, resolve_seed(config.seed))
-        self.run_dir = agreed(self.accelerator, Path(run_dir) if run_dir else new_run_dir(config))
+        self.seed = agreed(resolve_seed(config.seed))
+        self.run_dir = agreed(Path(run_dir) if run_dir else new_run_dir(config))
         self.progress = Progress()
         self.resume_state: Optional[Path] = None  # the state folder this run continues
         self.stop: Optional[Stop] = None  # agreed by every process: the run stops after the current step
@@ -270,8 +271,7 @@ class Trainer:
         self.say(f"run: {self.plan.steps_per_epoch} steps per epoch, {self.plan.total_steps} steps, "
                  f"{self.plan.epochs} epochs, seed {self.seed}, precision {self.accelerator.mixed_precision}")
         if processes > 1:
-            self.say(f"{processes} processes: a step trains {processes} x batch_size {config.batch_size} x grad_accum "
-                     f"{config.grad_accum} = {processes * config.batch_size * config.grad_accum} images (global batch)")
+            self.say(self.data.global_batch_line(processes, config.grad_accum))
         self.num_workers = resolve_num_workers(config.num_workers, self.accelerator.device, processes, batches)
         if config.num_workers == -1 and self.num_workers:
             self.say(f"data loading: {self.num_workers} worker processes per GPU (num_workers -1, auto)")
@@ -288,9 +288,8 @@ class Trainer:
         place_frozen_parts(self.model, self.accelerator, config.train_text_encoder)
         # The trained parts go to the device before the optimizer is built, in fp32: AdamW is fused only when it
         # is given CUDA parameters (accelerator.prepare below would move them only after it was built).
-        for trained in ([] if config.disable_unet_training else [self.model.unet]) + \
-                ([self.model.text_encoder] if config.train_text_encoder else []):
-            trained.to(device)
+        for name in trained_part_names(config):
+            getattr(self.model, name).to(device)
         self.optimizer = build_optimizer(config, model_param_groups(config, self.model.unet, self.model.text_encoder))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.schedules, config.lr_cycle_momentum)
         self._prepare_for_accelerator()
@@ -306,8 +305,7 @@ class Trainer:
         if config.train_text_encoder:
             model.text_encoder = accelerator.prepare(model.text_encoder)
         self.optimizer = accelerator.prepare(self.optimizer)
-        self.trained_modules = ([] if config.disable_unet_training else [model.unet]) + \
-            ([model.text_encoder] if config.train_text_encoder else [])
+        self.trained_modules = [getattr(model, name) for name in trained_part_names(config)]
         # The LR scheduler is deliberately not prepared: ours is a pure function of the optimizer step,
         # and accelerate would step it once per process.
 
@@ -394,10 +392,8 @@ class Trainer:
 
     def trained_models(self) -> dict[str, torch.nn.Module]:
         """The models whose weights train, unwrapped, by name."""
-        model, config = self.unwrapped_model(), self.config
-        names = ([] if config.disable_unet_training else ["unet"]) + (["text_encoder"] if config.train_text_encoder
-                                                                      else [])
-        return {name: getattr(model, name) for name in names}
+        model = self.unwrapped_model()
+        return {name: getattr(model, name) for name in trained_part_names(self.config)}
 
     def _fingerprint(self) -> dict:
         """What must not change when this run is resumed (trainer/resume.py refuses a change)."""
@@ -422,7 +418,7 @@ class Trainer:
     def _find_state_to_resume(self) -> None:
         """resume_from: the state to continue, and with it the run folder to keep writing into."""
         # The main process alone looks (it may set a damaged state aside), then tells the others.
-        self.resume_state, notes = agreed(self.accelerator, locate_state(self.config) if self.is_main else None)
+        self.resume_state, notes = agreed(locate_state(self.config) if self.is_main else None)
         for note in notes:
             self.say(note)
         if self.resume_state is None:
@@ -656,7 +652,7 @@ class Trainer:
             wanted = accelerator.reduce(flags, "sum").tolist()
             wanted[0] /= accelerator.num_processes
             if wanted[1]:  # a signal may have reached only some processes yet: all stop, for the first one's reason
-                self.stop_requested = first_stop(accelerator, self.stop_requested)
+                self.stop_requested = first_stop(self.stop_requested)
         if wanted[1]:
             self.stop = self.stop or self.stop_requested
         self.saves_due = (bool(wanted[2]), bool(wanted[3]))
@@ -797,15 +793,13 @@ class Trainer:
     def _shared_save_outcome(self, saved: bool) -> bool:
         """Only the main process writes: whether it managed to (a failed save stops the run) is news to the
         others, who wait for it here."""
-        if self.accelerator.num_processes > 1:
-            saved, stop = agreed(self.accelerator, (saved, self.stop))
-            self.stop = self.stop or stop
+        saved, stop = agreed((saved, self.stop))
+        self.stop = self.stop or stop
         return saved
 
     def _every_process_rng(self) -> dict:
         """The random generators of every process, in process order: each draws its own noise."""
-        mine = capture_rng()
-        return {"processes": gather_object([mine]) if self.accelerator.num_processes > 1 else [mine]}
+        return {"processes": gather_object([capture_rng()])}
 
     def _training_state(self, rng: dict) -> TrainingState:
         step = self.progress.global_step

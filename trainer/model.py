@@ -137,7 +137,7 @@ def configure_for_training(model: SDModel, config) -> None:
         # NHWC activations: cuDNN's tensor-core convolutions run without layout transposes. Only 4-D weights
         # change layout; later .to(device, dtype) calls keep it (they preserve the memory format).
         model.unet.to(memory_format=torch.channels_last)
-        if not getattr(config, "cache_latents", False):  # with cached latents the VAE does not run while training
+        if not config.cache_latents:  # with cached latents the VAE does not run while training
             model.vae.to(memory_format=torch.channels_last)
 
 

@@ -56,7 +56,7 @@ def stop_signals_handled(request_stop: Callable[[Stop], None]) -> Iterator[None]
     first_at: list[float] = []
     # Under a launcher, Ctrl-C reaches every process from the terminal and once more from the launcher, which
     # forwards it: a repeat within this many seconds is the same request.
-    same_request_seconds = 3.0 if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0.0
+    same_request_seconds = 3.0 if launched_processes() > 1 else 0.0
 
     def handle(signum, _frame):
         name = signal.Signals(signum).name
@@ -101,10 +101,16 @@ def resume_command(argv: Optional[list[str]] = None, changes: Optional[dict] = N
     return shlex.join([*launcher_prefix(), argv[0], *kept, *added])
 
 
+def launched_processes() -> int:
+    """The number of processes of the launch this one belongs to (torchrun-style launchers, accelerate launch
+    among them, set WORLD_SIZE in every process); 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launcher_prefix() -> list[str]:
-    """How this process was started: `python`, or `accelerate launch` with its process count (torchrun-style
-    launchers set WORLD_SIZE and LOCAL_WORLD_SIZE in every process)."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    """How this process was started: `python`, or `accelerate launch` with its process count (and the machines',
+    from LOCAL_WORLD_SIZE)."""
+    processes = launched_processes()
     if processes == 1:
         return ["python"]
     machines = processes // int(os.environ.get("LOCAL_WORLD_SIZE", str(processes)))

@@ -17,7 +17,6 @@ accelerate's save_state was not used: it pickles the RNG states, writes in place
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from utils.checkpoint import atomic_path
+from utils.checkpoint import atomic_path, file_sha256
 
 STATE_FORMAT = "everycycle-state"
 STATE_VERSION = 1
@@ -144,11 +143,6 @@ def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 # --- writing -------------------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
@@ -188,7 +182,7 @@ def write_state(state: TrainingState, state_root: Path) -> SavedState:
         def written(name: str) -> None:
             # Hashing reads the file back from the page cache while the next one is written (hashlib
             # releases the GIL), so checksums cost little extra time.
-            digests[name] = hashing.submit(_sha256, folder / name)
+            digests[name] = hashing.submit(file_sha256, folder / name)
 
         for model_name, weights in state.weights.items():
             write_tensors(folder / f"{model_name}.safetensors", weights)
@@ -244,7 +238,7 @@ def verify_state(folder: Path) -> dict:
         if path.stat().st_size != expected["bytes"]:
             raise DamagedStateError(f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}")
     with ThreadPoolExecutor(max_workers=4) as pool:
-        actual = dict(zip(files, pool.map(_sha256, (folder / name for name in files))))
+        actual = dict(zip(files, pool.map(file_sha256, (folder / name for name in files))))
     for name, expected in files.items():
         if actual[name] != expected["sha256"]:
             raise DamagedStateError(f"{name} does not match its checksum (changed or damaged after the save)")
