@@ -13,14 +13,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.safety import launched_processes
-from utils.config import ConfigError, key_table_markdown, load_config, parse_cli_value
+from utils.config import ConfigError, key_table_markdown, load_config, parse_overrides
+from utils.launch import launched_processes
+from utils.quiet import quiet_third_party_output
 
 
 def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     parser = argparse.ArgumentParser(
         prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Any other --key value pair overrides that config key (e.g. --lr 2e-6 --max_epochs 50).",
+        epilog="Any other --key value pair overrides that config key (e.g. --lr 2e-6 --max_epochs 50); a true/false "
+               "key may stand alone (--gradient_checkpointing).",
     )
     parser.add_argument("--config", type=Path, help="the JSON config of the run")
     parser.add_argument("--plot_schedule", nargs="?", const="", default=None, metavar="OUT_DIR",
@@ -36,26 +38,6 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     return args, parse_overrides(rest)
 
 
-def parse_overrides(tokens: list[str]) -> dict:
-    """`--lr 2e-6 --gradient_checkpointing --data_root x` -> {"lr": 2e-6, "gradient_checkpointing": True, ...}."""
-    overrides: dict = {}
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        if not token.startswith("--") or len(token) == 2:
-            raise ConfigError(f"Unexpected command-line argument '{token}': overrides are written --key value.")
-        key, has_value, inline = token[2:].partition("=")
-        if has_value:
-            overrides[key] = parse_cli_value(inline)
-        elif index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
-            overrides[key] = parse_cli_value(tokens[index + 1])
-            index += 1
-        else:
-            overrides[key] = True  # a bare flag switches a boolean key on
-        index += 1
-    return overrides
-
-
 def preview_processes(requested: int | None) -> int:
     """The process count a schedule preview plans for: --num_processes, else the launcher's (WORLD_SIZE)."""
     count = requested if requested is not None else launched_processes()
@@ -65,6 +47,7 @@ def preview_processes(requested: int | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party_output()  # first: torch, diffusers, transformers and bitsandbytes load below, in the branches
     try:
         args, overrides = parse_arguments(sys.argv[1:] if argv is None else argv)
         if args.help_keys:

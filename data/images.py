@@ -28,7 +28,8 @@ from data.sidecars import (
     read_image_sidecars,
 )
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
+# ED2's list (its doc/DATA.md); .jfif is a JPEG under another name, which Pillow reads by its content.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".jfif"})
 # A file-name caption stops at the first underscore: "a dog_003.jpg" -> "a dog".
 FILENAME_CAPTION_SEPARATOR = "_"
 
@@ -60,6 +61,7 @@ class ImageItem:
     keep_tags: int | None = None
     max_caption_length: int | None = None  # characters; None: no limit
     loss_scale: float = 1.0
+    batch_id: str | None = None  # images with the same batch_id share batches (ED2); None: any batch of the bucket
 
     @property
     def caption(self) -> str:
@@ -78,7 +80,7 @@ class ScanResult:
     items: list[ImageItem] = field(default_factory=list)
     skipped: list[SkippedImage] = field(default_factory=list)
     # Problems that did not cost the image: a caption that was not valid UTF-8, an ED2 key
-    # that is not used, an unknown key in a settings file.
+    # that is not used, an unknown key in a settings file, a folder link that loops or is broken.
     warnings: list[str] = field(default_factory=list)
 
 
@@ -104,8 +106,8 @@ class _Candidate:
 
 
 def scan_images(data_root: Path) -> ScanResult:
-    """Find the images of data_root (a folder, searched recursively, or a .json manifest),
-    validate them, and read their captions and settings.
+    """Find the images of data_root (a folder, searched recursively through folder links too, or a .json
+    manifest), validate them, and read their captions and settings. A file reached by several paths is one image.
 
     Raises DataSettingsError listing every bad value in the settings files.
     """
@@ -134,7 +136,8 @@ def _candidates(data_root: Path, report: SettingsReport) -> list[_Candidate]:
     if not data_root.is_dir():
         raise FileNotFoundError(f"data_root is neither a folder nor a .json manifest: {data_root}")
     folders = FolderSettings(data_root, report)
-    return [_Candidate(path, beneath=folders.for_folder(path.parent)) for path in _find_image_files(data_root)]
+    images = _find_image_files(data_root, report)
+    return [_Candidate(path, beneath=folders.for_folder(path.parent)) for path in images]
 
 
 def _item(path: Path, width: int, height: int, settings: ItemSettings) -> ImageItem:
@@ -146,7 +149,7 @@ def _item(path: Path, width: int, height: int, settings: ItemSettings) -> ImageI
         main_prompt,
         width,
         height,
-        tags=settings.tags or (),
+        tags=by_weight(settings.tags or ()),
         multiply=1.0 if settings.multiply is None else settings.multiply,
         flip_p=settings.flip_p,
         cond_dropout=settings.cond_dropout,
@@ -154,20 +157,77 @@ def _item(path: Path, width: int, height: int, settings: ItemSettings) -> ImageI
         keep_tags=settings.keep_tags,
         max_caption_length=settings.max_caption_length,
         loss_scale=1.0 if settings.loss_scale is None else settings.loss_scale,
+        batch_id=settings.batch_id,
     )
 
 
-def _find_image_files(data_root: Path) -> list[Path]:
+def by_weight(tags: tuple[Tag, ...]) -> tuple[Tag, ...]:
+    """Heaviest first, equal weights in file order: ED2 orders an image's tags so even when they are not shuffled
+    (data/dataset.py Dataset.image_train_items sorts them by weight)."""
+    return tuple(sorted(tags, key=lambda tag: -tag.weight))
+
+
+def _find_image_files(data_root: Path, report: SettingsReport) -> list[Path]:
+    """The image files under data_root, following folder links; each file once, however many paths reach it.
+
+    data_root's own tree is read first, then each folder link in turn adds the folders not read yet, so a
+    folder that is both inside data_root and linked to keeps its own path. Reading each real folder once is
+    also what ends a cycle of links.
+    """
+    read_folders: set[str] = set()
+    tops = [data_root]
+    found: list[Path] = []
+    for top in tops:  # _read_tree appends the folder links it meets, so they are followed in turn
+        found += _read_tree(top, read_folders, tops, report)
+    return _one_path_per_file(found)
+
+
+def _read_tree(top: Path, read_folders: set[str], links: list[Path], report: SettingsReport) -> list[Path]:
+    """The image files of top and its subfolders that are not read yet; the folder links in it go to links."""
     found = []
-    for directory, subdirectories, file_names in os.walk(data_root):
-        # Pruning in place stops os.walk from descending into hidden folders (.git, .cache, ...).
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-        found.extend(
-            Path(directory) / name
-            for name in file_names
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+    for directory, subdirectories, file_names in os.walk(top):  # os.walk lists folder links but does not enter them
+        real_directory = os.path.realpath(directory)
+        if real_directory in read_folders:
+            subdirectories.clear()
+            continue
+        read_folders.add(real_directory)
+        # Pruning in place stops os.walk from descending into hidden folders (.git, .cache, ...); sorting
+        # makes the order links are met in, so which path an image keeps, the same on every run.
+        subdirectories[:] = sorted(name for name in subdirectories if not name.startswith("."))
+        folder = Path(directory)
+        links += [folder / name for name in subdirectories if _is_link_to_follow(folder / name, real_directory, report)]
+        visible = [folder / name for name in file_names if not name.startswith(".")]
+        found += [path for path in visible if path.suffix.lower() in IMAGE_EXTENSIONS]
+        _warn_of_broken_links([path for path in visible if path.suffix.lower() not in IMAGE_EXTENSIONS], report)
+    return found
+
+
+def _is_link_to_follow(subfolder: Path, real_parent: str, report: SettingsReport) -> bool:
+    """True for a folder link whose target does not hold the link itself (that one would loop: a warning)."""
+    if not subfolder.is_symlink():
+        return False
+    target = os.path.realpath(subfolder)
+    if Path(real_parent).is_relative_to(target):
+        report.warnings.append(
+            f"{subfolder}: a link to {target}, which holds the link itself; not followed, it would loop"
         )
-    return sorted(found)
+        return False
+    return True
+
+
+def _warn_of_broken_links(paths: list[Path], report: SettingsReport) -> None:
+    # A link to a folder on an unmounted drive would otherwise leave out all of its images without a word.
+    # Broken links to images need no warning here: the scan skips them with a reason.
+    report.warnings += [f"{path}: a broken link (its target does not exist); not followed"
+                        for path in paths if path.is_symlink() and not path.exists()]
+
+
+def _one_path_per_file(paths: list[Path]) -> list[Path]:
+    """Sorted, one path per real file: the file's own path beats a link to it, then the first in name order."""
+    chosen: dict[str, Path] = {}
+    for path in sorted(paths, key=lambda path: (path.is_symlink(), path)):
+        chosen.setdefault(os.path.realpath(path), path)
+    return sorted(chosen.values())
 
 
 def _validated_oriented_size(path: Path) -> tuple[int, int]:

@@ -1,11 +1,13 @@
 """Bucketed batches, the per-epoch batch order, and a DataLoader that decodes whole batches.
 
-Every batch holds images of one aspect bucket. Image multipliers (data/multiply.py) decide how
-many samples of each image an epoch holds, with a fixed count per bucket, so the number of
-batches per epoch is the same every epoch and the trainer knows steps per epoch (and can build
-its LR schedule) before any randomness. The samples and order of an epoch's batches are a pure
-function of (seed, epoch), so a run resumed at batch i of epoch e sees exactly the batches the
-interrupted run would have seen.
+Every batch holds images of one aspect bucket. Images with a batch_id (ED2's batch_id.txt or
+`batch_id:` key) are batched only with images of the same batch_id; the last, incomplete batch of
+such a group joins the bucket's other images (ED2's data/data_loader.py does the same with these
+"runts"). Image multipliers (data/multiply.py) decide how many samples of each image an epoch
+holds, with a fixed count per group, so the number of batches per epoch is the same every epoch
+and the trainer knows steps per epoch (and can build its LR schedule) before any randomness.
+The samples and order of an epoch's batches are a pure function of (seed, epoch), so a run
+resumed at batch i of epoch e sees exactly the batches the interrupted run would have seen.
 
 A sample is an int: copy * number of items + item index. Copy 0 of item i is just i, so with
 every multiplier 1 the samples are the item indices. Flips, tag shuffles and caption dropout
@@ -36,9 +38,12 @@ from torch.utils.data import DataLoader, Dataset
 from data.buckets import Bucket, assign_bucket, bucket_sizes
 from data.captions import build_caption
 from data.images import ImageItem, ImageLoadError, SkippedImage, load_image
-from data.multiply import draw_extra_copies, extra_copy_count, fraction, whole_copies
+from data.multiply import draw_extra_copies, extra_copies_per_group, fraction, whole_copies
 
 T = TypeVar("T")
+# A batch group: (batch_id, bucket). Images without a batch_id share the group DEFAULT_BATCH_ID of their bucket.
+Group = tuple[str, Bucket]
+DEFAULT_BATCH_ID = ""
 
 
 class Batch(TypedDict):
@@ -73,7 +78,7 @@ def _derived_rng(purpose: str, *numbers: int) -> random.Random:
 
 
 class BucketBatches:
-    """Groups training items by bucket and plans each epoch's samples and batches."""
+    """Groups training items by bucket (and batch_id) and plans each epoch's samples and batches."""
 
     def __init__(self, items: Sequence[ImageItem], batch_size: int, resolution: int) -> None:
         if batch_size < 1:
@@ -84,29 +89,47 @@ class BucketBatches:
         self.num_items = len(items)
         self.multipliers = [item.multiply for item in items]
         self.item_buckets = assign_buckets(items, resolution)
-        self.bucket_members: dict[Bucket, list[int]] = {}
-        for index, bucket in enumerate(self.item_buckets):
-            self.bucket_members.setdefault(bucket, []).append(index)
+        self.group_members: dict[Group, list[int]] = {}
+        for index, (item, bucket) in enumerate(zip(items, self.item_buckets)):
+            self.group_members.setdefault((item.batch_id or DEFAULT_BATCH_ID, bucket), []).append(index)
+        self.group_members = dict(sorted(self.group_members.items()))
+        shares = extra_copies_per_group([[self.multipliers[index] for index in members]
+                                         for members in self.group_members.values()])
+        self.extra_copies = dict(zip(self.group_members, shares))
         if self.samples_per_epoch == 0:
             raise ValueError("every training image has multiply 0: there is nothing to train on")
 
-    def bucket_sample_count(self, bucket: Bucket) -> int:
-        """Samples of bucket in every epoch: its whole copies plus its fixed count of extra copies."""
-        multipliers = [self.multipliers[index] for index in self.bucket_members[bucket]]
-        return sum(map(whole_copies, multipliers)) + extra_copy_count([fraction(m) for m in multipliers])
+    def group_sample_count(self, group: Group) -> int:
+        """Samples of group in every epoch: its whole copies plus its fixed count of extra copies."""
+        whole = sum(whole_copies(self.multipliers[index]) for index in self.group_members[group])
+        return whole + self.extra_copies[group]
 
     @property
     def samples_per_epoch(self) -> int:
         """Images trained per epoch, multipliers included."""
-        return sum(self.bucket_sample_count(bucket) for bucket in self.bucket_members)
+        return sum(map(self.group_sample_count, self.group_members))
 
     @property
     def num_batches(self) -> int:
-        """Batches per epoch on one process: sum over buckets of ceil(bucket samples / batch size)."""
-        return sum(
-            -(-self.bucket_sample_count(bucket) // self.batch_size)  # ceiling division
-            for bucket in self.bucket_members
-        )
+        """Batches per epoch on one process: per group, ceil(samples / batch size)."""
+        return sum(-(-count // self.batch_size) for count in self._batched_counts().values())  # ceiling division
+
+    @property
+    def smaller_batches(self) -> int:
+        """Batches per epoch smaller than batch_size: the last of each group whose count is not a multiple."""
+        return sum(1 for count in self._batched_counts().values() if count % self.batch_size)
+
+    def _batched_counts(self) -> dict[Group, int]:
+        """Samples each group is cut into batches with: a batch_id group's runt counts with its bucket's default
+        group (see epoch_batches)."""
+        batched: dict[Group, int] = {}
+        for group in self.group_members:
+            count = self.group_sample_count(group)
+            runt = 0 if group[0] == DEFAULT_BATCH_ID else count % self.batch_size
+            batched[group] = batched.get(group, 0) + count - runt
+            default = (DEFAULT_BATCH_ID, group[1])
+            batched[default] = batched.get(default, 0) + runt
+        return {group: count for group, count in batched.items() if count}
 
     def batches_per_rank(self, world_size: int) -> int:
         """Batches each of world_size processes gets per epoch (the remainder is dropped)."""
@@ -120,12 +143,11 @@ class BucketBatches:
             )
         return self.num_batches // world_size
 
-    def epoch_samples(self, epoch: int, seed: int) -> dict[Bucket, list[int]]:
-        """Each bucket's samples in epoch, sorted: whole copies, plus this epoch's extra copies."""
+    def epoch_samples(self, epoch: int, seed: int) -> dict[Group, list[int]]:
+        """Each group's samples in epoch, sorted: whole copies, plus this epoch's extra copies."""
         rng = _derived_rng("multiply", seed, epoch)
         samples = {}
-        for bucket in sorted(self.bucket_members):
-            members = self.bucket_members[bucket]
+        for group, members in self.group_members.items():
             chosen = [
                 _sample(index, copy, self.num_items)
                 for index in members
@@ -134,9 +156,9 @@ class BucketBatches:
             fractions = [fraction(self.multipliers[index]) for index in members]
             chosen += [
                 _sample(members[pick], whole_copies(self.multipliers[members[pick]]), self.num_items)
-                for pick in draw_extra_copies(fractions, rng)
+                for pick in draw_extra_copies(fractions, self.extra_copies[group], rng)
             ]
-            samples[bucket] = sorted(chosen)
+            samples[group] = sorted(chosen)
         return samples
 
     def epoch_batches(
@@ -144,8 +166,9 @@ class BucketBatches:
     ) -> list[list[int]]:
         """This rank's batches (lists of samples) for epoch, in training order.
 
-        Samples are shuffled within each bucket, cut into batches, and the batches shuffled
-        together. With several ranks, the shuffled list is dealt round-robin so that ranks
+        Samples are shuffled within each group, cut into batches, and the batches shuffled
+        together. A batch_id group's runt joins its bucket's default group before that one is
+        cut. With several ranks, the shuffled list is dealt round-robin so that ranks
         get disjoint whole batches; the last num_batches % world_size batches of the order
         are dropped so every rank takes the same number of steps. Because the order changes
         each epoch, a different few batches sit out each epoch.
@@ -154,15 +177,23 @@ class BucketBatches:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         per_rank = self.batches_per_rank(world_size)
         rng = _derived_rng("batches", seed, epoch)
+        samples = self.epoch_samples(epoch, seed)
         batches: list[list[int]] = []
-        for samples in self.epoch_samples(epoch, seed).values():
-            rng.shuffle(samples)
-            batches += [
-                samples[start : start + self.batch_size]
-                for start in range(0, len(samples), self.batch_size)
-            ]
+        for (batch_id, bucket), members in list(samples.items()):
+            if batch_id != DEFAULT_BATCH_ID:
+                rng.shuffle(members)
+                whole = len(members) - len(members) % self.batch_size
+                samples.setdefault((DEFAULT_BATCH_ID, bucket), []).extend(members[whole:])
+                batches += self._cut(members[:whole])
+        for (batch_id, _), members in samples.items():
+            if batch_id == DEFAULT_BATCH_ID:
+                rng.shuffle(members)
+                batches += self._cut(members)
         rng.shuffle(batches)
         return batches[: per_rank * world_size][rank::world_size]
+
+    def _cut(self, samples: list[int]) -> list[list[int]]:
+        return [samples[start : start + self.batch_size] for start in range(0, len(samples), self.batch_size)]
 
 
 class ImageBatchDataset(Dataset):

@@ -13,12 +13,15 @@ path of every entry with a "caption" key; here it is kept.
 An entry is applied like an image sidecar that wins over the image's own sidecar files, so an
 entry without a caption still gets the one beside its image (or its file name). Folder files
 (multiply.txt, local.yaml, global.yaml) are not read for manifest images: the manifest is the list.
-A listed image that is missing is skipped and reported like a broken one.
+A listed image that is missing is skipped and reported like a broken one. An image listed again (by the
+same path or another path to the same file, such as a link) is counted once: the later entries are left out
+with a warning, so it cannot land in both the training and the validation split.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +30,9 @@ from data.sidecars import (
     CAPTION_KEY,
     YAML_EXTENSIONS,
     DataSettingsError,
-    NOT_SET,
     ItemSettings,
     SettingsReport,
+    is_present,
     read_caption_or_settings_file,
     beside_caption,
     settings_from_mapping,
@@ -44,15 +47,23 @@ def is_manifest(data_root: Path) -> bool:
 
 
 def read_manifest(manifest: Path, report: SettingsReport) -> list[tuple[Path, ItemSettings]]:
-    """(image path, the entry's settings) for each well-formed entry; the others go to report."""
+    """(image path, the entry's settings) for each well-formed entry of a file not listed before; the others go
+    to report."""
     listed = []
+    entry_of_file: dict[str, int] = {}  # real path -> the number of the entry that listed it first
     for number, entry in enumerate(_load_entries(manifest), start=1):
         source = f"{manifest} entry {number}"
         if not isinstance(entry, dict) or not isinstance(entry.get(IMAGE_KEY), str):
             report.errors.append(f"{source}: expected an object with an \"image\" path, got {json.dumps(entry)}")
             continue
+        source = f"{source} ({entry[IMAGE_KEY]})"
         image = manifest.parent / entry[IMAGE_KEY]  # an absolute "image" path stays as it is
-        listed.append((image, _entry_settings(entry, manifest.parent, f"{source} ({entry[IMAGE_KEY]})", report)))
+        first = entry_of_file.setdefault(os.path.realpath(image), number)
+        if first != number:
+            report.warnings.append(f"{source}: the same file as entry {first}; left out, so the image is counted"
+                                   " once (\"multiply\" trains an image more often)")
+            continue
+        listed.append((image, _entry_settings(entry, manifest.parent, source, report)))
     return listed
 
 
@@ -86,8 +97,10 @@ def _entry_settings(entry: dict, base: Path, source: str, report: SettingsReport
         from_file = read_caption_or_settings_file(caption_file, report)
     except OSError as error:
         report.errors.append(f"{source}: caption file unreadable: {error}")
-        from_file = NOT_SET
-    return beside_caption(settings_from_mapping(keys, source, report), from_file)
+        from_file = None
+    entry_settings = settings_from_mapping(keys, source, report)
+    # None: an undecodable caption file, read as if missing (the image's own sidecar or its file name then).
+    return entry_settings if from_file is None else beside_caption(entry_settings, from_file)
 
 
 def _caption_file(caption: Any, base: Path) -> Path | None:
@@ -95,4 +108,4 @@ def _caption_file(caption: Any, base: Path) -> Path | None:
     if not isinstance(caption, str) or Path(caption).suffix.lower() not in _CAPTION_FILE_EXTENSIONS:
         return None
     path = base / caption
-    return path if path.is_file() else None
+    return path if is_present(path) else None

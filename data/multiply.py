@@ -1,13 +1,16 @@
-"""Image multipliers: how many copies of each image an epoch trains, with a fixed count per bucket.
+"""Image multipliers: how many copies of each image an epoch trains.
 
-The whole part of a multiplier repeats the image exactly that many times every epoch. The
-fractional parts of a bucket's images add up to a number of extra copies, rounded half up,
-that is the same every epoch: so batches per epoch, and with them the LR schedule, are known
-before training. Which images get those extra copies is drawn afresh each epoch, each with a
-chance equal to its fraction (scaled slightly so that the chances add up to the whole count).
+ED2's count (data/data_loader.py, DataLoaderMultiAspect): an epoch trains floor(sum of every image's
+multiplier) samples, the same number every epoch: each image's whole part exactly, and the rest as
+extra copies of images that have a fractional part, drawn afresh each epoch, each image at most once.
 
-ED2 redraws the fractional copies each epoch too, but their number varies, so its steps per
-epoch change from epoch to epoch.
+Batches are formed per group (an aspect bucket, or a batch_id within it), so how many batches an
+epoch has depends on how the extra copies fall into the groups. In ED2 that varied from epoch to
+epoch, and with it its steps per epoch. Here each group gets a fixed share of ED2's extra copies:
+its sum of fractional parts, rounded by the largest-remainder method so that the shares add up to
+ED2's count exactly. So batches per epoch, the LR schedule and its preview are known before
+training. Which images of a group get its extra copies is drawn again each epoch from the run's
+seed, each with a chance in proportion to its fraction.
 """
 
 from __future__ import annotations
@@ -25,19 +28,33 @@ def fraction(multiplier: float) -> float:
     return multiplier - math.floor(multiplier)
 
 
-def extra_copy_count(fractions: Sequence[float]) -> int:
-    """Extra copies per epoch from these fractional parts: their sum rounded half up."""
-    # fsum: the exact sum of the floats, so the count cannot depend on the order of the images.
-    return math.floor(math.fsum(fractions) + 0.5)
+def epoch_size(multipliers: Sequence[float]) -> int:
+    """ED2's samples per epoch: floor of the sum of the multipliers. fsum is the exact sum, so ten images at 2.3
+    make the 23 meant (ED2's float sum, 22.999999999999996, trained 22)."""
+    return math.floor(math.fsum(multipliers))
 
 
-def draw_extra_copies(fractions: Sequence[float], rng: random.Random) -> list[int]:
-    """Indices into fractions of the images that get an extra copy: exactly extra_copy_count of them.
+def extra_copies_per_group(groups: Sequence[Sequence[float]]) -> list[int]:
+    """Each group's fixed number of extra copies per epoch, for the groups' multipliers: ED2's epoch size less the
+    whole copies, shared out by the groups' sums of fractions (largest remainder first; ties to the earlier group)."""
+    everything = [multiplier for group in groups for multiplier in group]
+    extra = epoch_size(everything) - sum(map(whole_copies, everything))
+    sums = [math.fsum(map(fraction, group)) for group in groups]
+    shares = [math.floor(total) for total in sums]
+    remainders = sorted((index for index, total in enumerate(sums) if total > shares[index]),
+                        key=lambda index: shares[index] - sums[index])
+    for index in remainders[: extra - sum(shares)]:
+        shares[index] += 1
+    return shares
+
+
+def draw_extra_copies(fractions: Sequence[float], count: int, rng: random.Random) -> list[int]:
+    """Indices into fractions of the `count` images that get an extra copy (count: at most the sum of the fractions,
+    rounded up).
 
     Systematic sampling over a shuffled order: lay the chances end to end on [0, count), then
     pick the images under the points offset, offset + 1, ..., offset + count - 1.
     """
-    count = extra_copy_count(fractions)
     chances = inclusion_chances(fractions, count)
     order = list(range(len(fractions)))
     rng.shuffle(order)

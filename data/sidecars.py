@@ -4,14 +4,14 @@ Where an image's settings come from, weakest first; a later source overrides an 
 by key (ED2's order: global -> local -> image sidecar):
 1. global.yaml / global.yml of data_root and of every folder down to the image's own, outermost
    first: a global.yaml applies to its folder and all subfolders, and a nearer one wins;
-2. the image's folder only: multiply.txt, flip_p.txt, cond_dropout.txt, loss_scale.txt,
+2. the image's folder only: multiply.txt, flip_p.txt, cond_dropout.txt, loss_scale.txt, batch_id.txt,
    shuffle_tags.txt (its presence turns shuffling on, whatever it holds), then local.yaml / .yml;
-3. the image's own sidecar: <name>.yaml / .yml for settings and caption, and, when that sets no
-   main_prompt, tags or caption, the caption from <name>.txt, else <name>.caption.
-Tags add up instead of overriding: the image's own tags first, then its folder's, then each
-global.yaml's, nearest first; a tag already present is not repeated. The file name up to the
-first '_' is the main prompt only when no source sets one. Global.yaml files above data_root
-are not read.
+3. the image's own sidecars, every one it has, in ED2's order: <name>.txt, <name>.caption (caption
+   text), <name>.yml, <name>.yaml (settings and caption); a later one's main prompt and settings win.
+Tags add up instead of overriding: the image's own tags first (its later sidecars' first), then its
+folder's, then each global.yaml's, nearest first; a tag already present is not repeated. The file
+name up to the first '_' is the main prompt only when no source sets one. Global.yaml files above
+data_root are not read.
 
 YAML keys (also the keys of a JSON manifest entry, see data/manifest.py):
   main_prompt (text), tags (a list of texts or {tag, weight > 0}, or one comma-separated text),
@@ -19,19 +19,24 @@ YAML keys (also the keys of a JSON manifest entry, see data/manifest.py):
   main_prompt or tags wins over that part of it), multiply (>= 0), flip_p and cond_dropout
   (0..1), shuffle_tags (true/false), keep_tags (whole number >= 0: tags that stay in place when
   shuffling), max_caption_length (whole number >= 1, characters), loss_scale (any finite number;
-  negative values unlearn, as in ED2).
+  negative values unlearn, as in ED2), batch_id (a name: images with the same one share batches).
 A missing key means "not set here"; the run's config value (flip_p, cond_dropout, shuffle_tags,
 keep_tags) applies when no source sets one.
 
 Bad values are errors, not warnings: a typo such as multiply "abc" or flip_p 2 would otherwise
 change the balance of a long run without anyone noticing. Every bad value of the whole data set
 is collected and reported at once, each with its file, key and value, before anything trains.
-ED2 keys that EveryCycle does not use (batch_id, rating, batch_id.txt) and unknown keys are
-warnings: the run goes on without them.
+ED2's `rating` (rated data sets, which EveryCycle does not have) and unknown keys are warnings: the
+run goes on without them.
+
+Text files are read as UTF-8, with or without a byte-order mark, or UTF-16/UTF-32 with one. A caption file in
+none of these is read as if it were missing, with a warning; a settings file in none of these is an error. A
+broken link in a sidecar's place is reported as unreadable, never taken for a missing file.
 """
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import math
 from collections.abc import Callable, Mapping
@@ -43,9 +48,12 @@ import yaml
 
 from data.captions import Tag, split_caption, tags_from_text
 
-# Checked in this order; the first one that exists wins.
 CAPTION_EXTENSIONS = (".txt", ".caption")
 YAML_EXTENSIONS = (".yaml", ".yml")
+# An image's sidecars, each read on top of the ones before it (ED2's data/dataset.py Dataset.__sidecar_cfg folds
+# them in this order): the .yaml's main prompt beats the .txt's, and the tags of all of them add up.
+SIDECAR_ORDER = (".txt", ".caption", ".yml", ".yaml")
+# Folder files: the first one of these that exists is read.
 GLOBAL_FILES = ("global.yaml", "global.yml")
 LOCAL_FILES = ("local.yaml", "local.yml")
 FOLDER_VALUE_FILES = {
@@ -53,14 +61,23 @@ FOLDER_VALUE_FILES = {
     "flip_p.txt": "flip_p",
     "cond_dropout.txt": "cond_dropout",
     "loss_scale.txt": "loss_scale",
+    "batch_id.txt": "batch_id",
 }
 SHUFFLE_TAGS_FILE = "shuffle_tags.txt"
-UNUSED_ED2_FOLDER_FILES = {"batch_id.txt": "batch_id"}
 UNUSED_ED2_KEYS = {
-    "batch_id": "accepted for ED2 compatibility, not used: batches are grouped by aspect bucket only",
     "rating": "accepted for ED2 compatibility, not used: rated data sets are not supported",
 }
+SEVERAL_MAIN_PROMPTS = ("several sidecars of the image set a main prompt; the last of .txt, .caption, .yml, .yaml "
+                        "is used, as in ED2")
 CAPTION_KEY = "caption"
+# UTF-16 and UTF-32 are read only with a byte-order mark, which is what Windows editors write; the UTF-32 LE
+# mark is checked first because it begins with the UTF-16 LE one. Python's codecs drop the mark.
+_WIDE_BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
 
 
 class DataSettingsError(ValueError):
@@ -69,6 +86,10 @@ class DataSettingsError(ValueError):
 
 class UnreadableSidecar(Exception):
     """An image's own sidecar exists but cannot be read: the image is skipped, not trained captionless."""
+
+
+class UndecodableText(ValueError):
+    """A text file in no encoding EveryCycle reads; the message says what is wrong with it."""
 
 
 class _BadValue(ValueError):
@@ -88,6 +109,7 @@ class ItemSettings:
     keep_tags: int | None = None
     max_caption_length: int | None = None
     loss_scale: float | None = None
+    batch_id: str | None = None
 
     @property
     def sets_caption(self) -> bool:
@@ -202,6 +224,13 @@ def _text(value: Any) -> str:
     return value.strip()
 
 
+def _batch_id(value: Any) -> str | None:
+    """A name; a number is its text (`batch_id: 1` in YAML and 1 in batch_id.txt are one group). Empty: no group."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise _BadValue("a name (text)")
+    return str(value).strip() or None
+
+
 def _tags(value: Any) -> tuple[Tag, ...]:
     if isinstance(value, str):
         return tags_from_text(value)
@@ -231,6 +260,7 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "keep_tags": _whole_number(0),
     "max_caption_length": _whole_number(1),
     "loss_scale": _number,
+    "batch_id": _batch_id,
 }
 KNOWN_KEYS = (*PARSERS, CAPTION_KEY, *UNUSED_ED2_KEYS)
 
@@ -283,26 +313,48 @@ def _did_you_mean(key: str) -> str:
 
 
 def read_text_file(path: Path, report: SettingsReport) -> str:
-    """The text of a small settings or caption file; undecodable bytes become U+FFFD with a warning.
+    """The text of a small settings or caption file: UTF-8 (with or without a byte-order mark), or UTF-16 or
+    UTF-32 with one. A few bytes that are not UTF-8 become U+FFFD, with a warning.
 
-    Raises OSError when the file cannot be read at all.
+    Raises UndecodableText for a file in none of these encodings, OSError when it cannot be read at all.
     """
     raw = path.read_bytes()
+    for mark, encoding in _WIDE_BYTE_ORDER_MARKS:
+        if raw.startswith(mark):
+            return _decoded_wide_text(raw, encoding)
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    if b"\x00" in raw:
+        # NUL is valid UTF-8, so such a file would decode without an error, as garbage. No caption holds one;
+        # UTF-16 without a byte-order mark and binary files do.
+        raise UndecodableText("holds NUL bytes: UTF-16 or UTF-32 without a byte-order mark, or not a text file;"
+                              " save it as UTF-8")
     try:
-        # utf-8-sig also drops the byte-order mark that some Windows editors write.
-        return raw.decode("utf-8-sig").strip()
+        return raw.decode("utf-8").strip()
     except UnicodeDecodeError as error:
         report.warnings.append(
             f"{path}: not valid UTF-8 ({error.reason} at byte {error.start});"
             " undecodable bytes were replaced with U+FFFD"
         )
-        return raw.decode("utf-8-sig", errors="replace").strip()
+        return raw.decode("utf-8", errors="replace").strip()
+
+
+def _decoded_wide_text(raw: bytes, encoding: str) -> str:
+    try:
+        return raw.decode(encoding).strip()
+    except UnicodeDecodeError as error:
+        raise UndecodableText(
+            f"starts with a {encoding} byte-order mark but is not valid {encoding} ({error.reason} at byte"
+            f" {error.start}); save it as UTF-8"
+        ) from None
 
 
 def read_yaml_settings(path: Path, report: SettingsReport) -> ItemSettings:
     """The settings of a YAML file; a file that is not YAML key: value pairs is a bad value."""
     try:
         loaded = yaml.safe_load(read_text_file(path, report))
+    except UndecodableText as error:  # its settings would be lost: an error, like a bad value
+        report.errors.append(f"{path}: {error}")
+        return NOT_SET
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -317,41 +369,55 @@ def read_yaml_settings(path: Path, report: SettingsReport) -> ItemSettings:
 
 
 def read_image_sidecars(image_path: Path, report: SettingsReport) -> ItemSettings:
-    """What the image's own <name>.yaml/.yml and <name>.txt/.caption say.
+    """What the image's own sidecars (SIDECAR_ORDER) say, each on top of the ones before it.
 
     Raises UnreadableSidecar when one of them exists but cannot be read: training on the
     file-name caption instead would silently teach the wrong text.
     """
+    settings, main_prompts = NOT_SET, set()
     try:
-        settings = _first_existing(image_path, YAML_EXTENSIONS, lambda path: read_yaml_settings(path, report))
-        if not settings.sets_caption:
-            caption = _first_existing(image_path, CAPTION_EXTENSIONS, lambda path: _caption_file(path, report))
-            settings = caption.over(settings)
+        for extension in SIDECAR_ORDER:
+            sidecar = image_path.with_suffix(extension)
+            # None: a caption file in no readable encoding, read as if it were missing
+            if is_present(sidecar) and (own := read_caption_or_settings_file(sidecar, report)) is not None:
+                settings = own.over(settings)
+                if own.main_prompt:
+                    main_prompts.add(own.main_prompt)
     except OSError as error:
         raise UnreadableSidecar(f"sidecar unreadable: {error}") from error
+    if len(main_prompts) > 1:
+        report.note(SEVERAL_MAIN_PROMPTS, str(image_path))
     return settings
 
 
-def read_caption_or_settings_file(path: Path, report: SettingsReport) -> ItemSettings:
-    """A caption file named explicitly (by a manifest): YAML settings or caption text, by extension."""
+def read_caption_or_settings_file(path: Path, report: SettingsReport) -> ItemSettings | None:
+    """A caption file named explicitly (by a manifest): YAML settings or caption text, by extension.
+
+    None: an undecodable caption text, to be treated as if it were missing (with a warning).
+    """
     if path.suffix.lower() in YAML_EXTENSIONS:
         return read_yaml_settings(path, report)
     return _caption_file(path, report)
 
 
-def _caption_file(path: Path, report: SettingsReport) -> ItemSettings:
-    main_prompt, tags = split_caption(read_text_file(path, report))
+def is_present(path: Path) -> bool:
+    """True for a file and for a broken link in a file's place: reading the link then fails and is reported,
+    where is_file() would say there is no file and the image would quietly fall back to another caption."""
+    return path.is_file() or path.is_symlink()
+
+
+def _caption_file(path: Path, report: SettingsReport) -> ItemSettings | None:
+    """The caption of a .txt/.caption file; None when it is in no readable encoding (treated as missing)."""
+    try:
+        text = read_text_file(path, report)
+    except UndecodableText as error:
+        report.warnings.append(
+            f"{path}: {error}. Read as if it were missing: the caption comes from the next source, as for a"
+            " missing file (for <name>.txt: <name>.caption, a local.yaml or global.yaml main_prompt, the file name)"
+        )
+        return None
+    main_prompt, tags = split_caption(text)
     return ItemSettings(main_prompt=main_prompt, tags=tags)
-
-
-def _first_existing(
-    image_path: Path, extensions: tuple[str, ...], read: Callable[[Path], ItemSettings]
-) -> ItemSettings:
-    for extension in extensions:
-        sidecar = image_path.with_suffix(extension)
-        if sidecar.is_file():
-            return read(sidecar)
-    return NOT_SET
 
 
 class FolderSettings:
@@ -384,7 +450,7 @@ class FolderSettings:
     def _yaml_in(self, folder: Path, names: tuple[str, ...]) -> ItemSettings:
         for name in names:
             path = folder / name
-            if path.is_file():
+            if is_present(path):
                 settings = self._read(path, read_yaml_settings)
                 return NOT_SET if settings is None else settings
         return NOT_SET
@@ -393,20 +459,17 @@ class FolderSettings:
         values: dict[str, Any] = {}
         for name, key in FOLDER_VALUE_FILES.items():
             path = folder / name
-            if path.is_file() and (text := self._read(path, read_text_file)) is not None:
+            if is_present(path) and (text := self._read(path, read_text_file)) is not None:
                 _parse_into(values, key, text, str(path), self._report)
-        if (folder / SHUFFLE_TAGS_FILE).is_file():
+        if is_present(folder / SHUFFLE_TAGS_FILE):
             values["shuffle_tags"] = True
-        for name, key in UNUSED_ED2_FOLDER_FILES.items():
-            if (folder / name).is_file():
-                self._report.note(f"{name} {UNUSED_ED2_KEYS[key]}", str(folder / name))
         return ItemSettings(**values)
 
     def _read(self, path: Path, read: Callable[[Path, SettingsReport], Any]) -> Any | None:
         """What read returns, or None (with an error) when the file cannot be read."""
         try:
             return read(path, self._report)
-        except OSError as error:
+        except (OSError, UndecodableText) as error:
             # A folder file applies to many images: an error names the one cause, where
             # skipping every image of the folder would not.
             self._report.errors.append(f"{path}: unreadable: {error}")

@@ -1,4 +1,6 @@
-"""Hold-out validation split, with ED2's semantics (items sorted by path, seeded shuffle)."""
+"""Hold-out validation split, with ED2's semantics (data/every_dream_validation.py, get_random_split): the items
+sorted by path, shuffled by a generator seeded with the validation seed, and the first ceil(proportion x count)
+held out. So the same images are held out as in ED2."""
 
 from __future__ import annotations
 
@@ -38,24 +40,26 @@ def split_items(
 
 
 def validation_count(num_items: int, proportion: float) -> int:
-    """How many of num_items an automatic split holds out.
+    """How many of num_items an automatic split holds out: ceil(num_items x proportion), as ED2.
 
-    Rounds half up (so 20 items at 0.2 give 4, and float noise such as 0.29 * 100 =
-    28.999... still gives 29), holds out at least one item whenever a split is asked for
-    and possible, and always leaves at least one item to train on.
+    The product is taken without float noise (0.1 x 30 is 3.0000000000000004 in floating point, which ED2 rounded
+    up to 4; here it holds out 3). Unlike ED2, a proportion of 0 holds out none (ED2 held out one), and at least
+    one item is always left to train on (ED2 could hold out a data set's only image and then crash).
     """
     if not 0.0 <= proportion < 1.0:
         raise ValueError(f"auto_split_proportion must be in [0, 1), got {proportion}")
     if proportion == 0.0 or num_items < 2:
         return 0
-    rounded = math.floor(num_items * proportion + 0.5)
-    return min(max(rounded, 1), num_items - 1)
+    # 12 significant digits drop the float noise of the product, never a real fraction of an item.
+    held_out = math.ceil(round(num_items * proportion, 12 - len(str(num_items))))
+    return min(max(held_out, 1), num_items - 1)
 
 
 def _automatic_split(
     sorted_items: list[ImageItem], proportion: float, seed: int
 ) -> tuple[list[ImageItem], list[ImageItem]]:
-    shuffled = list(sorted_items)
+    # ED2 sorts by the path text before shuffling (Path order differs, e.g. "a-b.png" against "a/b.png").
+    shuffled = sorted(sorted_items, key=lambda item: str(item.path))
     # A private generator: drawing the split must not shift the training run's global RNG.
     random.Random(seed).shuffle(shuffled)
     held_out = shuffled[: validation_count(len(shuffled), proportion)]

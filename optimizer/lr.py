@@ -1,31 +1,39 @@
-"""From the config and the RunPlan to one LR function per parameter group (UNet, text encoder).
+"""From the config and the RunPlan to the run's schedules, and onto the torch optimizer.
 
 This is where config keys become `ScheduleSpec`s, where ED2's automatic defaults are applied, and where a
-schedule may fix the run length (staged cycles, ending on a low point). Everything else about schedules
-lives in optimizer/schedules.py as pure functions.
+schedule may fix the run length (staged cycles, ending on a low point). `plan_schedule` returns the result as
+`Schedules`: one LR function per parameter group (UNet, text encoder) and the cycled beta1, if any.
+`FunctionLR` is the one torch object: it sets those functions' values on the optimizer's param groups. The
+schedules themselves are pure functions, in optimizer/schedules.py (see its docstring for the other modules).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
 from data.plan import RunPlan, plan_run
-from optimizer import schedules
-from optimizer.schedules import FunctionLR, ScheduleError, ScheduleSpec
-from utils.config import ConfigError, TrainConfig
+from optimizer.schedule_checks import ScheduleError, ed2_default_decay_steps
+from optimizer.schedule_report import describe, nearest_low_end
+from optimizer.schedules import LrFunction, ScheduleSpec, build_momentum, build_schedule, stages_total_steps
+from utils.config import ED2_SCHEDULE_NAMES, MAX_STEPS, ConfigError, TrainConfig
 
 MOMENTUM_RANGE = (0.85, 0.95)  # Smith's cyclical momentum: 0.95 at the LR's low, 0.85 at its peak
+
+
+def ed2_default_warmup_steps(decay_steps: int) -> int:
+    """ED2's automatic lr_warmup_steps (used when it is null): 2% of lr_decay_steps."""
+    return int(decay_steps / 50)
 
 
 def warmup_steps(name: str, warmup: int | None, decay: int | None, total_steps: int) -> int:
     """The warmup given, or ED2's automatic 2% of the decay steps for the ED2 schedules that warm up."""
     if warmup is not None:
         return warmup
-    if name in schedules.ED2_NAMES and name != "constant":
-        return schedules.ed2_default_warmup_steps(decay or schedules.ed2_default_decay_steps(total_steps))
+    if name in ED2_SCHEDULE_NAMES and name != "constant":
+        return ed2_default_warmup_steps(decay or ed2_default_decay_steps(total_steps))
     return 0
 
 
@@ -37,8 +45,7 @@ def unet_spec(config: TrainConfig, plan: RunPlan) -> ScheduleSpec:
         total_steps=plan.total_steps,
         steps_per_epoch=plan.steps_per_epoch,
         lr_min=config.lr_min,
-        warmup_steps=warmup_steps(config.lr_scheduler, config.lr_warmup_steps, config.lr_decay_steps,
-                                  plan.total_steps),
+        warmup_steps=warmup_steps(config.lr_scheduler, config.lr_warmup_steps, config.lr_decay_steps, plan.total_steps),
         decay_steps=None if config.lr_scheduler == "one_cycle" else config.lr_decay_steps,
         stepsize_epochs=config.lr_stepsize_epochs,
         cycles=config.lr_cycles,
@@ -64,14 +71,22 @@ def text_encoder_spec(config: TrainConfig, unet: ScheduleSpec) -> ScheduleSpec:
     peak = config.text_encoder_lr if config.text_encoder_lr is not None else config.lr * scale
     name = config.text_encoder_lr_scheduler
     if name and name != config.lr_scheduler:
-        if name not in schedules.ED2_NAMES:
-            raise ConfigError(f"key 'text_encoder_lr_scheduler' = '{name}': a separate text encoder schedule must be "
-                              f"one of {', '.join(schedules.ED2_NAMES)}; cyclic and one_cycle are shared with the UNet "
-                              f"(leave text_encoder_lr_scheduler null and set text_encoder_lr / _lr_min).")
+        if name not in ED2_SCHEDULE_NAMES:
+            raise ConfigError(
+                f"key 'text_encoder_lr_scheduler' = '{name}': a separate text encoder schedule must be "
+                f"one of {', '.join(ED2_SCHEDULE_NAMES)}; cyclic and one_cycle are shared with the UNet "
+                f"(leave text_encoder_lr_scheduler null and set text_encoder_lr / _lr_min)."
+            )
         decay = config.text_encoder_lr_decay_steps or config.lr_decay_steps
         warmup = config.text_encoder_lr_warmup_steps
-        return ScheduleSpec(name=name, lr=peak, total_steps=unet.total_steps, steps_per_epoch=unet.steps_per_epoch,
-                            decay_steps=decay, warmup_steps=warmup_steps(name, warmup, decay, unet.total_steps))
+        return ScheduleSpec(
+            name=name,
+            lr=peak,
+            total_steps=unet.total_steps,
+            steps_per_epoch=unet.steps_per_epoch,
+            decay_steps=decay,
+            warmup_steps=warmup_steps(name, warmup, decay, unet.total_steps),
+        )
     low = config.text_encoder_lr_min if config.text_encoder_lr_min is not None else config.lr_min * scale
     if low > peak:
         raise ConfigError(f"text_encoder_lr_min ({low:g}) must not exceed text_encoder_lr ({peak:g}).")
@@ -95,51 +110,147 @@ def _stages_length(config: TrainConfig, plan: RunPlan) -> RunPlan:
         )
     stages = [(stage.cycles, stage.lr) for stage in config.lr_cycle_stages]
     warmup = config.lr_warmup_steps or 0
-    return plan.with_total_steps(schedules.stages_total_steps(stages, stepsize, warmup))
+    return plan.with_total_steps(stages_total_steps(stages, stepsize, warmup))
 
 
 def _end_on_low_point(config: TrainConfig, plan: RunPlan, spec: ScheduleSpec, notes: list[str]) -> RunPlan:
     """Say when a cyclic run does not end on a low point; with lr_end_at_low, move the end to the nearest."""
-    if spec.name != "cyclic" or schedules.describe(spec)["ends"] == "low":
+    if spec.name != "cyclic":
         return plan
-    described = schedules.describe(spec)
-    nearest = schedules.nearest_low_end(spec)
+    described = describe(spec)
+    if described["ends"] == "low":
+        return plan
+    nearest = nearest_low_end(spec)
     if config.lr_end_at_low and nearest.nearest_steps:
-        notes.append(f"lr_end_at_low: run length changed from {plan.total_steps} to {nearest.nearest_steps} steps "
-                     f"so that it ends on a low point of the cycle")
+        notes.append(
+            f"lr_end_at_low: run length changed from {plan.total_steps} to {nearest.nearest_steps} steps "
+            f"so that it ends on a low point of the cycle"
+        )
         return plan.with_total_steps(nearest.nearest_steps)
-    notes.append(f"warning: the run ends {described['ends']} (LR {described['end_lr']:.3g}), not on a low point. "
-                 f"{nearest.message}"
-                 + ("" if config.lr_end_at_low else " Set lr_end_at_low: true to end on the nearest one."))
+    notes.append(
+        f"warning: the run ends {described['ends']} (LR {described['end_lr']:.3g}), not on a low point. "
+        f"{nearest.message}" + ("" if config.lr_end_at_low else " Set lr_end_at_low: true to end on the nearest one.")
+    )
     return plan
 
 
-def plan_schedule(config: TrainConfig, batches_per_epoch: int) -> tuple[RunPlan, dict[str, Callable[[int], float]], list[str]]:
-    """The final RunPlan, an LR function per group ("unet", "text_encoder") and notes for the log."""
+@dataclass(frozen=True)
+class Schedules:
+    """The run's schedules as functions of the optimizer step (0 = the first step of the run)."""
+
+    lr: dict[str, LrFunction]  # the absolute LR of each param group: "unet" and, when it trains, "text_encoder"
+    momentum: LrFunction | None  # beta1 / SGD momentum, shared by the groups; None unless lr_cycle_momentum
+
+    def lrs_at(self, step: int) -> dict[str, float]:
+        return {group: lr_at(step) for group, lr_at in self.lr.items()}
+
+
+def refuse_overlong(plan: RunPlan) -> None:
+    """max_epochs x the steps of an epoch can pass MAX_STEPS though each key is within its own bound."""
+    if plan.total_steps > MAX_STEPS:
+        raise ConfigError(
+            f"key 'max_epochs': {plan.epochs:,} epochs of {plan.steps_per_epoch:,} steps make "
+            f"{plan.total_steps:,} steps; the longest run accepted is {MAX_STEPS:,} steps. Lower "
+            f"max_epochs, or give max_steps."
+        )
+
+
+def plan_schedule(config: TrainConfig, batches_per_epoch: int) -> tuple[RunPlan, Schedules, list[str]]:
+    """The final RunPlan, the run's Schedules and notes for the log."""
     notes: list[str] = []
     try:
-        plan = plan_run(batches_per_epoch, config.grad_accum, config.max_epochs, config.max_steps)
-        plan = _stages_length(config, plan)
+        plan = _stages_length(
+            config, plan_run(batches_per_epoch, config.grad_accum, config.max_epochs, config.max_steps)
+        )
+        refuse_overlong(plan)  # before any per-cycle work on it
         plan = _end_on_low_point(config, plan, unet_spec(config, plan), notes)
         spec = unet_spec(config, plan)
         specs = {"unet": spec}
         if config.train_text_encoder:
             specs["text_encoder"] = text_encoder_spec(config, spec)
-        functions = {group: schedules.build_schedule(s) for group, s in specs.items()}
-        momentum = schedules.build_momentum(spec)
+        # unet_spec sets momentum_cycle only with lr_cycle_momentum, so momentum is None without it.
+        schedules = Schedules(
+            lr={group: build_schedule(s) for group, s in specs.items()}, momentum=build_momentum(spec)
+        )
     except ScheduleError as error:
         raise ConfigError(str(error)) from None
-    notes.extend(f"note: {note}" for note in schedules.describe(spec)["notes"])
-    if momentum is not None:
-        functions["momentum"] = momentum
-    return plan, functions, notes
+    notes.extend(f"note: {note}" for note in describe(spec)["notes"])
+    return plan, schedules, notes
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, functions: dict, cycle_momentum: bool) -> FunctionLR:
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedules: Schedules) -> FunctionLR:
     """Wrap the pure functions for torch; groups are matched by name."""
-    lr_functions = [functions[group["name"]] for group in optimizer.param_groups]
-    return FunctionLR(optimizer, lr_functions, momentum_fn=functions.get("momentum") if cycle_momentum else None)
+    lr_fns = [schedules.lr[group["name"]] for group in optimizer.param_groups]
+    return FunctionLR(optimizer, lr_fns, momentum_fn=schedules.momentum)
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {group["name"]: group["lr"] for group in optimizer.param_groups}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The torch wrapper
+# ---------------------------------------------------------------------------------------------------------
+
+
+class FunctionLR(torch.optim.lr_scheduler.LRScheduler):
+    """Sets each param group's ABSOLUTE lr (and optionally beta1 / momentum) from functions of the step.
+
+    Like every torch scheduler, call `step()` once after each `optimizer.step()`; the LR in the param groups
+    before optimizer step k is `lr_fn(k)`. `momentum_fn`, when given, sets beta1 (Adam-style) or momentum
+    (SGD-style) of every group: the groups share one phase, so they share the momentum. The state is only
+    the step count (functions are never pickled): to resume, build it again from the same schedules and
+    `load_state_dict`; the param groups are set at once, so the next optimizer step continues the curve.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr_fns: LrFunction | Sequence[LrFunction],
+        momentum_fn: LrFunction | None = None,
+    ) -> None:
+        self.lr_fns = _one_per_group(optimizer, lr_fns)
+        self.momentum_fn = momentum_fn
+        if momentum_fn is not None:
+            _check_optimizer_has_momentum(optimizer)
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        if self.momentum_fn is not None:
+            self._set_momentum(self.momentum_fn(self.last_epoch))
+        return [lr_fn(self.last_epoch) for lr_fn in self.lr_fns]
+
+    def state_dict(self) -> dict:
+        return {"step": self.last_epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_epoch = int(state_dict["step"])
+        # torch waits for the next step() to apply a loaded state (#65342); apply it now instead.
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+    def _set_momentum(self, momentum: float) -> None:
+        for group in self.optimizer.param_groups:
+            if "betas" in group:
+                group["betas"] = (momentum, *group["betas"][1:])
+            else:
+                group["momentum"] = momentum
+
+
+def _one_per_group(optimizer: torch.optim.Optimizer, lr_fns: LrFunction | Sequence[LrFunction]) -> list[LrFunction]:
+    groups = len(optimizer.param_groups)
+    if callable(lr_fns):
+        return [lr_fns] * groups
+    if len(lr_fns) != groups:
+        raise ValueError(f"FunctionLR got {len(lr_fns)} lr_fns for an optimizer with {groups} param groups.")
+    return list(lr_fns)
+
+
+def _check_optimizer_has_momentum(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        if "betas" not in group and "momentum" not in group:
+            raise ScheduleError(
+                f"lr_cycle_momentum cycles beta1 or momentum, but {type(optimizer).__name__} has neither. "
+                "Turn lr_cycle_momentum off for this optimizer."
+            )

@@ -25,19 +25,34 @@ OPTIMIZERS = {
     "dadapt_sgd": ("dadaptation", "DAdaptSGD", ("weight_decay",)),
     "coordinate_dowg": ("dowg", "CoordinateDoWG", ()),  # its eps is a distance estimate, not Adam's epsilon
 }
-PACKAGE_OF = {"bitsandbytes.optim": "bitsandbytes", "lion_pytorch": "lion-pytorch", "prodigyopt": "prodigyopt", "dadaptation": "dadaptation",
-              "dowg": "dowg"}
+PACKAGE_OF = {
+    "bitsandbytes.optim": "bitsandbytes",
+    "lion_pytorch": "lion-pytorch",
+    "prodigyopt": "prodigyopt",
+    "dadaptation": "dadaptation",
+    "dowg": "dowg",
+}
 
 
 def model_param_groups(config: TrainConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> list[dict]:
     """The trained parameters, grouped by model, with each model's own hyperparameters."""
     groups = []
     if not config.disable_unet_training:
-        groups.append({"name": "unet", "params": [p for p in unet.parameters() if p.requires_grad],
-                       **_hyperparameters(config, text_encoder=False)})
+        groups.append(
+            {
+                "name": "unet",
+                "params": [p for p in unet.parameters() if p.requires_grad],
+                **_hyperparameters(config, text_encoder=False),
+            }
+        )
     if config.train_text_encoder:
-        groups.append({"name": "text_encoder", "params": [p for p in text_encoder.parameters() if p.requires_grad],
-                       **_hyperparameters(config, text_encoder=True)})
+        groups.append(
+            {
+                "name": "text_encoder",
+                "params": [p for p in text_encoder.parameters() if p.requires_grad],
+                **_hyperparameters(config, text_encoder=True),
+            }
+        )
     return [group for group in groups if group["params"]]
 
 
@@ -56,8 +71,10 @@ def build_optimizer(config: TrainConfig, param_groups: list[dict]) -> torch.opti
     """`param_groups` from model_param_groups; LRs start at 0 and are set by the LR scheduler."""
     module_name, class_name, takes = OPTIMIZERS[config.optimizer]
     optimizer_class = getattr(_import(module_name, config.optimizer), class_name)
-    groups = [{key: value for key, value in group.items() if key in takes or key in ("name", "params")}
-              | {"lr": 0.0} for group in param_groups]
+    groups = [
+        {key: value for key, value in group.items() if key in takes or key in ("name", "params")} | {"lr": 0.0}
+        for group in param_groups
+    ]
     kwargs = _checked_extra_arguments(optimizer_class, config)
     if config.optimizer == "adamw" and all(p.is_cuda for g in groups for p in g["params"]):
         # One kernel for all parameters. Elsewhere torch's default (foreach=None) takes the multi-tensor foreach
@@ -85,5 +102,6 @@ def _import(module_name: str, optimizer_name: str):
     except ImportError:
         package = PACKAGE_OF.get(module_name, module_name)
         raise ConfigError(
-            f"key 'optimizer' = '{optimizer_name}' needs the package {package}: `pip install {package}`, or use 'adamw'."
+            f"key 'optimizer' = '{optimizer_name}' needs the package {package}: `pip install {package}`, or use "
+            f"'adamw'."
         ) from None

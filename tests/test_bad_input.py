@@ -13,13 +13,15 @@ import torch
 from PIL import Image
 
 import data.loader
-import trainer.loop
+import trainer.step
 import utils.state
 from data.images import ImageLoadError
 from tests.conftest import DEMO_DATA, tiny_config
 from trainer.loop import Trainer
-from trainer.safety import disk_space_note, estimate_save_sizes
-from utils.config import ConfigError
+from trainer.resume import locate_state
+from trainer.sampling import read_prompts
+from utils.config import ConfigError, load_config
+from utils.disk import disk_space_note, estimate_save_sizes
 from utils.state import STATE_FOLDER, list_states, verify_state
 
 FAST = dict(validation_config=None, no_save_ckpt=True, lr_scheduler="cyclic", lr_decay_steps=3, lr_min=1e-5)
@@ -45,23 +47,29 @@ def add_bad_and_odd_images(folder: Path) -> None:
     (folder / "scene01.txt").write_bytes(b"a caption \xff\xfe with bad bytes")
 
 
-def test_bad_and_odd_images_are_listed_in_the_start_summary_and_the_run_folder(model_cache, demo_copy, tmp_path,
-                                                                               monkeypatch, capsys):
+def test_bad_and_odd_images_are_listed_in_the_start_summary_and_the_run_folder(
+    model_cache, demo_copy, tmp_path, monkeypatch, capsys
+):
     add_bad_and_odd_images(demo_copy)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)
     disk = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda folder: disk(10**9, 10**9 - 1000, 1000))
     trainer = Trainer(tiny_config(model_cache, demo_copy, tmp_path / "logs", validation_config=None))
-    trainer.set_up()
     trainer.logger.close()
     out = capsys.readouterr().out
 
     assert "images: 25 found, 4 skipped, 25 train" in out  # 20 demo + cmyk, rgba, gray, 16-bit gray, small
-    for name, reason in [("zero.png", "zero-byte file"), ("text.jpg", "not an image"),
-                         ("cut.png", "truncated or corrupt"), ("bomb.png", "decompression bomb")]:
+    for name, reason in [
+        ("zero.png", "zero-byte file"),
+        ("text.jpg", "not an image"),
+        ("cut.png", "truncated or corrupt"),
+        ("bomb.png", "decompression bomb"),
+    ]:
         assert f"skipped {demo_copy / name}: {reason}" in out
-    assert "warning: 1 image(s) smaller than their bucket will be upscaled (blurrier): " \
-           f"{demo_copy / 'small.png'} (32x32, bucket 64x64)" in out
+    assert (
+        "warning: 1 image(s) smaller than their bucket will be upscaled (blurrier): "
+        f"{demo_copy / 'small.png'} (32x32, bucket 64x64)" in out
+    )
     assert "scene01.txt: not valid UTF-8" in out
     assert "warning: the saves of this run need about" in out and "only 0.00 GB are free" in out
 
@@ -101,7 +109,7 @@ def test_images_that_fail_at_load_time_are_dropped_and_reported(model_cache, tmp
 
 def nan_from(monkeypatch, steps: set[int]) -> None:
     """The training loss of the given steps (one micro-batch each) becomes NaN."""
-    real_loss = trainer.loop.training_loss
+    real_loss = trainer.step.training_loss
     calls = {"count": 0}
 
     def loss(*args, **kwargs):
@@ -109,18 +117,21 @@ def nan_from(monkeypatch, steps: set[int]) -> None:
         value = real_loss(*args, **kwargs)
         return value * float("nan") if calls["count"] in steps else value
 
-    monkeypatch.setattr(trainer.loop, "training_loss", loss)
+    monkeypatch.setattr(trainer.step, "training_loss", loss)
 
 
 def trained_weights(run: Trainer) -> dict:
-    return {f"{name}.{key}": value.clone() for name, module in run.trained_models().items()
-            for key, value in module.state_dict().items()}
+    return {
+        f"{name}.{key}": value.clone()
+        for name, module in run.trained_models().items()
+        for key, value in module.state_dict().items()
+    }
 
 
-def test_nan_losses_skip_their_updates_and_stop_the_run_after_max_nan_steps(model_cache, tmp_path, monkeypatch,
-                                                                           capsys):
-    config = tiny_config(model_cache, DEMO_DATA, tmp_path / "nan", max_steps=20, max_nan_steps=3,
-                         save_state_every_n_minutes=1e-9, **FAST)
+def test_nan_losses_skip_their_updates_and_stop_the_run_after_max_nan_steps(model_cache, tmp_path, monkeypatch, capsys):
+    config = tiny_config(
+        model_cache, DEMO_DATA, tmp_path / "nan", max_steps=20, max_nan_steps=3, save_state_every_n_minutes=1e-9, **FAST
+    )
     nan_from(monkeypatch, {3, 4, 5, 6})
     run = Trainer(config)
     summary = run.run()
@@ -128,10 +139,14 @@ def test_nan_losses_skip_their_updates_and_stop_the_run_after_max_nan_steps(mode
 
     assert (summary["stopped"], summary["exit_code"], summary["steps"]) == ("diverged", 1, 5)
     assert summary["skipped_updates"] == [(3, "loss is nan"), (4, "loss is nan"), (5, "loss is nan")]
+    # The summary says the run was not finite, how many updates were skipped and which loss was the last finite one.
+    assert (summary["finite"], summary["skipped_update_count"], summary["final_train_loss_step"]) == (False, 3, 2)
     assert "step 3: loss is nan: update skipped (weights unchanged, gradients zeroed)" in out
     assert "the loss was NaN/inf for 3 steps in a row (steps 3-5; max_nan_steps 3)" in out
-    assert ('Lower the learning rate (lr is 0.0001; try 1e-05) and resume: run it again with "resume_from": '
-            '"latest", "lr": "1e-05"') in out
+    assert (
+        'Lower the learning rate (lr is 0.0001; try 1e-05) and resume: run it again with "resume_from": '
+        '"latest", "lr": "1e-05"'
+    ) in out
     # No state after the last good step, and none of the skipped steps changed a weight.
     states = list_states(Path(summary["run_dir"]) / STATE_FOLDER)
     assert [s.name for s in states] == ["state-gs00001", "state-gs00002"]
@@ -152,7 +167,7 @@ def test_one_nan_step_is_skipped_and_the_lr_curve_goes_on(model_cache, tmp_path,
     assert summary["skipped_updates"] == [(3, "loss is nan")]
     rows = csv.DictReader(open(Path(summary["run_dir"]) / "metrics.csv"))
     lrs = [float(row["lr_unet"]) for row in rows]
-    assert lrs == pytest.approx([run.schedules["unet"](k) for k in range(6)], rel=1e-6)
+    assert lrs == pytest.approx([run.schedules.lr["unet"](k) for k in range(6)], rel=1e-6)
 
 
 def test_a_full_disk_stops_the_run_with_its_last_good_state(model_cache, tmp_path, monkeypatch, capsys):
@@ -170,9 +185,11 @@ def test_a_full_disk_stops_the_run_with_its_last_good_state(model_cache, tmp_pat
     state_root = Path(summary["run_dir"]) / STATE_FOLDER
 
     assert (summary["stopped"], summary["exit_code"], summary["steps"]) == ("save failed", 1, 3)
-    assert ("saving the state at step 3 failed (the disk is full): [Errno 28] No space left on device. No "
-            "half-written file was left and the previous saves are intact: last state "
-            f"{state_root / 'state-gs00002'}") in out
+    assert (
+        "saving the state at step 3 failed (the disk is full): [Errno 28] No space left on device. No "
+        "half-written file was left and the previous saves are intact: last state "
+        f"{state_root / 'state-gs00002'}"
+    ) in out
     assert sorted(p.name for p in state_root.iterdir()) == ["state-gs00001", "state-gs00002"]
     assert all(verify_state(state) for state in list_states(state_root))
     assert not (Path(summary["run_dir"]) / "ckpts").exists(), "no checkpoint is attempted after the failed state"
@@ -196,8 +213,15 @@ def test_an_output_folder_that_cannot_be_written_is_named_before_anything_loads(
 
 def test_save_size_estimate_for_sd15_numbers(tmp_path, monkeypatch):
     unet, text_encoder, vae = 859_520_964, 123_060_480, 83_653_863
-    sizes = estimate_save_sizes(unet + text_encoder, unet + text_encoder + vae, "adamw", states_kept=2,
-                                checkpoints=3, single_file=True, half=True)
+    sizes = estimate_save_sizes(
+        unet + text_encoder,
+        unet + text_encoder + vae,
+        "adamw",
+        states_kept=2,
+        checkpoints=3,
+        single_file=True,
+        half=True,
+    )
     assert sizes.state_bytes == (unet + text_encoder) * 12  # fp32 weights + two fp32 Adam moments
     assert sizes.checkpoint_bytes == (unet + text_encoder + vae) * 6  # fp32 folder + fp16 single file
     assert sizes.total == 3 * sizes.state_bytes + 3 * sizes.checkpoint_bytes
@@ -208,8 +232,50 @@ def test_save_size_estimate_for_sd15_numbers(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")])
-def test_a_launch_set_up_for_sharded_training_is_refused_with_the_ddp_command(model_cache, tmp_path, monkeypatch,
-                                                                                variable, name):
+def test_a_launch_set_up_for_sharded_training_is_refused_with_the_ddp_command(
+    model_cache, tmp_path, monkeypatch, variable, name
+):
     monkeypatch.setenv(variable, "true")
     with pytest.raises(ConfigError, match=f"set up for {name} .*accelerate launch --multi_gpu --num_processes N"):
         Trainer(tiny_config(model_cache, DEMO_DATA, tmp_path, **FAST))
+
+
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "utf-16"])
+def test_sample_prompts_with_a_byte_order_mark_are_read(tmp_path, encoding):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a café at night\nune crêpe\n", encoding=encoding)
+    assert [request.prompt for request in read_prompts(str(path), []).requests] == ["a café at night", "une crêpe"]
+
+
+def test_sample_prompts_that_are_not_text_are_named_not_a_traceback(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a cat\na café\n".encode("cp1252"))
+    with pytest.raises(
+        ConfigError,
+        match=rf"sample_prompts file '{path}' is not readable text: the byte 0xe9 at line "
+        r"2, column 6 is not UTF-8",
+    ):
+        read_prompts(str(path), [])
+
+
+def test_a_file_given_as_resume_from_is_named_with_what_to_give_instead(tmp_path):
+    state = tmp_path / "run" / STATE_FOLDER / "state-gs00010"
+    state.mkdir(parents=True)
+    (state / "trainer_state.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+
+    def located(resume_from: Path):
+        return locate_state(load_config(None, {"data_root": str(DEMO_DATA), "resume_from": str(resume_from)}))
+
+    with pytest.raises(
+        ConfigError,
+        match=rf"'{state / 'trainer_state.json'}' is a file, not a folder: give the "
+        rf"state folder that holds it, '{state}'",
+    ):
+        located(state / "trainer_state.json")
+    with pytest.raises(
+        ConfigError,
+        match=r"'.*model.safetensors' is a file, not a folder: give 'latest', a state "
+        r"folder .*give it as resume_ckpt instead",
+    ):
+        located(tmp_path / "model.safetensors")

@@ -18,8 +18,15 @@ from data.images import ImageItem, ImageLoadError, load_image
 from data.loader import ImageBatchDataset
 from tests.conftest import DEMO_DATA, tiny_config
 from trainer import cache as cache_module
-from trainer.cache import (LatentLookup, TrainingCaches, build_latent_cache, latent_jobs,
-                           possible_captions, possible_flips, vae_identity)
+from trainer.cache import (
+    LatentLookup,
+    TrainingCaches,
+    build_latent_cache,
+    latent_jobs,
+    possible_captions,
+    possible_flips,
+    vae_identity,
+)
 from trainer.diffusion import sample_cached_latents, vae_distribution
 from trainer.loop import Trainer
 from trainer.lr_finder import find_lr
@@ -46,6 +53,7 @@ def relative_difference(first: dict, second: dict) -> float:
 
 # --- (1) and (4): the same training with and without the caches ----------------------------------------------
 
+
 def test_cached_latents_train_bit_identically_at_batch_size_1(model_cache, tmp_path):
     """The cache stores the latent distribution and every step samples it with the same global-RNG draw as an
     uncached encode: with one image per batch, both encode the same single image, so the run is bit-identical."""
@@ -61,9 +69,14 @@ def frozen_text_runs(model_cache, tmp_path_factory):
     cache_text_embeddings needs): without caches, with cached latents, with cached text embeddings."""
     logdir = tmp_path_factory.mktemp("cache-runs")
     settings = dict(max_epochs=2, flip_p=0.5, cond_dropout=0.1, disable_textenc_training=True)
-    return {name: trained(config_for(model_cache, logdir / name, **settings, **extra))
-            for name, extra in (("plain", {}), ("latents", {"cache_latents": True}),
-                                ("text", {"cache_text_embeddings": True}))}
+    return {
+        name: trained(config_for(model_cache, logdir / name, **settings, **extra))
+        for name, extra in (
+            ("plain", {}),
+            ("latents", {"cache_latents": True}),
+            ("text", {"cache_text_embeddings": True}),
+        )
+    }
 
 
 def test_cached_latents_train_like_uncached_at_batch_size_4(frozen_text_runs):
@@ -79,7 +92,7 @@ def test_cached_latents_train_like_uncached_at_batch_size_4(frozen_text_runs):
     plain_val = [loss for _, loss in plain_summary["val_loss"]["history"]]
     cached_val = [loss for _, loss in cached_summary["val_loss"]["history"]]
     assert len(plain_val) == len(cached_val) == 3
-    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(plain_val, cached_val))
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(plain_val, cached_val, strict=True))
 
 
 def test_cached_text_embeddings_train_bit_identically(frozen_text_runs):
@@ -94,7 +107,6 @@ def test_cached_text_embeddings_train_bit_identically(frozen_text_runs):
 def test_sampling_cached_parameters_is_the_vaes_own_sample(model_cache, tmp_path):
     """sample_cached_latents draws exactly what latent_dist.sample() draws from the same RNG state."""
     trainer = Trainer(config_for(model_cache, tmp_path, validation_config=None))
-    trainer.set_up()
     model = trainer.unwrapped_model()
     pixels = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -106,6 +118,7 @@ def test_sampling_cached_parameters_is_the_vaes_own_sample(model_cache, tmp_path
 
 
 # --- (2) flips ------------------------------------------------------------------------------------------------
+
 
 def item(name: str, **settings) -> ImageItem:
     return ImageItem(Path(name), name, 64, 64, **settings)
@@ -125,9 +138,11 @@ def test_the_flips_that_can_occur_are_cached():
 def test_a_flipped_sample_gets_the_flipped_latent(model_cache, demo_copy, tmp_path):
     (demo_copy / "scene02.yaml").write_text("flip_p: 1\n")
     (demo_copy / "scene03.yaml").write_text("flip_p: 0\n")
-    trainer = Trainer(config_for(model_cache, tmp_path, demo_copy, batch_size=1, flip_p=0.5, cache_latents=True,
-                                 validation_config=None))
-    trainer.set_up()
+    trainer = Trainer(
+        config_for(
+            model_cache, tmp_path, demo_copy, batch_size=1, flip_p=0.5, cache_latents=True, validation_config=None
+        )
+    )
     lookup, model = trainer.caches.latents, trainer.unwrapped_model()
     flips = {}
     for path, _, flip in lookup.entries:
@@ -135,8 +150,9 @@ def test_a_flipped_sample_gets_the_flipped_latent(model_cache, demo_copy, tmp_pa
     assert len(flips) == 20 and lookup.encoded == len(lookup) == 38
     assert flips["scene02.png"] == {True} and flips["scene03.png"] == {False} and flips["scene04.png"] == {False, True}
 
-    dataset = ImageBatchDataset(trainer.data.train, trainer.data.batches, seed=trainer.seed, epoch=0, flip_p=0.5,
-                                latents=lookup)
+    dataset = ImageBatchDataset(
+        trainer.data.train, trainer.data.batches, seed=trainer.seed, epoch=0, flip_p=0.5, latents=lookup
+    )
     index = next(i for i, it in enumerate(trainer.data.train) if it.path.name == "scene04.png")
     size = trainer.data.batches.item_buckets[index]
     copies = [index + copy * len(dataset.items) for copy in range(50)]  # samples of scene04: its copies
@@ -144,8 +160,9 @@ def test_a_flipped_sample_gets_the_flipped_latent(model_cache, demo_copy, tmp_pa
     unflipped = next(sample for sample in copies if not dataset.should_flip(sample))
     item04 = trainer.data.train[index]
     with torch.no_grad():
-        expected = {flip: vae_distribution(model, load_image(item04, size, flip)[None]).parameters[0]
-                    for flip in (False, True)}
+        expected = {
+            flip: vae_distribution(model, load_image(item04, size, flip)[None]).parameters[0] for flip in (False, True)
+        }
     assert torch.equal(dataset[[flipped]]["latents"][0], expected[True])
     assert torch.equal(dataset[[unflipped]]["latents"][0], expected[False])
     assert not torch.equal(expected[True], expected[False])
@@ -153,10 +170,19 @@ def test_a_flipped_sample_gets_the_flipped_latent(model_cache, demo_copy, tmp_pa
 
 # --- (3) the disk cache -------------------------------------------------------------------------------------
 
+
 def test_disk_cache_is_reused_and_a_changed_image_is_encoded_again(model_cache, demo_copy, tmp_path, capsys):
     cache_dir = tmp_path / "latents"
-    config = config_for(model_cache, tmp_path / "runs", demo_copy, max_steps=2, flip_p=0.5, validation_config=None,
-                        cache_latents=True, latent_cache_dir=str(cache_dir))
+    config = config_for(
+        model_cache,
+        tmp_path / "runs",
+        demo_copy,
+        max_steps=2,
+        flip_p=0.5,
+        validation_config=None,
+        cache_latents=True,
+        latent_cache_dir=str(cache_dir),
+    )
     first = Trainer(config)
     assert first.run()["steps"] == 2
     assert (first.caches.latents.encoded, first.caches.latents.reused) == (40, 0)
@@ -166,12 +192,17 @@ def test_disk_cache_is_reused_and_a_changed_image_is_encoded_again(model_cache, 
 
     capsys.readouterr()
     second = Trainer(config)
-    second.set_up()
     assert (second.caches.latents.encoded, second.caches.latents.reused) == (0, 40)
     assert "40 reused, 0 encoded" in capsys.readouterr().out
     # What the files hold is what the memory cache holds.
-    memory = build_latent_cache(second.unwrapped_model(), second.data.train, second.data.batches.item_buckets,
-                                config.model_copy(update={"latent_cache_dir": None}), second.accelerator, print)
+    memory = build_latent_cache(
+        second.unwrapped_model(),
+        second.data.train,
+        second.data.batches.item_buckets,
+        config.model_copy(update={"latent_cache_dir": None}),
+        second.accelerator,
+        print,
+    )
     for key, value in memory.entries.items():
         assert torch.equal(load_file(second.caches.latents.entries[key])["parameters"], value)
 
@@ -180,13 +211,11 @@ def test_disk_cache_is_reused_and_a_changed_image_is_encoded_again(model_cache, 
     changed.putpixel((0, 0), (255, 0, 255))
     changed.save(demo_copy / "scene03.png")
     third = Trainer(config)
-    third.set_up()
     assert (third.caches.latents.encoded, third.caches.latents.reused) == (2, 38)  # its two flips
 
 
 def test_another_vae_gets_another_identity(model_cache, tmp_path):
     trainer = Trainer(config_for(model_cache, tmp_path, validation_config=None))
-    trainer.set_up()
     vae = trainer.unwrapped_model().vae
     before = vae_identity(vae, "no")
     assert vae_identity(vae, "no") == before and vae_identity(vae, "fp16") != before
@@ -197,45 +226,63 @@ def test_another_vae_gets_another_identity(model_cache, tmp_path):
 
 # --- (5) the config checks ------------------------------------------------------------------------------------
 
+
 def test_text_cache_is_refused_when_the_text_encoder_trains_or_captions_are_shuffled(model_cache, tmp_path):
-    with pytest.raises(ConfigError, match=r"key 'cache_text_embeddings': the text encoder trains "
-                                          r"\(disable_textenc_training is false\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"key 'cache_text_embeddings': the text encoder trains "
+        r"\(disable_textenc_training is false\)",
+    ):
         config_for(model_cache, tmp_path, cache_text_embeddings=True)
     with pytest.raises(ConfigError, match=r"key 'cache_text_embeddings': shuffle_tags is on"):
-        config_for(model_cache, tmp_path, cache_text_embeddings=True, disable_textenc_training=True,
-                   shuffle_tags=True)
+        config_for(model_cache, tmp_path, cache_text_embeddings=True, disable_textenc_training=True, shuffle_tags=True)
     with pytest.raises(ConfigError, match=r"key 'latent_cache_dir': it is used only with cache_latents true"):
         config_for(model_cache, tmp_path, latent_cache_dir=str(tmp_path / "latents"))
 
 
 def test_text_cache_is_refused_when_an_images_own_settings_shuffle_its_tags(model_cache, demo_copy, tmp_path):
-    config = config_for(model_cache, tmp_path, cache_text_embeddings=True, disable_textenc_training=True,
-                        validation_config=None)
+    config = config_for(
+        model_cache, tmp_path, cache_text_embeddings=True, disable_textenc_training=True, validation_config=None
+    )
     tags = tuple(Tag(text) for text in ("red", "round", "small"))
     assert possible_captions([item("a", tags=tags[:1], shuffle_tags=True)], config) == ["a, red"]  # nothing to shuffle
     assert possible_captions([item("a", tags=tags, shuffle_tags=True, keep_tags=2)], config) == ["a, red, round, small"]
     assert possible_captions([item("a", cond_dropout=0.1), item("b")], config) == ["", "a", "b"]
     (demo_copy / "scene05.yaml").write_text("caption: a scene, red, round, small\nshuffle_tags: true\n")
-    trainer = Trainer(config.model_copy(update={"data_root": str(demo_copy)}))
     with pytest.raises(ConfigError, match=r"key 'cache_text_embeddings': 1 image\(s\) shuffle their tags .*scene05"):
-        trainer.set_up()
+        Trainer(config.model_copy(update={"data_root": str(demo_copy)}))
 
 
 # --- (6) no image is decoded with cached latents --------------------------------------------------------------
 
+
 def test_training_on_cached_latents_decodes_no_image(model_cache, tmp_path, monkeypatch):
-    trainer = Trainer(config_for(model_cache, tmp_path, max_steps=3, cache_latents=True, cache_text_embeddings=True,
-                                 disable_textenc_training=True, cond_dropout=0.1))
-    trainer.set_up()  # the pass (and the validation set's fixed latents) decode the images once, here
+    trainer = Trainer(
+        config_for(
+            model_cache,
+            tmp_path,
+            max_steps=3,
+            cache_latents=True,
+            cache_text_embeddings=True,
+            disable_textenc_training=True,
+            cond_dropout=0.1,
+        )
+    )
 
     def no_decoding(*args, **kwargs):
         raise AssertionError("an image was decoded during training")
 
     monkeypatch.setattr(data.loader, "load_image", no_decoding)
     monkeypatch.setattr(data.images, "load_image", no_decoding)
-    batch = next(iter(trainer._epoch_loader(0)))
-    assert "pixel_values" not in batch and set(batch) >= {"latents", "encoder_hidden_states", "captions", "paths",
-                                                          "loss_scales", "failed"}
+    batch = next(iter(trainer.epoch_loader(0)))
+    assert "pixel_values" not in batch and set(batch) >= {
+        "latents",
+        "encoder_hidden_states",
+        "captions",
+        "paths",
+        "loss_scales",
+        "failed",
+    }
     assert batch["latents"].shape == (len(batch["captions"]), 8, 8, 8)  # mean and logvar of 4 latent channels
     assert batch["encoder_hidden_states"].shape[0] == len(batch["captions"])
     trainer.train()
@@ -245,22 +292,33 @@ def test_training_on_cached_latents_decodes_no_image(model_cache, tmp_path, monk
 
 def test_an_image_that_failed_in_the_pass_is_left_out_of_its_steps():
     items = [item("good.png"), item("bad.png")]
-    lookup = LatentLookup({("good.png", (64, 64), False): torch.zeros(8, 8, 8)},
-                          {"bad.png": "cannot load bad.png: truncated"})
+    lookup = LatentLookup(
+        {("good.png", (64, 64), False): torch.zeros(8, 8, 8)}, {"bad.png": "cannot load bad.png: truncated"}
+    )
     dataset = ImageBatchDataset(items, SimpleNamespace(item_buckets=[(64, 64)] * 2), seed=0, epoch=0, latents=lookup)
     batch = dataset[[0, 1]]
     assert batch["paths"] == ["good.png"] and [entry.reason for entry in batch["failed"]] == [
-        "cannot load bad.png: truncated"]
+        "cannot load bad.png: truncated"
+    ]
     with pytest.raises(ImageLoadError, match="no image in the batch"):
         dataset[[1]]
 
 
 # --- the LR finder, several processes, the device bookkeeping --------------------------------------------------
 
+
 def test_lr_finder_runs_with_both_caches(model_cache, tmp_path):
-    config = config_for(model_cache, tmp_path, validation_config=None, lr_find_steps=4, lr_find_probe_every=2,
-                        lr_find_probe_images=3, cache_latents=True, cache_text_embeddings=True,
-                        disable_textenc_training=True)
+    config = config_for(
+        model_cache,
+        tmp_path,
+        validation_config=None,
+        lr_find_steps=4,
+        lr_find_probe_every=2,
+        lr_find_probe_images=3,
+        cache_latents=True,
+        cache_text_embeddings=True,
+        disable_textenc_training=True,
+    )
     result = find_lr(config)
     assert len(result.log.rows) == 5 and all(math.isfinite(row["train_loss"]) for row in result.log.rows[1:])
 
@@ -279,12 +337,13 @@ class FakeProcess:
 def test_each_process_encodes_its_share_and_the_shares_make_the_whole(model_cache, tmp_path, monkeypatch):
     config = config_for(model_cache, tmp_path, validation_config=None, cache_latents=True, flip_p=0.5, batch_size=1)
     trainer = Trainer(config)
-    trainer.set_up()
     model, items, buckets = trainer.unwrapped_model(), trainer.data.train, trainer.data.batches.item_buckets
     whole = trainer.caches.latents
     monkeypatch.setattr(cache_module, "gather_object", lambda shares: shares)  # each process alone: its own share
-    shares = [build_latent_cache(model, items, buckets, config, FakeProcess(rank, 2, trainer.accelerator), print)
-              for rank in (0, 1)]
+    shares = [
+        build_latent_cache(model, items, buckets, config, FakeProcess(rank, 2, trainer.accelerator), print)
+        for rank in (0, 1)
+    ]
     assert shares[0].encoded + shares[1].encoded == whole.encoded == 40
     assert not set(shares[0].entries) & set(shares[1].entries)
     assert set(shares[0].entries) | set(shares[1].entries) == set(whole.entries)

@@ -82,11 +82,13 @@ def split_paths(items, seed: int, proportion: float = 0.2) -> tuple[list[Path], 
 # --- captions --------------------------------------------------------------------------------
 
 
-def test_caption_from_txt_sidecar_wins_over_caption_sidecar(tmp_path):
+def test_with_a_txt_and_a_caption_sidecar_the_later_caption_file_wins_as_in_ed2(tmp_path):
+    """ED2 reads an image's sidecars in the order .txt, .caption, .yml, .yaml and the later main prompt wins
+    (EveryDream2trainer data/dataset.py, Dataset.__sidecar_cfg)."""
     solid(tmp_path / "dog_1.png")
     (tmp_path / "dog_1.txt").write_text("  a photo of a dog\n", encoding="utf-8")
-    (tmp_path / "dog_1.caption").write_text("ignored", encoding="utf-8")
-    assert only_item(tmp_path).caption == "a photo of a dog"
+    (tmp_path / "dog_1.caption").write_text("a dog from the caption file", encoding="utf-8")
+    assert only_item(tmp_path).caption == "a dog from the caption file"
 
 
 def test_caption_from_caption_sidecar(tmp_path):
@@ -325,14 +327,14 @@ def test_split_depends_only_on_seed_and_leaves_global_rng_alone():
     [
         (20, 0.2, 4),
         (100, 0.29, 29),  # 100 * 0.29 is 28.999... in floating point
-        (10, 0.15, 2),  # 1.5 rounds up
+        (10, 0.15, 2),  # the ceiling of 1.5
         (2, 0.01, 1),  # at least one held out
         (1, 0.5, 0),  # a single item is never held out
         (3, 0.9, 2),  # never all of them
         (20, 0.0, 0),
     ],
 )
-def test_validation_count_rounds_half_up_and_keeps_both_sides(num_items, proportion, expected):
+def test_validation_count_is_the_ceiling_and_keeps_both_sides(num_items, proportion, expected):
     assert validation_count(num_items, proportion) == expected
 
 

@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import time
+from pathlib import Path
 
 import pytest
 
 from optimizer.lr import plan_schedule
-from tests.conftest import DEMO_DATA
+from tests.conftest import DEMO_DATA, ROOT
 from utils.config import ConfigError, load_config
 from utils.ed2_compat import NOTED_KEYS
 
@@ -83,7 +85,7 @@ def test_optimizer_json_sections_apply(tmp_path):
 
 
 def test_train_json_lr_wins_over_optimizer_json(tmp_path):
-    path = optimizer_json(tmp_path, base={"lr": 2e-6})
+    optimizer_json(tmp_path, base={"lr": 2e-6})
     config = load_config(write(tmp_path / "t.json", {"data_root": str(DEMO_DATA), "lr": 3e-6,
                                                      "optimizer_config": "optimizer.json"}))
     assert config.lr == 3e-6 and any("wins over optimizer_config" in note for note in config.notes)
@@ -95,8 +97,8 @@ def test_zero_in_optimizer_json_means_zero(tmp_path):
                           overrides={"weight_decay": 0.0})
     config = load_config(None, {"data_root": str(DEMO_DATA), "optimizer_config": str(path), "weight_decay": 0.05})
     assert config.lr_warmup_steps == 0 and config.text_encoder_weight_decay == 0.0
-    _, functions, _ = plan_schedule(config, batches_per_epoch=10)
-    assert functions["unet"](0) == config.lr  # no warmup ramp
+    _, schedules, _ = plan_schedule(config, batches_per_epoch=10)
+    assert schedules.lr["unet"](0) == config.lr  # no warmup ramp
 
 
 def test_optimizer_json_nulls_and_missing_doc(tmp_path):
@@ -130,23 +132,35 @@ def test_validation_old_names_are_read_with_a_note(tmp_path):
     assert any("use_relative_loss" in note for note in config.notes)
 
 
-def test_findlast_picks_the_newest_checkpoint_of_the_project(tmp_path):
+def fake_checkpoint(logs, name: str, age: int):
+    folder = logs / name
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    stamp = time.time() - 100 + age
+    os.utime(folder / "model_index.json", (stamp, stamp))
+    return folder
+
+
+def test_findlast_takes_the_newest_checkpoint_of_any_project(tmp_path):
+    """ED2 train.py find_last_checkpoint: os.walk over logdir, the newest model_index.json by mtime whatever the
+    project; `_ema` folders left out; an `errored` newest one refused (doc/CHAINING.md: a new project_name per
+    session)."""
     logs = tmp_path / "logs"
-    for index, name in enumerate(["proj-20260101-000000/ckpts/proj-ep001-gs00010",
-                                  "proj-20260102-000000/ckpts/proj-ep002-gs00020",
-                                  "other-20260103-000000/ckpts/other-ep009-gs00090",
-                                  "proj-20260102-000000/ckpts/.proj-ep003-gs00030.tmp-1"]):
-        folder = logs / name
-        folder.mkdir(parents=True)
-        (folder / "model_index.json").write_text("{}")
-        stamp = time.time() - 100 + index
-        os.utime(folder / "model_index.json", (stamp, stamp))
-    config = load_config(None, {"data_root": str(DEMO_DATA), "logdir": str(logs), "project_name": "proj",
+    for age, name in enumerate(["proj_ch0-20260101-000000/ckpts/proj_ch0-ep001-gs00010",
+                                "proj_ch0-20260102-000000/ckpts/proj_ch0-ep002-gs00020",
+                                "proj_ch1-20260103-000000/ckpts/proj_ch1-ep009-gs00090",
+                                "proj_ch1-20260103-000000/ckpts/.proj_ch1-ep010-gs00100.tmp-1",
+                                "ed2_run_20260104/ckpts/last-proj-ep10-gs00100_ema"]):
+        fake_checkpoint(logs, name, age)
+    config = load_config(None, {"data_root": str(DEMO_DATA), "logdir": str(logs), "project_name": "proj_ch2",
                                 "resume_ckpt": "findlast"})
-    assert config.resume_ckpt.endswith("proj-ep002-gs00020")
-    with pytest.raises(ConfigError, match="findlast.*no checkpoint of project 'nothing'"):
-        load_config(None, {"data_root": str(DEMO_DATA), "logdir": str(logs), "project_name": "nothing",
-                           "resume_ckpt": "findlast"})
+    assert config.resume_ckpt.endswith("proj_ch1-ep009-gs00090")
+    assert any("newest checkpoint under logdir" in note for note in config.notes)
+    fake_checkpoint(logs, "ed2_run_20260105/ckpts/errored-proj-ep03-gs00030", 10)
+    with pytest.raises(ConfigError, match="findlast.*errored-proj-ep03-gs00030.*saved after a crash"):
+        load_config(None, {"data_root": str(DEMO_DATA), "logdir": str(logs), "resume_ckpt": "findlast"})
+    with pytest.raises(ConfigError, match="findlast.*no checkpoint"):
+        load_config(None, {"data_root": str(DEMO_DATA), "logdir": str(tmp_path / "empty"), "resume_ckpt": "findlast"})
 
 
 def test_ed2_default_optimizer_json_runs_unet_constant_and_text_encoder_cosine(tmp_path):
@@ -156,7 +170,100 @@ def test_ed2_default_optimizer_json_runs_unet_constant_and_text_encoder_cosine(t
                           overrides={"optimizer": None, "lr": 5e-7, "lr_scheduler": "cosine"},
                           doc={"base": "..."}, apply_grad_scaler_step_tweaks=True)
     config = load_config(None, {"data_root": str(DEMO_DATA), "optimizer_config": str(path), "max_epochs": 10})
-    _, functions, _ = plan_schedule(config, batches_per_epoch=10)  # 100 steps: decay 150, warmup 3
-    assert {functions["unet"](k) for k in range(100)} == {1e-6}
-    text = [functions["text_encoder"](k) for k in range(100)]
+    _, schedules, _ = plan_schedule(config, batches_per_epoch=10)  # 100 steps: decay 150, warmup 3
+    assert {schedules.lr["unet"](k) for k in range(100)} == {1e-6}
+    text = [schedules.lr["text_encoder"](k) for k in range(100)]
     assert text[0] == 0 and text[3] == pytest.approx(5e-7) and text[99] < text[50] < text[3]
+
+
+# --- ED2's own files, as its repository ships them (tests/fixtures/ed2_repo: its structure, our text) -------------
+
+ED2_REPO = ROOT / "tests" / "fixtures" / "ed2_repo"
+ED2_TRAINING_DATA = ED2_REPO / "training_data"
+
+
+@pytest.fixture
+def ed2_repo(tmp_path, monkeypatch):
+    """A copy of ED2's trainer folder, as the working folder: ED2 is run from there and reads its paths from there."""
+    folder = tmp_path / "EveryDream2trainer"
+    shutil.copytree(ED2_REPO, folder)
+    monkeypatch.chdir(folder)
+    return folder
+
+
+def ed2_overrides(tmp_path, **more):
+    """What a user changes on another machine: the data folder, the base model, where logs go."""
+    return {"data_root": str(ED2_TRAINING_DATA), "resume_ckpt": "tiny", "logdir": str(tmp_path / "logs"), **more}
+
+
+@pytest.mark.parametrize("name", ["train.json", "trainSD21.json", "cfgs/train_coco.json"])
+def test_ed2s_shipped_configs_load_with_their_documented_validation_files(ed2_repo, tmp_path, name):
+    """ED2 data/every_dream_validation.py EveryDreamValidator.__init__ reads the validation file with json.load and
+    takes the keys it knows: the "documentation" block of validation_default.json and cfgs/validation_coco.json is
+    read past, like optimizer.json's "doc"; "validate_training": "true" (a string) is on."""
+    (ed2_repo / "E:" / "datasets" / "harbours" / "val").mkdir(parents=True)  # validation_coco.json's manual folder
+    config = load_config(Path(name), ed2_overrides(tmp_path))
+    assert config.validation.validate_training is True and config.from_ed2
+    assert not any("documentation" in note for note in config.notes)
+    if name == "cfgs/train_coco.json":
+        assert (config.validation.val_split_mode, config.validation.stabilize_training_loss) == ("manual", True)
+        assert sum("old name" in note for note in config.notes) == 2  # val_data_root, val_split_proportion
+    else:
+        assert (config.validation.val_split_mode, config.validation.auto_split_proportion) == ("automatic", 0.15)
+
+
+def test_ed2s_sample_prompts_json_is_checked_when_the_config_loads(ed2_repo, tmp_path, capsys):
+    """ED2 utils/sample_generator.py SampleGenerator._reload_config_json reads every key of its shipped
+    sample_prompts.json (CRLF line ends, tabs): it loads here, and a fault stops the config, so --plot_schedule finds
+    it before any model loads."""
+    import train
+
+    config = load_config(Path("train.json"), ed2_overrides(tmp_path, sample_prompts="sample_prompts.json"))
+    assert config.sample_prompts.endswith("sample_prompts.json")
+    broken = (ed2_repo / "sample_prompts.json").read_bytes().replace(b'"cfgs": [1,11]', b'"cfg": [1,11]')
+    (ed2_repo / "broken.json").write_bytes(broken)
+    overrides = ed2_overrides(tmp_path, sample_prompts="broken.json")
+    with pytest.raises(ConfigError, match=r"broken.json.*unknown key 'samples\[2\].cfg' \(did you mean 'cfgs'\?\)"):
+        load_config(Path("train.json"), overrides)
+    arguments = ["--config", "train.json", "--plot_schedule", str(tmp_path / "preview")]
+    arguments += [f"--{key}={value}" for key, value in overrides.items()]
+    assert train.main(arguments) != 0
+    assert "unknown key 'samples[2].cfg'" in capsys.readouterr().err
+    assert not (tmp_path / "preview").exists()
+
+
+def test_an_ed2_config_without_optimizer_config_reads_optimizer_json_of_the_working_folder(ed2_repo, tmp_path):
+    """ED2 train.py: --optimizer_config defaults to "optimizer.json", read from os.curdir when it exists (main: the
+    optimizer_config_path lines). chain0.json names none: the working folder's optimizer.json applies, noted."""
+    config = load_config(Path("chain0.json"), ed2_overrides(tmp_path))
+    assert config.optimizer_config == "optimizer.json" and config.text_encoder_lr == 5e-7
+    assert config.lr == 2.5e-6  # chain0.json's lr wins over optimizer.json's, as in ED2
+    assert any("'optimizer_config' not given" in note for note in config.notes)
+    (ed2_repo / "optimizer.json").unlink()
+    assert load_config(Path("chain0.json"), ed2_overrides(tmp_path)).optimizer_config is None
+    (ed2_repo / "optimizer.json").write_text('{"base": {"lr_scheduler": "cosine"}}')
+    ours = write(tmp_path / "ours.json", {"data_root": str(ED2_TRAINING_DATA)})  # not an ED2 config
+    assert load_config(ours).optimizer_config is None
+
+
+def test_ed2_step_counts_are_batches_and_are_converted_with_grad_accum(ed2_repo, tmp_path):
+    """ED2 train.py main loop: global_step grows by one per batch, samples when (global_step + 1) % sample_steps
+    == 0, logs when (global_step + 1) % log_step == 0; optimizer/optimizers.py EveryDreamOptimizer.step steps its
+    LR schedulers every batch. chain2.json has grad_accum 5: 300 batches are 60 optimizer steps, 25 are 5."""
+    (ed2_repo / "optimizer.json").write_text(json.dumps(
+        {"base": {"lr_scheduler": "cosine", "lr_warmup_steps": 100, "lr_decay_steps": 1000}}))
+    config = load_config(Path("chain2.json"), ed2_overrides(tmp_path))
+    assert (config.grad_accum, config.sample_steps, config.log_step) == (5, 60, 5)
+    assert (config.lr_warmup_steps, config.lr_decay_steps) == (20, 200)
+    (note,) = [note for note in config.notes if "counts these in batches" in note]
+    assert "sample_steps 300 -> 60" in note and "lr_warmup_steps 100 -> 20" in note
+    typed = load_config(Path("chain2.json"), ed2_overrides(tmp_path, sample_steps=300))  # the command line's: ours
+    assert (typed.sample_steps, typed.log_step) == (300, 5)
+    assert load_config(Path("chain0.json"), ed2_overrides(tmp_path)).sample_steps == 300  # grad_accum 1
+
+
+def test_keep_tags_in_an_ed2_config_is_noted_as_working(ed2_repo, tmp_path):
+    """ED2 data/image_train_item.py ImageCaption.__get_shuffled_tags sets keep_tags = min(keep_tags, 0): ED2 kept
+    no tag in place. Here keep_tags works, and an ED2 config that sets it is told so."""
+    config = load_config(Path("train.json"), ed2_overrides(tmp_path, shuffle_tags=True, keep_tags=2))
+    assert any("'keep_tags' 2" in note and "no effect" in note for note in config.notes)

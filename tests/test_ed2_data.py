@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from pathlib import Path
@@ -12,8 +13,9 @@ from PIL import Image
 from data.captions import Tag, build_caption, split_caption
 from data.images import ImageItem, scan_images
 from data.loader import BucketBatches, ImageBatchDataset, make_loader
-from data.multiply import draw_extra_copies, extra_copy_count, inclusion_chances
+from data.multiply import draw_extra_copies, extra_copies_per_group, inclusion_chances
 from data.prepare import as_validation_item, prepare_data
+from data.split import split_items
 from data.sidecars import DataSettingsError
 from tests.conftest import ROOT
 from utils.config import ConfigError, load_config
@@ -95,22 +97,24 @@ def test_fixture_settings_follow_global_then_folder_then_sidecar(ed2_items, name
     assert tuple(getattr(ed2_items[name], setting) for setting in SETTINGS) == expected
 
 
-def test_fixture_unused_ed2_keys_are_reported_not_ignored():
+def test_fixture_unused_ed2_keys_are_reported_not_ignored(ed2_items):
     warnings = scan_images(ED2_DATA).warnings
     assert any("'rating'" in line and "carol_01.yaml" in line for line in warnings)
-    assert any("'batch_id'" in line and "carol_01.yaml" in line for line in warnings)
+    assert not any("'batch_id'" in line for line in warnings)  # used: carol's copies share batches
+    assert ed2_items["carol_01.png"].batch_id == "portraits"
 
 
 def test_fixture_steps_per_epoch_count_multipliers_and_stay_fixed(ed2_items):
     items = list(ed2_items.values())
     plan = BucketBatches(items, batch_size=2, resolution=512)
-    # squares: alice 2 + bob 2 + carol 3 = 7 -> 4 batches; the tall dana -> 1;
-    # wide: tree 1 + round(3 x 0.5) = 3 -> 2 batches.
-    assert (plan.samples_per_epoch, plan.num_batches) == (11, 7)
+    # ED2's epoch: floor(2 + 2 + 3 + 1 + 3 x 0.5 + 1) = 10 samples, 1 of them an extra copy of a half image.
+    # squares: carol's 3 (batch_id portraits) -> 1 batch, her third copy joins alice 2 + bob 2 -> 3 batches;
+    # the tall dana -> 1; wide: tree 1 + the extra copy -> 1 batch.
+    assert (plan.samples_per_epoch, plan.num_batches) == (10, 6)
     wide_picks = set()
     for epoch in range(8):
         batches = plan.epoch_batches(epoch, seed=555)
-        assert len(batches) == 7 and sum(map(len, batches)) == 11
+        assert len(batches) == 6 and sum(map(len, batches)) == 10
         names = Counter(items[plan_item(plan, s)].path.name for batch in batches for s in batch)
         assert (names["alice_01.png"], names["carol_01.png"], names["tree_01.png"]) == (2, 3, 1)
         wide_picks.add(frozenset(n for n in names if n.startswith(("landscape", "street"))))
@@ -133,8 +137,8 @@ def test_schedule_preview_counts_multiplied_batches(tmp_path):
     config = config_for(ED2_DATA, tmp_path)
     data = prepare_data(config)
     plan, _, _ = plan_schedule(config, data.batches.num_batches)
-    assert plan.steps_per_epoch == 7 and plan.total_steps == 21
-    assert "11 samples (with multipliers) in 7 batches per epoch" in data.summary()
+    assert plan.steps_per_epoch == 6 and plan.total_steps == 18
+    assert "10 samples (with multipliers) in 6 batches per epoch" in data.summary()
     assert "warning: key 'rating'" in data.summary()
 
 
@@ -276,7 +280,8 @@ def test_folder_tags_add_to_the_image_tags_image_first(tmp_path):
     write(tmp_path / "sub" / "x.txt", "a cat, sitting")
     image(tmp_path / "sub" / "x.png")
     (item,) = scan_images(tmp_path).items
-    assert item.caption == "a cat, sitting, shared, folder tag, style"
+    # The heaviest tag first (ED2 orders tags by weight), then the image's, its folder's, the global one's.
+    assert item.caption == "a cat, folder tag, sitting, shared, style"
     assert Tag("folder tag", 3.0) in item.tags
 
 
@@ -306,13 +311,12 @@ def test_yaml_sidecar_caption_rules(tmp_path):
 
 
 def test_unknown_keys_warn_with_a_suggestion(tmp_path):
-    write(tmp_path / "x.yaml", "multipy: 2\n")
-    write(tmp_path / "batch_id.txt", "group")
+    write(tmp_path / "x.yaml", "multipy: 2\nbatchid: 3\n")
     image(tmp_path / "x.png")
     result = scan_images(tmp_path)
     assert result.items[0].multiply == 1.0
     assert any("'multipy'" in line and "did you mean 'multiply'" in line for line in result.warnings)
-    assert any("batch_id.txt" in line and "not used" in line for line in result.warnings)
+    assert any("'batchid'" in line and "did you mean 'batch_id'" in line for line in result.warnings)
 
 
 @pytest.mark.parametrize(
@@ -372,7 +376,8 @@ def test_manifest_with_caption_text_object_file_and_none():
     items = by_name(result.items)
     assert [item.path for item in result.items][0] == ED2_DATA / "characters" / "alice_01.png"
     assert items["alice_01.png"].caption == "alice in a manifest, red hair, smiling"  # ED2 lost these paths
-    assert (items["bob_01.png"].caption, items["bob_01.png"].multiply) == ("bob in a manifest, beard, hat", 2.0)
+    # hat (weight 2) before beard: ED2 orders tags by weight
+    assert (items["bob_01.png"].caption, items["bob_01.png"].multiply) == ("bob in a manifest, hat, beard", 2.0)
     assert Tag("hat", 2.0) in items["bob_01.png"].tags
     landscape = items["landscape_01.png"]  # caption read from the named .txt file
     assert (landscape.caption, landscape.flip_p) == ("a landscape, desert, dunes, noon", 0.5)
@@ -454,7 +459,8 @@ def test_whole_and_fractional_parts_combine():
 @pytest.mark.parametrize(
     ("fractions", "count", "chances"),
     [
-        ([0.5, 0.5, 0.5], 2, [2 / 3, 2 / 3, 2 / 3]),  # 1.5 rounds half up
+        ([0.5, 0.5, 0.5], 1, [1 / 3, 1 / 3, 1 / 3]),
+        ([0.5, 0.5, 0.5], 2, [2 / 3, 2 / 3, 2 / 3]),
         ([0.9, 0.6], 2, [1.0, 1.0]),
         ([0.9, 0.1, 0.1], 1, [0.9 / 1.1, 0.1 / 1.1, 0.1 / 1.1]),
         ([0.95, 0.3, 0.3], 2, [1.0, 0.5, 0.5]),  # 0.95 x 2 / 1.55 > 1: capped, the rest share one copy
@@ -462,12 +468,165 @@ def test_whole_and_fractional_parts_combine():
     ],
 )
 def test_extra_copy_chances_sum_to_the_fixed_count(fractions, count, chances):
-    assert extra_copy_count(fractions) == count
     assert inclusion_chances(fractions, count) == pytest.approx(chances)
     drawn = Counter()
     for seed in range(600):
-        picks = draw_extra_copies(fractions, random.Random(seed))
+        picks = draw_extra_copies(fractions, count, random.Random(seed))
         assert len(picks) == len(set(picks)) == count
         drawn.update(picks)
     for index, chance in enumerate(chances):
         assert drawn[index] / 600 == pytest.approx(chance, abs=0.07)
+
+
+# --- ED2's own rules, each number from its code (EveryDream2trainer) -----------------------------------------------
+
+ED2_TRAINING_DATA = ROOT / "tests" / "fixtures" / "ed2_repo" / "training_data"
+
+
+@pytest.mark.parametrize(
+    ("multipliers", "samples"),
+    [
+        ([0.5, 0.5, 0.5], 1),  # floor(1.5); per-bucket rounding half up trained 2
+        ([2.5, 2.5], 5),
+        ([0.5] * 10 + [1.0] * 3, 8),
+        ([0.3] * 10, 3),
+        ([2.3] * 10, 23),  # the exact sum: ED2's float sum, 22.999999999999996, gave 22
+    ],
+)
+def test_an_epoch_trains_ed2s_floor_of_the_summed_multipliers(multipliers, samples):
+    """ED2 data/data_loader.py, DataLoaderMultiAspect.__init__: expected_epoch_size = floor(sum of the multipliers);
+    __pick_multiplied_set takes every whole copy, then fractional images until that count is reached, every epoch."""
+    plan = BucketBatches(square_items(multipliers), 1, 64)
+    assert plan.samples_per_epoch == samples
+    for epoch in range(5):
+        assert sum(map(len, plan.epoch_batches(epoch, seed=1))) == samples
+
+
+def test_the_extra_copies_are_shared_among_buckets_in_a_fixed_way():
+    """ED2 data/data_loader.py, DataLoaderMultiAspect.__init__: floor(0.5 + 0.5 + 0.5 + 0.5) = 2 extra copies an epoch
+    for four half images. Here in two buckets of two, each bucket gets one every epoch, so batches stay fixed."""
+    assert extra_copies_per_group([[0.5, 0.5], [0.5, 0.5]]) == [1, 1]
+    assert extra_copies_per_group([[0.5], [0.5], [0.5]]) == [1, 0, 0]  # floor(1.5) = 1, to the first tie
+    # floor(3.2) - 1 whole = 2 extra copies, to the largest remainders 0.7 and 0.6
+    assert extra_copies_per_group([[0.2, 0.2], [0.7], [1.6], [0.5]]) == [0, 1, 1, 0]
+    tall_and_square = [ImageItem(Path(f"/fake/{n}.png"), "c", 64, 128 if n % 2 else 64, multiply=0.5)
+                       for n in range(4)]
+    plan = BucketBatches(tall_and_square, 1, 128)
+    assert (plan.samples_per_epoch, plan.num_batches) == (2, 2)
+
+
+def test_a_windows_multiply_txt_and_its_fraction_count_as_in_ed2():
+    """ED2 data/dataset.py, Dataset.__local_cfg: multiply.txt read as float("0.5\\r\\n"); data/data_loader.py
+    DataLoaderMultiAspect.__init__: floor(3 x 1 + 3 x 0.5) = 4 samples an epoch."""
+    items = scan_images(ED2_TRAINING_DATA).items
+    assert sorted(item.multiply for item in items) == [0.5, 0.5, 0.5, 1.0, 1.0, 1.0]
+    assert BucketBatches(items, 2, 64).samples_per_epoch == 4
+
+
+def test_tags_are_ordered_by_weight_even_when_not_shuffled(tmp_path):
+    """ED2 data/dataset.py, Dataset.image_train_items: the tags sorted by weight, heaviest first (ties keep their
+    order); data/image_train_item.py ImageCaption.get_caption joins them so when shuffle_tags is off."""
+    write(tmp_path / "x.yaml", "main_prompt: a boat\ntags:\n  - light\n  - tag: heavy\n    weight: 3\n"
+                               "  - tag: middle\n    weight: 1.5\n  - also light\n")
+    image(tmp_path / "x.png")
+    (item,) = scan_images(tmp_path).items
+    assert item.caption == "a boat, heavy, middle, light, also light"
+    assert dataset_of([item], shuffle_tags=False).caption(0) == "a boat, heavy, middle, light, also light"
+
+
+def test_an_image_with_a_txt_and_a_yaml_gets_both_files_tags():
+    """ED2 data/dataset.py, Dataset.__sidecar_cfg folds .txt, .caption, .yml, .yaml in that order with
+    ImageConfig.merge: the .yaml's main prompt wins, its tags come first, then the .txt's; then sorted by weight."""
+    items = by_name(scan_images(ED2_TRAINING_DATA).items)
+    white = items["white lighthouse_01.png"]
+    assert white.caption == "a white lighthouse, stormy sea, night, waves, seagulls"
+
+
+def test_every_sidecar_of_an_image_is_read_and_the_later_main_prompt_wins(tmp_path):
+    """ED2 data/dataset.py, Dataset.__sidecar_cfg: .txt then .caption then .yml then .yaml; ImageConfig.merge puts
+    the later file's main prompt first, and Dataset.image_train_items uses the first (warning of the others)."""
+    write(tmp_path / "x.txt", "from the txt, one")
+    write(tmp_path / "x.caption", "from the caption, two")
+    write(tmp_path / "x.yml", "tags: [three]\nmultiply: 2\n")
+    write(tmp_path / "x.yaml", "multiply: 3\n")
+    image(tmp_path / "x.png")
+    result = scan_images(tmp_path)
+    (item,) = result.items
+    assert (item.caption, item.multiply) == ("from the caption, three, two, one", 3.0)
+    assert any("several sidecars" in line and "x.png" in line for line in result.warnings)
+
+
+def test_jfif_images_are_found():
+    """ED2 utils/fs_helpers.py is_image lists .jfif (and doc/DATA.md names it); Pillow reads it as the JPEG it is."""
+    items = by_name(scan_images(ED2_TRAINING_DATA).items)
+    striped = items["striped lighthouse_01.jfif"]
+    assert (striped.caption, striped.width, striped.height) == ("striped lighthouse", 64, 64)
+    dataset = ImageBatchDataset([striped], BucketBatches([striped], 1, 64), seed=0, epoch=0)
+    assert dataset[[0]]["pixel_values"].shape == (1, 3, 64, 64)
+
+
+def batch_ids_of(plan: BucketBatches, items: list[ImageItem], batch: list[int]) -> set:
+    return {items[sample % plan.num_items].batch_id for sample in batch}
+
+
+def test_images_with_a_batch_id_share_batches_and_their_runt_joins_the_others():
+    """ED2 data/data_loader.py, DataLoaderMultiAspect.get_shuffled_image_buckets: buckets keyed by (batch_id, width,
+    height); a named bucket's last len % batch_size images are moved to the default batch id's bucket. Here: 3
+    lighthouses (batch_id.txt) at batch size 2 -> 1 batch of two lighthouses; the third joins the default bucket with
+    the one extra harbour copy of floor(1.5) -> 1 batch: 2 batches, 4 samples, every epoch."""
+    items = scan_images(ED2_TRAINING_DATA).items
+    assert {item.batch_id for item in items} == {"lighthouses", None}  # batch_id.txt's CRLF stripped
+    plan = BucketBatches(items, 2, 64)
+    assert (plan.samples_per_epoch, plan.num_batches) == (4, 2)
+    for epoch in range(6):
+        batches = plan.epoch_batches(epoch, seed=9)
+        assert len(batches) == 2
+        groups = Counter(frozenset(batch_ids_of(plan, items, batch)) for batch in batches)
+        assert groups == {frozenset({"lighthouses"}): 1, frozenset({"lighthouses", None}): 1}
+
+
+def test_batch_id_from_yaml_and_from_batch_id_txt_name_the_same_group(tmp_path):
+    """ED2 data/dataset.py: batch_id from local.yaml / an image's .yaml (ImageConfig.from_dict) or batch_id.txt
+    (Dataset.__local_cfg), for that folder only; a number is the same name as its text."""
+    write(tmp_path / "a" / "batch_id.txt", "7\n")
+    write(tmp_path / "b" / "local.yaml", "batch_id: 7\n")
+    write(tmp_path / "b" / "y2.yaml", "batch_id: other\n")
+    for path in ("a/x1.png", "a/x2.png", "b/y1.png", "b/y2.png", "c/z.png", "a/sub/w.png"):
+        image(tmp_path / path)
+    ids = {item.path.name: item.batch_id for item in scan_images(tmp_path).items}
+    assert ids == {"x1.png": "7", "x2.png": "7", "y1.png": "7", "y2.png": "other", "z.png": None, "w.png": None}
+    plan = BucketBatches(scan_images(tmp_path).items, 3, 64)
+    # group "7": 3 -> 1 batch; "other": 1 -> joins the default group with z and w: 3 -> 1 batch
+    assert plan.num_batches == 2
+
+
+@pytest.mark.parametrize(
+    ("num_items", "proportion", "held_out"),
+    [(10, 0.12, 2), (20, 0.15, 3), (7, 0.15, 2), (100, 0.29, 29), (30, 0.1, 3), (40, 0.01, 1)],
+)
+def test_the_automatic_split_holds_out_ed2s_ceiling_and_the_same_images(tmp_path, num_items, proportion, held_out):
+    """ED2 data/every_dream_validation.py, get_random_split: max(1, ceil(proportion x count)) items, after sorting by
+    path and random.seed(seed); random.shuffle. ceil(1.2) = 2 where rounding half up held out 1; 0.1 x 30 holds out
+    3 (ED2's float product 3.0000000000000004 made it 4: the one difference, docs/ed2.md)."""
+    items = [ImageItem(tmp_path / f"img-{n}" / "x.png" if n % 3 else tmp_path / f"img{n}.png", f"c{n}", 64, 64)
+             for n in range(num_items)]
+    train, val = split_items(items, "automatic", proportion, seed=555)
+    assert len(val) == held_out and len(train) == num_items - held_out
+    ed2_order = sorted(items, key=lambda item: str(item.path))
+    random.Random(555).shuffle(ed2_order)
+    assert {item.path for item in val} == {item.path for item in ed2_order[:held_out]}
+
+
+def test_an_ed2_config_is_told_where_its_data_is_read_differently(tmp_path):
+    """docs/ed2.md, differences on purpose: ED2 data/data_loader.py get_shuffled_image_buckets fills a bucket's last
+    batch with repeated images and lets the fractional copies fall into any bucket; here neither, and an ED2 config
+    (it holds ED2-only keys such as gpuid) is told so, with the numbers."""
+    values = {"data_root": str(ED2_TRAINING_DATA), "logdir": str(tmp_path / "logs"), "resolution": 64,
+              "batch_size": 3, "grad_accum": 2, "validation_config": None}
+    ed2 = tmp_path / "train.json"
+    ed2.write_text(json.dumps({**values, "gpuid": 0}))
+    notes = prepare_data(load_config(ed2)).notes
+    assert any("fractional multipliers give 4 samples an epoch" in note for note in notes)
+    assert any("1 batch(es) an epoch are smaller than batch_size" in note for note in notes)
+    assert any("with grad_accum 2 those batches are not gathered" in note for note in notes)
+    assert not any(note.startswith("ED2:") for note in prepare_data(load_config(None, values)).notes)

@@ -2,6 +2,8 @@
 files) trains unchanged. Only the base model is swapped for the tiny one, as there is no network here."""
 
 import json
+import shutil
+from pathlib import Path
 
 from tests.conftest import ROOT
 from trainer.loop import train
@@ -24,3 +26,21 @@ def test_ed2_project_trains_unchanged(model_cache, tmp_path, monkeypatch):
     assert summary["finite"] and summary["steps"] > 0
     assert summary["images"]["validation"] > 0 and summary["val_loss"]["min"] is not None
     assert (tmp_path / "logs").glob("project_abc-*/ckpts/*.safetensors")
+
+
+ED2_REPO = ROOT / "tests" / "fixtures" / "ed2_repo"
+
+
+def test_ed2_chained_sessions_with_new_project_names_continue_from_the_last(model_cache, tmp_path, monkeypatch):
+    """ED2 doc/CHAINING.md: chain0.json, then chain1.json with "resume_ckpt": "findlast" and its own project_name;
+    ED2 train.py find_last_checkpoint takes the newest checkpoint anywhere under logdir."""
+    folder = tmp_path / "EveryDream2trainer"
+    shutil.copytree(ED2_REPO, folder)
+    monkeypatch.chdir(folder)  # ED2 is run from its folder: chain0.json's optimizer.json comes from there
+    common = {"data_root": "training_data", "model_cache_dir": str(model_cache), "logdir": str(tmp_path / "logs"),
+              "resolution": 64, "batch_size": 2, "max_epochs": 1, "sample_prompts": None, "seed": 7}
+    first = train(load_config(Path("chain0.json"), {**common, "resume_ckpt": "tiny", "project_name": "lh_ch0"}))
+    second_config = load_config(Path("chain1.json"), {**common, "project_name": "lh_ch1"})
+    assert second_config.resume_ckpt == first["final_checkpoint"]["diffusers"]
+    second = train(second_config)
+    assert second["finite"] and second["steps"] == first["steps"] == 2  # floor(3 + 1.5) = 4 samples, 2 batches

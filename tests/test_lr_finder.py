@@ -3,6 +3,7 @@ tiny model (outputs, early stop, the base model untouched, the written config)."
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 from pathlib import Path
@@ -13,23 +14,36 @@ import pytest
 import torch
 
 import train as train_cli
+from optimizer.lr import FunctionLR
 from optimizer.preview import preview_schedule
 from tests.conftest import DEMO_DATA, ROOT, tiny_config
 from trainer import lr_finder
 from trainer.loop import Trainer
-from trainer.lr_finder import (CSV_COLUMNS, FinderResult, Suggestion, SweepLog, config_fragment, divergence,
-                               find_lr, install_ramp, ramp_lr, suggest_range, sweep_settings, write_suggested_config)
-from utils.config import ConfigError, load_config
-
+from trainer.lr_finder import (
+    CSV_COLUMNS,
+    FinderResult,
+    Suggestion,
+    SweepLog,
+    config_fragment,
+    divergence,
+    find_lr,
+    ramp_functions,
+    ramp_lr,
+    suggest_range,
+    sweep_settings,
+    write_suggested_config,
+)
+from utils.config import PATH_KEYS, ConfigError, load_config, resolve_config_paths
 
 # --- the ramp ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("ramp", ["linear", "exponential"])
 def test_ramp_starts_and_ends_exactly(ramp):
     lr = ramp_lr(1e-8, 1e-4, 200, ramp)
     values = [lr(k) for k in range(200)]
     assert values[0] == 1e-8 and values[-1] == 1e-4
-    assert all(a < b for a, b in zip(values, values[1:]))
+    assert all(a < b for a, b in itertools.pairwise(values))
 
 
 def test_linear_ramp_has_equal_steps_and_exponential_equal_ratios():
@@ -53,16 +67,17 @@ def test_sweep_length_in_steps_or_epochs_and_default_probes(model_cache, tmp_pat
 
 def test_text_encoder_follows_the_ramp_at_its_ratio():
     weights = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
-    optimizer = torch.optim.AdamW([{"name": "unet", "params": [weights[0]]},
-                                   {"name": "text_encoder", "params": [weights[1]]}], lr=1.0)
+    optimizer = torch.optim.AdamW(
+        [{"name": "unet", "params": [weights[0]]}, {"name": "text_encoder", "params": [weights[1]]}], lr=1.0
+    )
     config = SimpleNamespace(text_encoder_lr=None, text_encoder_lr_scale=0.5, lr=1e-6, lr_cycle_momentum=False)
-    trainer = SimpleNamespace(config=config, optimizer=optimizer)
-    install_ramp(trainer, lr_finder.Sweep(1e-8, 1e-4, "exponential", 5, 1, 3.0))
+    functions = ramp_functions(config, lr_finder.Sweep(1e-8, 1e-4, "exponential", 5, 1, 3.0), ["unet", "text_encoder"])
+    lr_scheduler = FunctionLR(optimizer, [functions[group["name"]] for group in optimizer.param_groups])
     seen = []
     for _ in range(5):
         seen.append([group["lr"] for group in optimizer.param_groups])
         optimizer.step()
-        trainer.lr_scheduler.step()
+        lr_scheduler.step()
     assert [unet for unet, _ in seen] == pytest.approx([1e-8, 1e-7, 1e-6, 1e-5, 1e-4])
     assert [te / unet for unet, te in seen] == pytest.approx([0.5] * 5)
 
@@ -82,7 +97,7 @@ def u_curve(noise: float = 0.0, seed: int = 0, rise: bool = True) -> np.ndarray:
 
 
 def suggest(losses) -> Suggestion:
-    return suggest_range(list(10 ** LOG_LRS), list(losses), "exponential")
+    return suggest_range(list(10**LOG_LRS), list(losses), "exponential")
 
 
 def test_clean_curve_gives_the_range_around_its_descent():
@@ -150,6 +165,7 @@ def test_too_few_points():
 
 # --- early stop -----------------------------------------------------------------------------------------
 
+
 def test_divergence_ignores_one_spike_but_stops_on_a_sustained_rise_or_nan():
     assert divergence([0.5, 0.3, 0.2, 5.0], 3.0) is None  # one spike: the median of 3 does not move
     assert "reached" in divergence([0.5, 0.3, 0.2, 1.0, 1.2], 3.0)
@@ -157,6 +173,7 @@ def test_divergence_ignores_one_spike_but_stops_on_a_sustained_rise_or_nan():
 
 
 # --- a real sweep of the tiny model ---------------------------------------------------------------------
+
 
 def folder_hash(folder: Path) -> str:
     digest = hashlib.sha256()
@@ -171,8 +188,15 @@ def folder_hash(folder: Path) -> str:
 def sweep(model_cache, tiny_model_dir, tmp_path_factory):
     """A short sweep that runs into divergence (the tiny model blows up near LR 0.1)."""
     before = folder_hash(tiny_model_dir)
-    config = tiny_config(model_cache, DEMO_DATA, tmp_path_factory.mktemp("lrfind"), lr_find_start=1e-4,
-                         lr_find_end=30.0, lr_find_steps=48, lr_find_probe_every=2)
+    config = tiny_config(
+        model_cache,
+        DEMO_DATA,
+        tmp_path_factory.mktemp("lrfind"),
+        lr_find_start=1e-4,
+        lr_find_end=30.0,
+        lr_find_steps=48,
+        lr_find_probe_every=2,
+    )
     result = find_lr(config)
     return result, before, folder_hash(tiny_model_dir)
 
@@ -208,7 +232,6 @@ def test_sweep_leaves_the_base_model_unchanged(sweep):
 def test_probe_uses_a_seeded_training_subset_when_validation_is_off(model_cache, tmp_path):
     config = tiny_config(model_cache, DEMO_DATA, tmp_path, validation_config=None, lr_find_probe_images=3)
     trainer = Trainer(config, tmp_path / "run")
-    trainer.set_up()
     first = lr_finder.training_subset_probe(trainer)
     second = lr_finder.training_subset_probe(trainer)
     assert first.num_images == 3 and trainer.validator is None
@@ -247,8 +270,7 @@ def test_written_config_keeps_the_users_keys_loads_and_previews(tmp_path):
 
 def finder_result(run_dir: Path, suggestion: Suggestion, fragment) -> FinderResult:
     log = SweepLog(rows=[{"step": 0, "lr": 0.0, "probe_loss": 0.1, "train_loss": None}])
-    return FinderResult(run_dir, lr_finder.Sweep(1e-8, 1e-4, "exponential", 10, 1, 3.0), log, suggestion, "",
-                        fragment)
+    return FinderResult(run_dir, lr_finder.Sweep(1e-8, 1e-4, "exponential", 10, 1, 3.0), log, suggestion, "", fragment)
 
 
 @pytest.fixture
@@ -264,8 +286,13 @@ def test_cli_writes_the_suggested_config(monkeypatch, tmp_path, user_config):
     target = tmp_path / "new.json"
     assert train_cli.main(["--config", str(user_config), "--find_lr_write", str(target), "--batch_size", "4"]) == 0
     written = json.loads(target.read_text())
-    assert written == {"data_root": str(DEMO_DATA), "max_epochs": 8, "batch_size": 4, **FRAGMENT,
-                       "lr_stepsize_epochs": 4}
+    assert written == {
+        "data_root": str(DEMO_DATA),
+        "max_epochs": 8,
+        "batch_size": 4,
+        **FRAGMENT,
+        "lr_stepsize_epochs": 4,
+    }
     assert load_config(target).lr_scheduler == "cyclic"
 
 
@@ -277,3 +304,23 @@ def test_cli_refuses_to_write_an_unbacked_suggestion(monkeypatch, tmp_path, caps
     assert status == 1 and not target.exists()
     assert "backs no range" in capsys.readouterr().err
     assert train_cli.main(["--config", str(user_config), "--find_lr_write", str(user_config)]) == 2
+
+
+def test_a_written_config_finds_every_path_the_original_found(tmp_path, monkeypatch):
+    """--find_lr_write puts NEW.json in another folder: every path key (latent_cache_dir and resume_from included)
+    must lead to the same place from there as from the original config, found as load_config finds paths."""
+    project, written, elsewhere = tmp_path / "project", tmp_path / "out" / "deeper", tmp_path / "elsewhere"
+    paths = {key: f"{key}_here" for key in PATH_KEYS}
+    for folder in paths.values():
+        (project / folder).mkdir(parents=True)
+    written.mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the user runs from a third folder: nothing is found from the working directory
+    rebased = lr_finder.rebase_paths(paths, project, written)
+    assert all(rebased[key] != paths[key] for key in PATH_KEYS)
+
+    def places(found: dict) -> dict:
+        return {key: Path(value).resolve() for key, value in found.items()}
+
+    assert places(resolve_config_paths(rebased, written)) == places(resolve_config_paths(paths, project))
+    assert all(place.is_dir() for place in places(resolve_config_paths(rebased, written)).values())

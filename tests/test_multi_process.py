@@ -21,8 +21,20 @@ from utils.state import STATE_FOLDER, list_states, verify_state
 
 pytestmark = pytest.mark.multi_process
 
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 # Two processes share the machine's cores; after forwarding a SIGTERM the launcher waits this long for the save
 # (30 s by default, which a loaded CI machine can exceed), as the README advises for real runs.
 LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
@@ -31,15 +43,15 @@ LAUNCH_ENV = {"OMP_NUM_THREADS": "1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
 NAN_ON_ONE_PROCESS = """
 import math, os, sys
 sys.path.insert(0, {root!r})
-import trainer.loop
-real_loss, calls = trainer.loop.training_loss, []
+import trainer.step
+real_loss, calls = trainer.step.training_loss, []
 
 def nan_once_on_rank_1(*args, **kwargs):
     calls.append(1)
     loss = real_loss(*args, **kwargs)
     return loss * math.nan if os.environ["RANK"] == "1" and len(calls) == 3 else loss
 
-trainer.loop.training_loss = nan_once_on_rank_1
+trainer.step.training_loss = nan_once_on_rank_1
 import train
 sys.exit(train.main(sys.argv[1:]))
 """
@@ -75,8 +87,11 @@ def validation_losses(run_dir: Path) -> dict[int, float]:
 
 def state_weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
     folder = run_dir / STATE_FOLDER / f"state-gs{step:05d}"
-    return {f"{model}.{key}": tensor for model in ("unet", "text_encoder")
-            for key, tensor in load_file(folder / f"{model}.safetensors").items()}
+    return {
+        f"{model}.{key}": tensor
+        for model in ("unet", "text_encoder")
+        for key, tensor in load_file(folder / f"{model}.safetensors").items()
+    }
 
 
 def test_two_processes_write_one_run_keep_equal_weights_and_learn_like_the_doubled_batch(model_cache, tmp_path):
@@ -98,22 +113,28 @@ def test_two_processes_write_one_run_keep_equal_weights_and_learn_like_the_doubl
     steps = [int(row["step"]) for row in csv.DictReader(open(run_dir / "metrics.csv")) if row["loss_train"]]
     assert steps == list(range(1, 13))  # every step logged once
     assert [path.name for path in list_states(run_dir / STATE_FOLDER)] == ["state-gs00012"]
-    assert sorted(path.name for path in (run_dir / "ckpts").iterdir()) == ["sig-ep005-gs00012",
-                                                                          "sig-ep005-gs00012.safetensors"]
+    assert sorted(path.name for path in (run_dir / "ckpts").iterdir()) == [
+        "sig-ep005-gs00012",
+        "sig-ep005-gs00012.safetensors",
+    ]
 
     # One process with grad_accum 2 trains the same 8 images per step (the two processes' batches): the same
     # curve, up to the noise each process draws on its own.
     assert train_cli.main(["--config", str(one / "config.json"), "--grad_accum", "2"]) == 0
     parallel, accumulated = validation_losses(run_dir), validation_losses(only_run_dir(one))
     assert sorted(parallel) == sorted(accumulated) == list(range(0, 13, 2))
-    assert parallel[0] == accumulated[0]  # the same model and the same fixed validation noise
+    # The same model and the same fixed validation noise; two processes average their halves' losses, one process
+    # sums all images in another order, so the float sums may differ in the last bits (seen: 1.1769736 vs
+    # 1.1769738): a relative tolerance of 1e-6, far below any change training makes.
+    assert parallel[0] == pytest.approx(accumulated[0], rel=1e-6)
     assert parallel[12] < 0.9 * parallel[0]  # it learned
     for step in parallel:
         assert abs(parallel[step] - accumulated[step]) <= 0.02 * accumulated[step], (step, parallel, accumulated)
 
 
 def test_sigterm_to_the_launcher_saves_one_state_that_resumes_exactly_or_with_another_process_count(
-        model_cache, tmp_path, cleanup):
+    model_cache, tmp_path, cleanup
+):
     stopped_dir, reference_dir = tmp_path / "stopped", tmp_path / "reference"
     for folder in (stopped_dir, reference_dir):
         folder.mkdir()
@@ -140,8 +161,20 @@ def test_sigterm_to_the_launcher_saves_one_state_that_resumes_exactly_or_with_an
 
     # The same state on one process: it goes on from the same step and says what changes.
     one_state = moved / STATE_FOLDER / state.name
-    process, output = start([sys.executable, str(ROOT / "train.py"), "--config", str(stopped_dir / "config.json"),
-                             "--resume_from", str(one_state), "--max_steps", str(end)], tmp_path, **LAUNCH_ENV)
+    process, output = start(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--config",
+            str(stopped_dir / "config.json"),
+            "--resume_from",
+            str(one_state),
+            "--max_steps",
+            str(end),
+        ],
+        tmp_path,
+        **LAUNCH_ENV,
+    )
     cleanup(process)
     text = output.rest()
     assert process.wait(timeout=300) == 0, text

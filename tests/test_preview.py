@@ -1,6 +1,7 @@
 """The ready configs of the post, previewed on the demo images (20 images of one size at 64 px)."""
 
 import csv
+import itertools
 import subprocess
 import sys
 
@@ -9,19 +10,19 @@ import pytest
 from data.prepare import prepare_data
 from optimizer.lr import plan_schedule, unet_spec
 from optimizer.preview import preview_schedule
-from optimizer.schedules import describe
+from optimizer.schedule_report import describe
 from tests.conftest import DEMO_DATA, ROOT
-from utils.config import ConfigError, load_config
+from utils.config import MAX_STEPS, ConfigError, load_config
+from utils.plots import PLOTTED_POINTS, plotted_steps
 
 
 def post_config(name: str, **overrides):
-    return load_config(ROOT / "configs" / f"{name}.json",
-                       {"data_root": str(DEMO_DATA), "resolution": 64, **overrides})
+    return load_config(ROOT / "configs" / f"{name}.json", {"data_root": str(DEMO_DATA), "resolution": 64, **overrides})
 
 
 def planned(config):
-    plan, functions, notes = plan_schedule(config, prepare_data(config).batches.num_batches)
-    return plan, functions, describe(unet_spec(config, plan)), notes
+    plan, schedules, notes = plan_schedule(config, prepare_data(config).batches.num_batches)
+    return plan, schedules.lr, describe(unet_spec(config, plan)), notes
 
 
 def test_cycling_x10_is_ten_cycles_of_80_steps():
@@ -103,11 +104,24 @@ def test_preview_csv_matches_the_schedule(tmp_path):
 
 def test_plot_schedule_command_loads_no_model(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, train; r = train.main(sys.argv[1:]); "
-         "print('diffusers.models' in sys.modules and 'UNet' in str(sys.modules.get('trainer.model'))); sys.exit(r)",
-         "--config", "configs/post_cyclic_x10.json", "--data_root", str(DEMO_DATA), "--resolution", "64",
-         "--plot_schedule", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, train; r = train.main(sys.argv[1:]); "
+            "print('diffusers.models' in sys.modules and 'UNet' in str(sys.modules.get('trainer.model'))); sys.exit(r)",
+            "--config",
+            "configs/post_cyclic_x10.json",
+            "--data_root",
+            str(DEMO_DATA),
+            "--resolution",
+            "64",
+            "--plot_schedule",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert "stepsize: 40 steps (10 epochs), cycle 80 steps, 10 cycles" in result.stdout
     assert "the run ends on a low point" in result.stdout
@@ -122,8 +136,10 @@ def test_the_preview_counts_the_steps_of_a_group_of_processes(tmp_path, capsys):
     pair = preview_schedule(config, tmp_path / "two", num_processes=2)["plan"]
     assert (alone.steps_per_epoch, alone.total_steps) == (4, 40)
     assert (pair.steps_per_epoch, pair.total_steps) == (2, 20)
-    assert "2 processes: a step trains 2 x batch_size 4 x grad_accum 1 = 8 images (global batch)" in \
-        capsys.readouterr().out
+    assert (
+        "2 processes: a step trains 2 x batch_size 4 x grad_accum 1 = 8 images (global batch)"
+        in capsys.readouterr().out
+    )
     with pytest.raises(ConfigError, match="key 'batch_size' = 4: 4 batch\\(es\\) per epoch cannot feed 5 processes"):
         preview_schedule(config, tmp_path / "five", num_processes=5)
 
@@ -133,3 +149,36 @@ def test_num_processes_is_only_for_the_preview(capsys):
 
     assert train_cli.main(["--config", str(ROOT / "configs" / "demo.json"), "--num_processes", "2"]) == 2
     assert "accelerate launch --multi_gpu --num_processes 2 train.py" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("total", [1, 550, PLOTTED_POINTS, PLOTTED_POINTS + 1, 3 * PLOTTED_POINTS - 7, MAX_STEPS])
+def test_plotted_steps_are_every_step_or_an_even_sample_with_both_ends(total):
+    steps = plotted_steps(total)
+    assert steps[0] == 0 and steps[-1] == total - 1 and len(steps) <= PLOTTED_POINTS
+    assert steps == sorted(set(steps))
+    if total <= PLOTTED_POINTS:
+        assert steps == list(range(total))
+    else:
+        assert len({b - a for a, b in itertools.pairwise(steps[:-1])}) == 1  # evenly spaced, but for the last step
+
+
+def test_the_longest_run_accepted_previews_in_seconds_with_a_sampled_curve(tmp_path, capsys):
+    """max_steps 100000000000 hung the preview, which wrote and plotted every step; the longest run accepted now
+    writes at most PLOTTED_POINTS rows."""
+    config = post_config("post_constant", lr_scheduler="cosine", max_steps=MAX_STEPS)
+    result = preview_schedule(config, tmp_path)
+    _, lr, _, _ = planned(config)
+    rows = list(csv.DictReader(open(tmp_path / "lr_schedule.csv")))
+    assert result["plan"].total_steps == MAX_STEPS and len(rows) <= PLOTTED_POINTS
+    assert (rows[0]["step"], rows[-1]["step"]) == ("0", str(MAX_STEPS - 1))
+    assert float(rows[len(rows) // 2]["lr"]) == pytest.approx(lr["unet"](int(rows[len(rows) // 2]["step"])))
+    assert f"lr_schedule.csv (one step in {int(rows[1]['step'])} of {MAX_STEPS})" in capsys.readouterr().out
+
+
+def test_epochs_times_their_steps_beyond_max_steps_are_refused_before_any_cycle_is_worked_out():
+    """max_epochs is within its own bound, but 5 steps an epoch make 5 x MAX_STEPS steps."""
+    config = load_config(
+        None, {"data_root": str(DEMO_DATA), "max_epochs": MAX_STEPS, "lr_scheduler": "cyclic", "lr_decay_steps": 1}
+    )
+    with pytest.raises(ConfigError, match=r"key 'max_epochs': 10,000,000 epochs of 5 steps make 50,000,000 steps"):
+        plan_schedule(config, batches_per_epoch=5)

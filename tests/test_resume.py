@@ -17,8 +17,18 @@ from utils.state import STATE_FOLDER, list_states, verify_state
 
 # Cyclic LR, two micro-batches per step, flips, caption dropout, validation every epoch and a save (state and
 # checkpoint) at every epoch end: 16 training images in batches of 2 make 4 steps per epoch, 8 steps in all.
-RUN = dict(lr_scheduler="cyclic", lr_decay_steps=3, lr_min=1e-5, batch_size=2, grad_accum=2, max_epochs=2,
-           flip_p=0.5, cond_dropout=0.2, save_every_n_epochs=1, no_save_ckpt=True)
+RUN = dict(
+    lr_scheduler="cyclic",
+    lr_decay_steps=3,
+    lr_min=1e-5,
+    batch_size=2,
+    grad_accum=2,
+    max_epochs=2,
+    flip_p=0.5,
+    cond_dropout=0.2,
+    save_every_n_epochs=1,
+    no_save_ckpt=True,
+)
 STEPS = 8
 
 
@@ -27,15 +37,19 @@ def config_for(model_cache, logdir, **overrides):
 
 
 def trained_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    return {f"{name}.{key}": tensor.detach().clone()
-            for name, module in trainer.trained_models().items() for key, tensor in module.state_dict().items()}
+    return {
+        f"{name}.{key}": tensor.detach().clone()
+        for name, module in trainer.trained_models().items()
+        for key, tensor in module.state_dict().items()
+    }
 
 
 def logged_rows(run_dir: Path) -> list[tuple]:
     """metrics.csv without the timing column, which differs between runs."""
     with open(Path(run_dir) / "metrics.csv", newline="") as handle:
-        return [tuple(value for key, value in row.items() if key != "images_per_second")
-                for row in csv.DictReader(handle)]
+        return [
+            tuple(value for key, value in row.items() if key != "images_per_second") for row in csv.DictReader(handle)
+        ]
 
 
 def assert_same_weights(expected: dict, actual: dict) -> None:
@@ -51,8 +65,12 @@ def reference(model_cache, tmp_path_factory):
     logdir = tmp_path_factory.mktemp("reference")
     trainer = Trainer(config_for(model_cache, logdir, save_state_every_n_minutes=1e-9))
     summary = trainer.run()
-    return {"weights": trained_weights(trainer), "rows": logged_rows(summary["run_dir"]), "summary": summary,
-            "logdir": logdir}
+    return {
+        "weights": trained_weights(trainer),
+        "rows": logged_rows(summary["run_dir"]),
+        "summary": summary,
+        "logdir": logdir,
+    }
 
 
 def test_reference_keeps_the_newest_states_and_each_verifies(reference):
@@ -82,8 +100,7 @@ def test_stopped_and_resumed_run_equals_the_run_left_alone(model_cache, tmp_path
     assert [c["step"] for c in summary["checkpoints"]] == sorted({stop_at, 4, 8})
 
 
-def test_damaged_newest_state_is_skipped_and_the_previous_one_resumes_exactly(model_cache, tmp_path, reference,
-                                                                              capsys):
+def test_damaged_newest_state_is_skipped_and_the_previous_one_resumes_exactly(model_cache, tmp_path, reference, capsys):
     stopped = Trainer(config_for(model_cache, tmp_path), stop_at_step=6).run()
     newest = Path(stopped["last_state"])
     weights = newest / "unet.safetensors"
@@ -108,12 +125,15 @@ def run_folder_files(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"batch_size": 4}, "batch_size"),
-    ({"grad_accum": 1}, "grad_accum"),
-    ({"seed": 7}, "seed"),
-    ({"resolution": 128}, "resolution"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"batch_size": 4}, "batch_size"),
+        ({"grad_accum": 1}, "grad_accum"),
+        ({"seed": 7}, "seed"),
+        ({"resolution": 128}, "resolution"),
+    ],
+)
 def test_a_change_that_would_break_the_run_is_refused_naming_the_key(model_cache, reference, change, key):
     run_dir = Path(reference["summary"]["run_dir"])
     before = run_folder_files(run_dir)
@@ -124,8 +144,9 @@ def test_a_change_that_would_break_the_run_is_refused_naming_the_key(model_cache
 
 def test_a_state_of_other_images_is_refused(model_cache, reference, demo_copy):
     (demo_copy / "scene20.png").unlink()
-    config = tiny_config(model_cache, demo_copy, reference["logdir"], **{**RUN, "resume_from": "latest",
-                                                                        "max_epochs": 3})
+    config = tiny_config(
+        model_cache, demo_copy, reference["logdir"], **{**RUN, "resume_from": "latest", "max_epochs": 3}
+    )
     with pytest.raises(ConfigError, match=r"key 'data_root': the training images changed \(16 images"):
         Trainer(config).run()
 
@@ -145,12 +166,12 @@ def test_not_a_state_is_refused_before_anything_loads(model_cache, tmp_path):
         Trainer(config_for(model_cache, tmp_path, resume_from=str(tmp_path))).run()
 
 
-def test_settings_that_may_change_are_taken_from_the_new_config_and_logged(model_cache, reference, tmp_path,
-                                                                            capsys):
+def test_settings_that_may_change_are_taken_from_the_new_config_and_logged(model_cache, reference, tmp_path, capsys):
     logs = tmp_path / "logs"
     shutil.copytree(reference["logdir"], logs)  # leave the shared reference run as it is
-    summary = Trainer(config_for(model_cache, logs, resume_from="latest", lr=2e-4, max_steps=STEPS + 2,
-                                 log_step=2)).run()
+    summary = Trainer(
+        config_for(model_cache, logs, resume_from="latest", lr=2e-4, max_steps=STEPS + 2, log_step=2)
+    ).run()
     out = capsys.readouterr().out
     assert summary["steps"] == STEPS + 2 and summary["exit_code"] == 0
     assert "changed since the state was saved (the new values apply):" in out
@@ -171,18 +192,21 @@ def test_resuming_a_finished_run_with_nothing_left_is_refused(model_cache, refer
 def test_latest_without_any_state_starts_a_new_run(model_cache, tmp_path):
     found, notes = locate_state(config_for(model_cache, tmp_path, resume_from="latest"))
     assert found is None
-    assert notes == [f"resume_from 'latest': no saved state of project 't' under logdir '{tmp_path}' yet: "
-                     f"starting a new run"]
+    assert notes == [
+        f"resume_from 'latest': no saved state of project 't' under logdir '{tmp_path}' yet: starting a new run"
+    ]
 
 
 # --- the state format, without training ----------------------------------------------------------------
 
+
 def test_nested_structures_with_tensors_survive_json_and_safetensors():
     from utils.state import join_tensors, split_tensors
 
-    optimizer_like = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
-                      "param_groups": [{"name": "unet", "betas": (0.9, 0.999), "eps": 1e-8, "params": [0],
-                                        "foreach": None}]}
+    optimizer_like = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
+        "param_groups": [{"name": "unet", "betas": (0.9, 0.999), "eps": 1e-8, "params": [0], "foreach": None}],
+    }
     tensors: dict = {}
     stored = json.loads(json.dumps(split_tensors(optimizer_like, tensors, "optimizer")))
     back = join_tensors(stored, tensors)
@@ -245,13 +269,14 @@ def test_an_8bit_optimizer_state_with_shared_tensors_round_trips(tmp_path):
 
     model, optimizer = model_and_optimizer()
     step(model, optimizer, 1)
-    saved = write_state(TrainingState(1, {}, {"model": model.state_dict()}, optimizer.state_dict(), capture_rng()),
-                        tmp_path)
+    saved = write_state(
+        TrainingState(1, {}, {"model": model.state_dict()}, optimizer.state_dict(), capture_rng()), tmp_path
+    )
     state = read_state(saved.path)
     resumed_model, resumed_optimizer = model_and_optimizer()
     resumed_model.load_state_dict(state.weights["model"])
     resumed_optimizer.load_state_dict(state.optimizer)
     step(model, optimizer, 2)
     step(resumed_model, resumed_optimizer, 2)
-    for expected, actual in zip(model.parameters(), resumed_model.parameters()):
+    for expected, actual in zip(model.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(expected, actual)

@@ -4,6 +4,7 @@ guarantee that sampling never changes what training does."""
 import importlib.util
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,9 +18,10 @@ from tests.conftest import DEMO_DATA, ROOT, tiny_config
 from trainer.loop import train
 from trainer.model import load_pretrained
 from trainer.sample_index import read_index
-from trainer.sampling import (SCHEDULERS, SampleRequest, SampleSettings, build_scheduler, make_samples, read_prompts,
-                              samples_due, size_for_aspect_ratio, spread_captions)
-from utils.config import ConfigError
+from trainer.sampling import (SamplePrompts, SampleRequest, SampleSettings, build_scheduler, make_samples,
+                              read_prompts, samples_due, size_for_aspect_ratio)
+from utils.config import ConfigError, load_config
+from utils.ed2_compat import SAMPLE_SCHEDULERS
 
 CAPTIONS = ["a blue circle", "a green square", "a red circle", "a red square", "a yellow star", "an orange moon"]
 TRAIN_ITEMS = [SimpleNamespace(caption=caption) for caption in CAPTIONS * 2]  # duplicates count once
@@ -66,12 +68,15 @@ def test_ed2_json_keys(tmp_path):
     assert cat == SampleRequest("a cat", "blurry", 7, (64, 128))
     assert dog == SampleRequest("a dog", "", 99, None)  # the file's seed is every sample's default
     assert wide.aspect_ratio == 2.0 and size_for_aspect_ratio(2.0, 512) == (704, 384)
-    assert random_caption.prompt in CAPTIONS
+    assert random_caption == SampleRequest("", seed=99, random_caption=True)  # a caption drawn every round
+    assert settings.captions == tuple(sorted(CAPTIONS))
 
 
-def test_the_post_sample_file_samples_four_different_training_captions():
+def test_the_post_sample_file_samples_four_different_training_captions(tiny_model, tmp_path):
     settings = read_prompts(str(ROOT / "configs" / "post_samples.json"), TRAIN_ITEMS)
-    prompts = [r.prompt for r in settings.requests]
+    settings = replace(settings, num_inference_steps=1, cfgs=(1.0,))
+    make_samples(tiny_model, settings, tmp_path, 10, 64, torch.device("cpu"), seed=555)
+    prompts = [entry["prompt"] for entry in read_index(tmp_path)[10].values()]
     assert len(set(prompts)) == 4 and set(prompts) <= set(CAPTIONS) and settings.batch_size == 4
 
 
@@ -91,7 +96,8 @@ def test_json_without_samples_uses_training_captions(tmp_path):
     ({"samples": [{"negative_prompt": "x"}]}, "give a prompt, or random_caption: true"),
     ({"samples": [{"prompt": "x", "size": [64, 64], "aspect_ratio": 1}]}, "not both"),
     ({"samples": [{"prompt": "x", "seed": -2}]}, "key 'samples[0].seed'"),
-    ({"generate_pretrain_samples": True}, "key 'generate_pretrain_samples'"),
+    ({"samples": [{"prompt": "x", "cfgs": []}]}, "key 'samples[0].cfgs'"),
+    ({"scheduler": "dpm++", "generate_pretrain_samples": "sometimes"}, "key 'generate_pretrain_samples'"),
     ("{\"cfgs\": [7, 4,]}", "not valid JSON"),
     ([{"prompt": "x"}], "must hold a JSON object"),
 ])
@@ -108,13 +114,13 @@ def test_other_file_types_are_refused(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("scipy") is not None, reason="scipy is installed: lms works")
 def test_scheduler_with_a_missing_package_is_refused_before_training(tmp_path):
-    with pytest.raises(ConfigError, match="key 'scheduler' = 'lms'.*scipy"):
+    with pytest.raises(ConfigError, match='key .scheduler. = "lms": needs the scipy package'):
         read_prompts(write(tmp_path, "s.json", {"scheduler": "lms"}), TRAIN_ITEMS)
 
 
 def test_every_ed2_scheduler_name_builds(tiny_model):
     optional = {"LMSDiscreteScheduler": "scipy", "DPMSolverSDEScheduler": "torchsde"}
-    for name, (class_name, _) in SCHEDULERS.items():
+    for name, (class_name, _) in SAMPLE_SCHEDULERS.items():
         if class_name in optional and importlib.util.find_spec(optional[class_name]) is None:
             continue
         scheduler = build_scheduler(name, tiny_model.noise_scheduler.config)
@@ -146,7 +152,7 @@ def tiny_model(tiny_model_dir):
 
 
 def fast_settings(*requests, **options):
-    return SampleSettings(requests=tuple(requests), num_inference_steps=3, **options)
+    return SampleSettings(requests=tuple(requests), **{"num_inference_steps": 3, **options})
 
 
 def test_grids_index_and_fixed_seeds(tiny_model, tmp_path):
@@ -186,10 +192,86 @@ def test_batching_does_not_change_the_images(tiny_model, tmp_path):
         assert np.abs(alone.astype(int) - batched.astype(int)).max() <= 2  # float noise of a bigger batch only
 
 
+def test_a_samples_own_cfgs_are_its_columns(tiny_model, tmp_path):
+    """ED2's shipped sample_prompts.json gives its third sample "cfgs": [1, 11]: that sample gets those two columns,
+    the others the file's."""
+    settings = fast_settings(SampleRequest("a red circle", seed=1), SampleRequest("a blue square", seed=1,
+                                                                                cfgs=(1.0, 11.0, 3.0)),
+                             cfgs=(7.0,))
+    results = make_samples(tiny_model, settings, tmp_path, 5, 64, torch.device("cpu"), seed=0)
+    assert [grid.shape[1] for _, grid in results] == [64, 64 * 3]
+    assert [entry["cfgs"] for entry in read_index(tmp_path)[5].values()] == [[7.0], [1.0, 11.0, 3.0]]
+
+
+def test_seed_minus_one_draws_a_new_seed_every_round_and_the_index_says_so(tiny_model, tmp_path):
+    settings = fast_settings(SampleRequest("a red circle", seed=-1), SampleRequest("a blue square", seed=4),
+                             cfgs=(1.0,), num_inference_steps=1)
+    for step in (1, 2):
+        make_samples(tiny_model, settings, tmp_path, step, 64, torch.device("cpu"), seed=0)
+    index = read_index(tmp_path)
+    assert index[1][0]["random_seed"] is True and index[1][0]["seed"] != index[2][0]["seed"]
+    assert "random_seed" not in index[1][1] and index[1][1]["seed"] == index[2][1]["seed"] == 4
+
+
+def test_weighted_prompts_are_encoded_by_compel(tiny_model, tmp_path):
+    """ED2 utils/sample_generator.py generate_samples builds the prompt embeddings with compel: "red++" weighs the
+    word up, so the picture changes; A1111's "(red:1.21)" is read as compel's "(red)1.21", the same weight."""
+    pytest.importorskip("compel")
+    prompts = ["a red circle", "a red++ circle", "a (red:1.21) circle", "a (red)1.21 circle"]
+    settings = fast_settings(*(SampleRequest(prompt, seed=3) for prompt in prompts), cfgs=(7.0,))
+    plain, weighted, a1111, compel_syntax = (grid for _, grid in make_samples(
+        tiny_model, settings, tmp_path, 1, 64, torch.device("cpu"), seed=0))
+    assert not np.array_equal(plain, weighted)
+    assert np.array_equal(weighted, a1111) and np.array_equal(a1111, compel_syntax)  # 1.1 ** 2 = 1.21
+    alone = make_samples(tiny_model, fast_settings(SampleRequest("a red circle", seed=3), cfgs=(7.0,)), tmp_path / "b",
+                         1, 64, torch.device("cpu"), seed=0)
+    assert np.array_equal(alone[0][1], plain)  # plain prompts keep the pipeline's own encoding
+
+
+def sample_config(**values):
+    return load_config(None, {"data_root": str(DEMO_DATA), **values})
+
+
+def test_the_file_is_read_again_before_every_round_and_a_broken_edit_keeps_the_last_prompts(tmp_path):
+    """ED2 utils/sample_generator.py SampleGenerator.reload_config runs before every round; on an error it warns and
+    keeps the sample requests it had. (ED2 also switches to a new generate_samples_every_n_steps; here the interval
+    of the start stays, so that every GPU process samples at the same steps: docs/ed2.md.)"""
+    path = write(tmp_path, "s.json", {"samples": [{"prompt": "a cat"}]})
+    said = []
+    prompts = SamplePrompts(path, TRAIN_ITEMS, sample_config(), said.append)
+    write(tmp_path, "s.json", {"generate_samples_every_n_steps": 50, "samples": [{"prompt": "a dog"}]})
+    assert [r.prompt for r in prompts.reread().requests] == ["a dog"]
+    assert prompts.settings.every_n_steps is None  # every process keeps sampling at the same steps
+    assert any("changed in the file; this run keeps the interval it started with" in line for line in said)
+    write(tmp_path, "s.json", '{"samples": [{"prompt": "a bird",}]}')
+    assert [r.prompt for r in prompts.reread().requests] == ["a dog"]
+    assert any(line.startswith("warning: sample_prompts file") and "not valid JSON" in line and "previous sample "
+               "prompts are kept" in line for line in said)
+
+
+def test_an_ed2_configs_sample_interval_is_counted_in_batches(tmp_path):
+    """ED2 train.py: samples when (global_step + 1) % sample_steps == 0, global_step counting batches; the file's
+    generate_samples_every_n_steps replaces sample_steps (SampleGenerator._reload_config_json). At grad_accum 4,
+    100 batches are 25 optimizer steps."""
+    path = write(tmp_path, "s.json", {"generate_samples_every_n_steps": 100, "samples": [{"prompt": "a cat"}]})
+    ed2 = load_config(write_config(tmp_path, {"data_root": str(DEMO_DATA), "grad_accum": 4, "gpuid": 0}))
+    said = []
+    assert SamplePrompts(path, TRAIN_ITEMS, ed2, said.append).settings.every_n_steps == 25
+    assert any("counted in batches in ED2" in line for line in said)
+    assert SamplePrompts(path, TRAIN_ITEMS, sample_config(grad_accum=4), said.append).settings.every_n_steps == 100
+
+
+def write_config(tmp_path: Path, values: dict) -> Path:
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(values), encoding="utf-8")
+    return path
+
+
 # --- during training -------------------------------------------------------------------------------------
 
 def test_training_with_samples_trains_exactly_like_without(model_cache, tmp_path):
-    sample_file = write(tmp_path, "samples.json", {"num_inference_steps": 2, "cfgs": [4, 1], "samples": [
+    sample_file = write(tmp_path, "samples.json", {"num_inference_steps": 2, "cfgs": [4, 1],
+                                                   "generate_pretrain_samples": True, "samples": [
         {"prompt": "a red circle on a blue background"}, {"random_caption": True, "seed": 3}]})
     summaries = {}
     for name, samples in (("with", {"sample_prompts": sample_file, "sample_steps": 3}), ("without", {})):
@@ -204,9 +286,11 @@ def test_training_with_samples_trains_exactly_like_without(model_cache, tmp_path
     run_dir = Path(summaries["with"]["run_dir"])
     assert summaries["with"]["steps"] == 8
     index = read_index(run_dir / "samples")
-    assert sorted(index) == [3, 6, 8]  # every 3 steps, and the final weights
+    assert sorted(index) == [0, 3, 6, 8]  # before the first step (generate_pretrain_samples), every 3, the end
     all_images = prepare_data(tiny_config(model_cache, DEMO_DATA, tmp_path, validation_config=None)).train
-    assert index[8][1]["prompt"] == spread_captions(all_images, 1)[0]  # validation images' captions count too
+    drawn = [index[step][1]["prompt"] for step in sorted(index)]
+    assert set(drawn) <= {item.caption for item in all_images}  # validation images' captions count too
+    assert len(set(drawn)) > 1 and all(index[step][1]["random_caption"] for step in index)
     assert all((run_dir / "samples" / entry["file"]).is_file() for step in index.values() for entry in step.values())
     assert not (Path(summaries["without"]["run_dir"]) / "samples").exists()
     assert image_tags(run_dir) == {"samples/prompt_0", "samples/prompt_1"}

@@ -5,30 +5,28 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import CyclicLR, OneCycleLR
 
-from optimizer.schedules import (
-    ED2_NAMES,
-    FunctionLR,
-    ScheduleError,
-    ScheduleSpec,
-    build_momentum,
-    build_schedule,
+from optimizer.lr import FunctionLR, ed2_default_warmup_steps
+from optimizer.schedule_checks import ScheduleError, ed2_default_decay_steps
+from optimizer.schedule_report import (
     cosine_oscillates,
     describe,
-    ed2_default_decay_steps,
-    ed2_default_warmup_steps,
     equivalent_cyclic,
     high_points,
     low_points,
     nearest_low_end,
-    stages_total_steps,
     stepsize_of,
 )
+from optimizer.schedules import ScheduleSpec, build_momentum, build_schedule, stages_total_steps
+from tests.conftest import ROOT
+from utils.config import ED2_SCHEDULE_NAMES
 
 PEAK = 1.13e-6  # the post's upper bound for Damon's data set
 POST_STAGES = ((3, 1.13e-6), (2, 5.65e-7), (1.5, 2.83e-7))
@@ -69,6 +67,7 @@ def assert_same_curve(ours: list[float], theirs: list[float], scale: float = PEA
 # 1. cyclic, starting low, is torch's CyclicLR
 # ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "cycle_decay, mode, gamma",
     [("none", "triangular", 1.0), ("triangular2", "triangular2", 1.0), ("exp_range", "exp_range", 0.99)],
@@ -88,15 +87,49 @@ def test_cyclic_start_low_equals_torch_cyclic_lr(cycle_decay, mode, gamma, steps
 @pytest.mark.parametrize(
     "cycle_decay, gamma, expected",
     [
-        ("none", 1.0, [.001, .002, .003, .004, .005, .004, .003, .002, .001, .002, .003, .004, .005, .004]),
-        ("triangular2", 1.0, [.001, .002, .003, .004, .005, .004, .003, .002, .001, .0015, .002, .0025, .003, .0025]),
-        ("exp_range", 0.9, [.001, .0019, .00262, .003187, .003624, .002771, .002063, .001478, .001, .001387,
-                            .001697, .001941, .00213, .001763]),
+        (
+            "none",
+            1.0,
+            [0.001, 0.002, 0.003, 0.004, 0.005, 0.004, 0.003, 0.002, 0.001, 0.002, 0.003, 0.004, 0.005, 0.004],
+        ),
+        (
+            "triangular2",
+            1.0,
+            [0.001, 0.002, 0.003, 0.004, 0.005, 0.004, 0.003, 0.002, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.0025],
+        ),
+        (
+            "exp_range",
+            0.9,
+            [
+                0.001,
+                0.0019,
+                0.00262,
+                0.003187,
+                0.003624,
+                0.002771,
+                0.002063,
+                0.001478,
+                0.001,
+                0.001387,
+                0.001697,
+                0.001941,
+                0.00213,
+                0.001763,
+            ],
+        ),
     ],
 )
 def test_cyclic_matches_published_reference_values(cycle_decay, gamma, expected):
-    spec = ScheduleSpec("cyclic", lr=5e-3, lr_min=1e-3, total_steps=14, steps_per_epoch=1, decay_steps=4,
-                        cycle_decay=cycle_decay, gamma=gamma)
+    spec = ScheduleSpec(
+        "cyclic",
+        lr=5e-3,
+        lr_min=1e-3,
+        total_steps=14,
+        steps_per_epoch=1,
+        decay_steps=4,
+        cycle_decay=cycle_decay,
+        gamma=gamma,
+    )
     assert curve(spec) == pytest.approx(expected, abs=1e-6)
 
 
@@ -111,8 +144,9 @@ def test_the_three_stepsize_options_give_the_same_curve():
 def test_cyclic_momentum_equals_torch_cycle_momentum():
     spec = cyclic(lr_min=1e-7, decay_steps=5, cycle_decay="triangular2", momentum_cycle=(0.85, 0.95))
     _, theirs = torch_curve(
-        lambda opt: CyclicLR(opt, base_lr=1e-7, max_lr=PEAK, step_size_up=5, mode="triangular2",
-                             base_momentum=0.85, max_momentum=0.95),
+        lambda opt: CyclicLR(
+            opt, base_lr=1e-7, max_lr=PEAK, step_size_up=5, mode="triangular2", base_momentum=0.85, max_momentum=0.95
+        ),
         spec.total_steps,
     )
     momentum_at = build_momentum(spec)
@@ -123,12 +157,14 @@ def test_cyclic_momentum_equals_torch_cycle_momentum():
 # 2. starting high, and cosine ramps
 # ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("cycle_decay", ["none", "triangular2"])
 @pytest.mark.parametrize("shape", ["triangular", "cosine"])
 def test_start_high_is_start_low_shifted_by_one_stepsize(cycle_decay, shape):
     low = build_schedule(cyclic(lr_min=1e-7, decay_steps=6, cycle_decay=cycle_decay, cycle_shape=shape))
-    high = build_schedule(cyclic(lr_min=1e-7, decay_steps=6, cycle_decay=cycle_decay, cycle_shape=shape,
-                                 cycle_start="high"))
+    high = build_schedule(
+        cyclic(lr_min=1e-7, decay_steps=6, cycle_decay=cycle_decay, cycle_shape=shape, cycle_start="high")
+    )
     assert high(0) == pytest.approx(PEAK)
     assert_same_curve([high(k) for k in range(100)], [low(k + 6) for k in range(100)])
 
@@ -136,8 +172,9 @@ def test_start_high_is_start_low_shifted_by_one_stepsize(cycle_decay, shape):
 def test_exp_range_starting_high_decays_from_the_peak_itself():
     gamma, stepsize = 0.98, 6
     low = build_schedule(cyclic(lr_min=1e-7, decay_steps=stepsize, cycle_decay="exp_range", gamma=gamma))
-    high = build_schedule(cyclic(lr_min=1e-7, decay_steps=stepsize, cycle_decay="exp_range", gamma=gamma,
-                                 cycle_start="high"))
+    high = build_schedule(
+        cyclic(lr_min=1e-7, decay_steps=stepsize, cycle_decay="exp_range", gamma=gamma, cycle_start="high")
+    )
     assert high(0) == pytest.approx(PEAK)
     # Same wave shifted, but the decay counts the run's own steps: gamma ** k, not gamma ** (k + stepsize).
     expected = [1e-7 + (low(k + stepsize) - 1e-7) / gamma**stepsize for k in range(100)]
@@ -159,9 +196,16 @@ def test_cosine_shape_is_a_half_cosine_between_the_same_points():
 # 3. stages
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_stages_keep_the_wave_running_across_a_fractional_boundary():
-    spec = cyclic(total_steps=50, steps_per_epoch=5, decay_steps=10, cycle_start="high", cycle_decay="stages",
-                  stages=((1.5, 1e-6), (1, 5e-7)))
+    spec = cyclic(
+        total_steps=50,
+        steps_per_epoch=5,
+        decay_steps=10,
+        cycle_start="high",
+        cycle_decay="stages",
+        stages=((1.5, 1e-6), (1, 5e-7)),
+    )
     lr_at = build_schedule(spec)
     assert [lr_at(k) for k in (0, 10, 20, 25, 30, 35, 40, 50)] == pytest.approx(
         [1e-6, 0.0, 1e-6, 5e-7, 0.0, 2.5e-7, 5e-7, 0.0], abs=1e-18
@@ -170,8 +214,9 @@ def test_stages_keep_the_wave_running_across_a_fractional_boundary():
 
 
 def test_stages_on_a_peak_boundary_switch_to_the_next_stage_there():
-    spec = cyclic(total_steps=40, decay_steps=5, cycle_start="high", cycle_decay="stages",
-                  stages=((2, 1e-6), (2, 4e-7)))
+    spec = cyclic(
+        total_steps=40, decay_steps=5, cycle_start="high", cycle_decay="stages", stages=((2, 1e-6), (2, 4e-7))
+    )
     lr_at = build_schedule(spec)
     assert lr_at(10) == pytest.approx(1e-6) and lr_at(20) == pytest.approx(4e-7)
 
@@ -189,8 +234,9 @@ def test_stages_total_steps_counts_cycles_and_warmup():
 
 
 def test_last_stage_keeps_cycling_after_the_stages_end():
-    spec = cyclic(total_steps=60, decay_steps=5, cycle_start="high", cycle_decay="stages",
-                  stages=((1, 1e-6), (2, 4e-7)))
+    spec = cyclic(
+        total_steps=60, decay_steps=5, cycle_start="high", cycle_decay="stages", stages=((1, 1e-6), (2, 4e-7))
+    )
     assert build_schedule(spec)(50) == pytest.approx(4e-7)
     assert any("keeps cycling" in note for note in describe(spec)["notes"])
 
@@ -198,6 +244,7 @@ def test_last_stage_keeps_cycling_after_the_stages_end():
 # ---------------------------------------------------------------------------------------------------------
 # 4. warmup with every schedule
 # ---------------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "settings",
@@ -251,6 +298,7 @@ def test_constant_ignores_warmup_and_constant_with_warmup_does_not():
 # 5. one_cycle is torch's OneCycleLR
 # ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "settings",
     [
@@ -261,11 +309,17 @@ def test_constant_ignores_warmup_and_constant_with_warmup_does_not():
     ],
 )
 def test_one_cycle_equals_torch_one_cycle_lr(settings):
-    spec = ScheduleSpec("one_cycle", lr=PEAK, total_steps=97, steps_per_epoch=4, momentum_cycle=(0.85, 0.95),
-                        **settings)
+    spec = ScheduleSpec(
+        "one_cycle", lr=PEAK, total_steps=97, steps_per_epoch=4, momentum_cycle=(0.85, 0.95), **settings
+    )
     torch_settings = dict(
-        pct_start=spec.pct_start, div_factor=spec.div_factor, final_div_factor=spec.final_div_factor,
-        three_phase=spec.three_phase, anneal_strategy=spec.anneal, base_momentum=0.85, max_momentum=0.95,
+        pct_start=spec.pct_start,
+        div_factor=spec.div_factor,
+        final_div_factor=spec.final_div_factor,
+        three_phase=spec.three_phase,
+        anneal_strategy=spec.anneal,
+        base_momentum=0.85,
+        max_momentum=0.95,
     )
     lrs, betas = torch_curve(lambda opt: OneCycleLR(opt, max_lr=PEAK, total_steps=97, **torch_settings), 97)
     momentum_at = build_momentum(spec)
@@ -282,7 +336,8 @@ def test_one_cycle_matches_published_reference_values_and_holds_its_end():
         [0.04, 0.52, 1.0, 0.95048, 0.81175, 0.61126, 0.38874, 0.18826, 0.049519, 4e-06], abs=1e-5
     )
     assert [three_phase(k) for k in range(10)] == pytest.approx(
-        [0.04, 0.52, 1, 0.52, 0.04, 0.032, 0.024, 0.016, 0.008, 4e-06], abs=1e-5  # published to 2-3 digits
+        [0.04, 0.52, 1, 0.52, 0.04, 0.032, 0.024, 0.016, 0.008, 4e-06],
+        abs=1e-5,  # published to 2-3 digits
     )
     assert two_phase(10) == two_phase(11) == two_phase(9)  # torch bounces up here; a trainer must not
 
@@ -291,7 +346,8 @@ def test_one_cycle_matches_published_reference_values_and_holds_its_end():
 # 6. ED2 names are diffusers' get_scheduler, as ED2 calls it
 # ---------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ED2_NAMES)
+
+@pytest.mark.parametrize("name", ED2_SCHEDULE_NAMES)
 @pytest.mark.parametrize("warmup, decay", [(0, None), (5, 40), (12, 200), (3, 4)])
 def test_ed2_names_equal_diffusers_get_scheduler(name, warmup, decay):
     spec = ScheduleSpec(name, lr=PEAK, total_steps=120, steps_per_epoch=4, warmup_steps=warmup, decay_steps=decay)
@@ -344,6 +400,7 @@ def test_ed2_automatic_defaults():
 # 7. the post's other runs
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_post_stepsize_two_epochs_gives_50_cycles_of_16_steps():
     spec = cyclic(total_steps=800, steps_per_epoch=4, stepsize_epochs=2)
     summary = describe(spec)
@@ -362,8 +419,14 @@ def test_post_final_run_five_and_a_half_cycles_starts_high_and_ends_low():
 
 def test_post_staged_decay_runs_650_steps_with_falling_peaks_and_ends_low():
     stepsize = 50
-    spec = cyclic(total_steps=stages_total_steps(POST_STAGES, stepsize), steps_per_epoch=5, decay_steps=stepsize,
-                  cycle_start="high", cycle_decay="stages", stages=POST_STAGES)
+    spec = cyclic(
+        total_steps=stages_total_steps(POST_STAGES, stepsize),
+        steps_per_epoch=5,
+        decay_steps=stepsize,
+        cycle_start="high",
+        cycle_decay="stages",
+        stages=POST_STAGES,
+    )
     assert spec.total_steps == 650
     lr_at = build_schedule(spec)
     assert [lr_at(k) for k in high_points(spec) if k < 650] == pytest.approx(
@@ -377,6 +440,7 @@ def test_post_staged_decay_runs_650_steps_with_falling_peaks_and_ends_low():
 # ---------------------------------------------------------------------------------------------------------
 # 8. ending on a low point
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_ending_low_means_the_curve_is_at_the_low_when_the_run_stops():
     spec = cyclic(total_steps=550, steps_per_epoch=5, decay_steps=50, cycle_start="high")
@@ -455,14 +519,16 @@ def make_training(seed_value: float = 0.0):
     unet = torch.nn.Parameter(torch.full((3,), seed_value))
     text_encoder = torch.nn.Parameter(torch.full((2,), seed_value))
     optimizer = torch.optim.AdamW([{"params": [unet]}, {"params": [text_encoder]}], lr=0.0)
-    return (unet, text_encoder), optimizer, FunctionLR.from_specs(optimizer, [UNET, TEXT_ENCODER])
+    scheduler = FunctionLR(optimizer, [build_schedule(UNET), build_schedule(TEXT_ENCODER)], build_momentum(UNET))
+    return (unet, text_encoder), optimizer, scheduler
 
 
 def train(params, optimizer, scheduler, steps: int) -> list[tuple[float, float, float]]:
     seen = []
     for _ in range(steps):
-        seen.append((optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"],
-                     optimizer.param_groups[0]["betas"][0]))
+        seen.append(
+            (optimizer.param_groups[0]["lr"], optimizer.param_groups[1]["lr"], optimizer.param_groups[0]["betas"][0])
+        )
         loss = sum(((p - 1.0) ** 2).sum() for p in params)
         optimizer.zero_grad()
         loss.backward()
@@ -495,14 +561,20 @@ def test_resuming_from_state_dict_continues_the_same_curve():
     params, optimizer, scheduler = make_training()
     first_part = train(params, optimizer, scheduler, 37)
     saved = io.BytesIO()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "params": [p.detach().clone() for p in params]}, saved)
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "params": [p.detach().clone() for p in params],
+        },
+        saved,
+    )
     saved.seek(0)
     state = torch.load(saved)
 
     params, optimizer, scheduler = make_training(seed_value=5.0)  # fresh objects, different weights
     with torch.no_grad():
-        for param, value in zip(params, state["params"]):
+        for param, value in zip(params, state["params"], strict=True):
             param.copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -527,11 +599,11 @@ def test_state_dict_is_only_the_step_count_and_applies_at_once():
 def test_function_lr_cycles_sgd_momentum_and_refuses_optimizers_without_any():
     param = torch.nn.Parameter(torch.zeros(1))
     sgd = torch.optim.SGD([param], lr=0.1, momentum=0.9)
-    FunctionLR.from_specs(sgd, [UNET])
+    FunctionLR(sgd, build_schedule(UNET), build_momentum(UNET))
     assert sgd.param_groups[0]["momentum"] == pytest.approx(0.85)
     adagrad = torch.optim.Adagrad([param], lr=0.1)
     with pytest.raises(ScheduleError, match="lr_cycle_momentum"):
-        FunctionLR.from_specs(adagrad, [UNET])
+        FunctionLR(adagrad, build_schedule(UNET), build_momentum(UNET))
     with pytest.raises(ValueError, match="2 lr_fns for an optimizer with 1 param groups"):
         FunctionLR(adagrad, [build_schedule(UNET)] * 2)
 
@@ -604,5 +676,18 @@ def test_schedules_that_do_not_cycle_have_no_stepsize_or_low_points():
 def test_specs_accept_json_lists_and_stay_hashable():
     spec = cyclic(decay_steps=8, cycle_decay="stages", stages=[[2, 1e-6], [1, 5e-7]], momentum_cycle=[0.85, 0.95])
     assert spec.stages == ((2.0, 1e-6), (1.0, 5e-7)) and spec.momentum_cycle == (0.85, 0.95)
-    assert hash(spec) == hash(cyclic(decay_steps=8, cycle_decay="stages", stages=((2, 1e-6), (1, 5e-7)),
-                                     momentum_cycle=(0.85, 0.95)))
+    assert hash(spec) == hash(
+        cyclic(decay_steps=8, cycle_decay="stages", stages=((2, 1e-6), (1, 5e-7)), momentum_cycle=(0.85, 0.95))
+    )
+
+
+def test_the_schedule_modules_import_no_torch():
+    """The curves, their checks and their reports are plain Python: the preview and the tests of the curves
+    need no torch."""
+    code = (
+        "import sys, optimizer.schedules, optimizer.schedule_checks, optimizer.schedule_report; "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 import train as train_cli
 from tests.conftest import ROOT
 from tests.processes import Output, only_run_dir, start, wait_for_run_dir, wait_for_trained_steps, write_config
-from trainer.safety import resume_command
+from utils.launch import resume_command
 from utils.state import STATE_FOLDER, list_states, newest_complete_state, verify_state
 
 # Runs train.main like train.py, and can make the writing of one state hang after its first file, so that a
@@ -72,12 +72,14 @@ def test_sigterm_saves_prints_the_resume_command_and_resuming_is_exact(model_cac
 
 def hanging_run(tmp_path: Path, model_cache: Path, hang_in: str) -> tuple[subprocess.Popen, Output, Path]:
     """A run that saves a state after every step and hangs in the middle of writing `hang_in`."""
-    config_path = write_config(tmp_path, model_cache, save_state_every_n_minutes=1e-9, save_state_keep=3,
-                               validation_config=None)
+    config_path = write_config(
+        tmp_path, model_cache, save_state_every_n_minutes=1e-9, save_state_keep=3, validation_config=None
+    )
     script = tmp_path / "hanging_save.py"
     script.write_text(HANGING_SAVE.format(root=str(ROOT)))
-    process, output = start([sys.executable, str(script), "--config", str(config_path)], tmp_path,
-                            HANG_IN_STATE=hang_in)
+    process, output = start(
+        [sys.executable, str(script), "--config", str(config_path)], tmp_path, HANG_IN_STATE=hang_in
+    )
     output.wait_for("SAVING")
     return process, output, only_run_dir(tmp_path) / STATE_FOLDER
 
@@ -111,32 +113,50 @@ def test_kill_9_during_a_save_keeps_the_previous_states_for_latest(model_cache, 
     assert not [p for p in states.iterdir() if p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["train.py", "--config", "c.json", "--lr", "2e-6"],
-     "python train.py --config c.json --lr 2e-6 --resume_from latest"),
-    (["/x/train.py", "--config", "c.json", "--resume_from", "/old/state", "--seed", "3"],
-     "python /x/train.py --config c.json --seed 3 --resume_from latest"),
-    (["train.py", "--resume_from=/old/state", "--config", "my config.json"],
-     "python train.py --config 'my config.json' --resume_from latest"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            ["train.py", "--config", "c.json", "--lr", "2e-6"],
+            "python train.py --config c.json --lr 2e-6 --resume_from latest",
+        ),
+        (
+            ["/x/train.py", "--config", "c.json", "--resume_from", "/old/state", "--seed", "3"],
+            "python /x/train.py --config c.json --seed 3 --resume_from latest",
+        ),
+        (
+            ["train.py", "--resume_from=/old/state", "--config", "my config.json"],
+            "python train.py --config 'my config.json' --resume_from latest",
+        ),
+    ],
+)
 def test_the_resume_command_keeps_the_original_arguments(argv, expected):
     assert resume_command(argv) == expected
 
 
 def test_the_resume_command_replaces_a_changed_key():
     argv = ["train.py", "--config", "c.json", "--lr", "1e-4", "--gradient_checkpointing", "--lr=3"]
-    assert resume_command(argv, {"lr": "1e-05"}) == \
-        "python train.py --config c.json --gradient_checkpointing --resume_from latest --lr 1e-05"
-    assert resume_command(["pytest"], {"lr": 1e-05}) == \
-        'run it again with "resume_from": "latest", "lr": 1e-05 (or the same keys on the command line)'
+    assert (
+        resume_command(argv, {"lr": "1e-05"})
+        == "python train.py --config c.json --gradient_checkpointing --resume_from latest --lr 1e-05"
+    )
+    assert (
+        resume_command(["pytest"], {"lr": 1e-05})
+        == 'run it again with "resume_from": "latest", "lr": 1e-05 (or the same keys on the command line)'
+    )
 
 
-@pytest.mark.parametrize("world, local_world, launcher", [
-    ("2", "2", "accelerate launch --multi_gpu --num_processes 2"),
-    ("16", "8", "accelerate launch --multi_gpu --num_processes 16 --num_machines 2"),
-])
+@pytest.mark.parametrize(
+    "world, local_world, launcher",
+    [
+        ("2", "2", "accelerate launch --multi_gpu --num_processes 2"),
+        ("16", "8", "accelerate launch --multi_gpu --num_processes 16 --num_machines 2"),
+    ],
+)
 def test_the_resume_command_of_a_launched_process_launches_again(monkeypatch, world, local_world, launcher):
     monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
-    assert resume_command(["train.py", "--config", "c.json"]) == \
-        f"{launcher} train.py --config c.json --resume_from latest"
+    assert (
+        resume_command(["train.py", "--config", "c.json"])
+        == f"{launcher} train.py --config c.json --resume_from latest"
+    )

@@ -9,11 +9,12 @@ from accelerate.utils import is_compiled_module
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
+import trainer.step
 from data.loader import item_of
 from tests.conftest import DEMO_DATA, tiny_config
-import trainer.loop
-from trainer.loop import Trainer, resolve_num_workers
+from trainer.loop import Trainer
 from trainer.model import configure_for_training, load_model, use_tf32
+from trainer.setup import resolve_num_workers
 from utils.config import ConfigError, TrainConfig, load_config
 from utils.state import read_state
 
@@ -32,9 +33,7 @@ def one_thread():
 def set_up_trainer(model_cache, logdir, **overrides) -> Trainer:
     """A tiny run without validation (5 steps per epoch), set up but not trained."""
     values = {"validation_config": None, "max_steps": 2} | overrides
-    trainer = Trainer(tiny_config(model_cache, DEMO_DATA, logdir, **values))
-    trainer.set_up()
-    return trainer
+    return Trainer(tiny_config(model_cache, DEMO_DATA, logdir, **values))
 
 
 def train_losses(trainer: Trainer) -> list[float]:
@@ -85,13 +84,13 @@ def plain_keys(state_dict_keys) -> bool:
 
 def steps_through_a_compiled_unet(monkeypatch) -> list[bool]:
     """Filled as the trainer steps: whether each micro-batch's loss went through a compiled UNet."""
-    real_loss, seen = trainer.loop.training_loss, []
+    real_loss, seen = trainer.step.training_loss, []
 
     def loss_noting_the_unet(model, *args):
         seen.append(is_compiled_module(model.unet))
         return real_loss(model, *args)
 
-    monkeypatch.setattr(trainer.loop, "training_loss", loss_noting_the_unet)
+    monkeypatch.setattr(trainer.step, "training_loss", loss_noting_the_unet)
     return seen
 
 
@@ -107,8 +106,17 @@ def check_compiled_run(model_cache, logdir, monkeypatch, backend, steps=2) -> tu
 
     monkeypatch.setattr(torch, "compile", compile_with_backend)
     stepped_through = steps_through_a_compiled_unet(monkeypatch)
-    run = Trainer(tiny_config(model_cache, DEMO_DATA, logdir, validation_config=None, max_steps=steps,
-                              torch_compile=True, save_full_precision=True))
+    run = Trainer(
+        tiny_config(
+            model_cache,
+            DEMO_DATA,
+            logdir,
+            validation_config=None,
+            max_steps=steps,
+            torch_compile=True,
+            save_full_precision=True,
+        )
+    )
     summary = run.run()
     assert summary["exit_code"] == 0 and summary["steps"] == steps
     assert len(compiled) == 1 and stepped_through == [True] * steps  # the UNet, and only it; every step
@@ -119,8 +127,7 @@ def check_compiled_run(model_cache, logdir, monkeypatch, backend, steps=2) -> tu
     unet_keys = set(run.unwrapped_model().unet.state_dict())
     assert set(state.weights["unet"]) == unet_keys and plain_keys(state.weights["unet"])
     final = summary["final_checkpoint"]
-    loaded, info = UNet2DConditionModel.from_pretrained(final["diffusers"], subfolder="unet",
-                                                        output_loading_info=True)
+    loaded, info = UNet2DConditionModel.from_pretrained(final["diffusers"], subfolder="unet", output_loading_info=True)
     assert not any(info[kind] for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"))
     with safe_open(final["single_file"], "pt") as handle:
         assert plain_keys(handle.keys())
@@ -144,16 +151,28 @@ def test_torch_compile_trains_saves_and_resumes_with_plain_keys(model_cache, tmp
 
     # resuming loads the plain-key state into the compiled run and goes on
     stepped_through = steps_through_a_compiled_unet(monkeypatch)
-    resumed = Trainer(tiny_config(model_cache, DEMO_DATA, tmp_path / "compiled", validation_config=None,
-                                  max_steps=3, torch_compile=True, resume_from="latest"))
+    resumed = Trainer(
+        tiny_config(
+            model_cache,
+            DEMO_DATA,
+            tmp_path / "compiled",
+            validation_config=None,
+            max_steps=3,
+            torch_compile=True,
+            resume_from="latest",
+        )
+    )
     again = resumed.run()
     assert again["exit_code"] == 0 and again["steps"] == 3 and again["resumed_from"] == summary["last_state"]
     assert stepped_through == [True]  # step 3, through the compiled UNet
 
 
-@pytest.mark.skipif(not SLOW, reason="torch.compile with inductor builds C++ kernels for the tiny UNet: about 3 "
-                    "minutes on a 2-core CPU the first time (seconds once /tmp/torchinductor_* holds them); set "
-                    "EVERYCYCLE_SLOW_TESTS=1 to run it")
+@pytest.mark.skipif(
+    not SLOW,
+    reason="torch.compile with inductor builds C++ kernels for the tiny UNet: about 3 "
+    "minutes on a 2-core CPU the first time (seconds once /tmp/torchinductor_* holds them); set "
+    "EVERYCYCLE_SLOW_TESTS=1 to run it",
+)
 def test_torch_compile_with_inductor(model_cache, tmp_path, monkeypatch):
     check_compiled_run(model_cache, tmp_path, monkeypatch, backend=None, steps=1)
 
@@ -176,27 +195,46 @@ def test_tf32_is_switched_on_cuda_only():
 # --- data loading -------------------------------------------------------------------------------------------
 def test_workers_and_prefetch_reach_the_dataloader(model_cache, tmp_path):
     trainer = set_up_trainer(model_cache, tmp_path, num_workers=2, prefetch_factor=3)
-    loader = trainer._epoch_loader(0)
+    loader = trainer.epoch_loader(0)
     assert (loader.num_workers, loader.prefetch_factor, loader.pin_memory) == (2, 3, False)  # pinned on CUDA only
     trainer.logger.close()
     auto = set_up_trainer(model_cache, tmp_path)  # num_workers -1 (auto) on the CPU: the main process loads
-    loader = auto._epoch_loader(0)
+    loader = auto.epoch_loader(0)
     assert (auto.num_workers, loader.num_workers, loader.prefetch_factor) == (0, 0, None)
     auto.logger.close()
 
 
-@pytest.mark.parametrize(("setting", "device", "cpus", "processes", "batches", "expected"), [
-    (-1, "cpu", 16, 1, 100, 0),  # on the CPU the cores train
-    (-1, "cuda", 16, 1, 100, 8),  # at most 8
-    (-1, "cuda", 16, 4, 100, 3),  # 4 CPUs per process, one of them for the process itself
-    (-1, "cuda", 2, 2, 100, 0),  # one CPU per process: nothing to spare
-    (-1, "cuda", 16, 1, 5, 5),  # not more workers than batches in an epoch
-    (3, "cpu", 16, 1, 100, 3),  # a number is used as given
-    (0, "cuda", 16, 1, 100, 0),
-])
+@pytest.mark.parametrize(
+    ("setting", "device", "cpus", "processes", "batches", "expected"),
+    [
+        (-1, "cpu", 16, 1, 100, 0),  # on the CPU the cores train
+        (-1, "cuda", 16, 1, 100, 8),  # at most 8
+        (-1, "cuda", 16, 4, 100, 3),  # 4 CPUs per process, one of them for the process itself
+        (-1, "cuda", 2, 2, 100, 0),  # one CPU per process: nothing to spare
+        (-1, "cuda", 16, 1, 5, 5),  # not more workers than batches in an epoch
+        (3, "cpu", 16, 1, 100, 3),  # a number is used as given
+        (0, "cuda", 16, 1, 100, 0),
+    ],
+)
 def test_automatic_worker_count(monkeypatch, setting, device, cpus, processes, batches, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     assert resolve_num_workers(setting, torch.device(device), processes, batches) == expected
+
+
+def record_loaders_and_steps(trainer: Trainer) -> list[tuple[str, int]]:
+    """Filled as the trainer runs: ("loader", epoch) when an epoch's loader is built, ("step", n) before step n."""
+    events, build, step = [], trainer.epoch_loader, trainer.train_step
+
+    def epoch_loader(epoch, first_step=0):
+        events.append(("loader", epoch))
+        return build(epoch, first_step)
+
+    def train_step(*args):
+        events.append(("step", trainer.progress.global_step + 1))
+        return step(*args)
+
+    trainer.epoch_loader, trainer.train_step = epoch_loader, train_step
+    return events
 
 
 def test_next_epochs_loader_starts_ahead_with_workers(model_cache, tmp_path):
@@ -204,12 +242,10 @@ def test_next_epochs_loader_starts_ahead_with_workers(model_cache, tmp_path):
     so the losses, are those of a run that loads in the main process."""
     runs = {}
     for workers in (0, 1):
-        trainer = set_up_trainer(model_cache, tmp_path / str(workers), num_workers=workers, max_steps=None,
-                                 max_epochs=2)
-        events, build = [], trainer._epoch_loader
-        trainer._epoch_loader = lambda epoch, first_step=0: events.append(("loader", epoch)) or build(epoch, first_step)
-        step = trainer._train_step
-        trainer._train_step = lambda *args: events.append(("step", trainer.progress.global_step + 1)) or step(*args)
+        trainer = set_up_trainer(
+            model_cache, tmp_path / str(workers), num_workers=workers, max_steps=None, max_epochs=2
+        )
+        events = record_loaders_and_steps(trainer)
         runs[workers] = train_losses(trainer), events
     losses, events = runs[1]
     assert events[:3] == [("loader", 0), ("loader", 1), ("step", 1)]
@@ -220,24 +256,32 @@ def test_next_epochs_loader_starts_ahead_with_workers(model_cache, tmp_path):
 
 def test_resumed_epoch_iterators_start_mid_epoch(model_cache, tmp_path):
     trainer = set_up_trainer(model_cache, tmp_path, num_workers=1, max_steps=None, max_epochs=3)
-    calls, build = [], trainer._epoch_loader
-    trainer._epoch_loader = lambda epoch, first_step=0: calls.append((epoch, first_step)) or build(epoch, first_step)
-    iterators = trainer._epoch_iterators(1, 2)
+    calls, build = [], trainer.epoch_loader
+    trainer.epoch_loader = lambda epoch, first_step=0: calls.append((epoch, first_step)) or build(epoch, first_step)
+    iterators = trainer.epoch_iterators(1, 2)
     first = next(iterators)
     assert calls == [(1, 2), (2, 0)]
     train = trainer.data.train
-    expected = [[str(train[item_of(sample, len(train))].path) for sample in batch]
-                for batch in trainer.data.batches.epoch_batches(1, trainer.seed)[2:]]
+    expected = [
+        [str(train[item_of(sample, len(train))].path) for sample in batch]
+        for batch in trainer.data.batches.epoch_batches(1, trainer.seed)[2:]
+    ]
     assert [batch["paths"] for batch in first] == expected
     assert len(list(next(iterators))) == trainer.plan.steps_per_epoch
     trainer.logger.close()
 
 
 # --- the config ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("key", "value"), [
-    ("prefetch_factor", 0), ("num_workers", -2), ("channels_last", "maybe"), ("torch_compile", 3),
-    ("allow_tf32", "often"),
-])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("prefetch_factor", 0),
+        ("num_workers", -2),
+        ("channels_last", "maybe"),
+        ("torch_compile", 3),
+        ("allow_tf32", "often"),
+    ],
+)
 def test_config_refuses_nonsense(key, value):
     with pytest.raises(ConfigError, match=f"key '{key}'"):
         load_config(None, {"data_root": str(DEMO_DATA), key: value})
@@ -251,8 +295,9 @@ def test_speed_keys_default_to_the_plain_behaviour():
 
 # --- the step-overhead benchmark ----------------------------------------------------------------------------
 def test_step_overhead_bench_runs(monkeypatch, capsys):
-    """bench/step_overhead.py drives the trainer's own loop through its internals (_train_step, optimizer_step,
-    _epoch_loader): a one-round run keeps it working as the trainer changes, and leaves optimizer_step as it was."""
+    """bench/step_overhead.py drives the trainer's own loop through its public seams (Trainer.steps, epoch_loader)
+    and times optimizer_step: a one-round run keeps it working as the trainer changes, and leaves optimizer_step as
+    it was."""
     import bench.step_overhead as bench
     import trainer.loop as loop
 

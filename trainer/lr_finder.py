@@ -47,9 +47,9 @@ import shlex
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
 
 import matplotlib
 
@@ -59,12 +59,14 @@ import numpy as np  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from optimizer.schedules import FunctionLR  # noqa: E402
-from trainer.loop import Trainer, finite_everywhere, new_run_dir, optimizer_step, write_json  # noqa: E402
-from trainer.safety import launcher_prefix  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+from trainer.saving import write_json  # noqa: E402
+from trainer.setup import stabilized_loss  # noqa: E402
+from trainer.step import finite_everywhere  # noqa: E402
 from trainer.validation import StabilizedLoss  # noqa: E402
 from utils.checkpoint import atomic_path  # noqa: E402
-from utils.config import ConfigError, TrainConfig, load_config, read_json_file  # noqa: E402
+from utils.config import PATH_KEYS, ConfigError, TrainConfig, holds_path, load_config, read_json_file  # noqa: E402
+from utils.launch import launcher_prefix  # noqa: E402
 
 DEFAULT_STEPS = 200  # with the default 4-decade exponential ramp: 50 steps per decade
 PROBES_PER_SWEEP = 40  # the default probe cadence aims at this many probe points
@@ -82,16 +84,19 @@ MAD_TO_SIGMA = 1.4826  # the median absolute deviation of a normal distribution 
 DEFAULT_STEPSIZE_EPOCHS = 4
 STEPSIZE_KEYS = ("lr_decay_steps", "lr_stepsize_epochs", "lr_cycles")
 # A suggestion is a plain cycle between lr_min and lr: the 1cycle keys and staged peaks would contradict it.
-KEYS_A_PLAIN_CYCLE_DROPS = ("lr_pct_start", "lr_div_factor", "lr_final_div_factor", "lr_three_phase",
-                            "lr_anneal_strategy", "lr_cycle_stages")
-# Path-valued keys: load_config looks for a relative one from the working directory, else beside the config.
-PATH_KEYS = ("data_root", "save_ckpt_dir", "logdir", "sample_prompts", "model_cache_dir", "resume_ckpt",
-             "validation_config", "optimizer_config", "single_file_config")
-
+KEYS_A_PLAIN_CYCLE_DROPS = (
+    "lr_pct_start",
+    "lr_div_factor",
+    "lr_final_div_factor",
+    "lr_three_phase",
+    "lr_anneal_strategy",
+    "lr_cycle_stages",
+)
 
 # ---------------------------------------------------------------------------------------------------------
 # The sweep: its settings and the ramp
 # ---------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Sweep:
@@ -109,6 +114,7 @@ class Sweep:
 
 def ramp_lr(start: float, end: float, steps: int, ramp: str) -> Callable[[int], float]:
     """The LR of step k in [0, steps): first exactly `start`, last exactly `end` (torch-lr-finder's ramp)."""
+
     def lr(step: int) -> float:
         fraction = min(step, steps - 1) / (steps - 1)
         if fraction == 1:
@@ -116,13 +122,16 @@ def ramp_lr(start: float, end: float, steps: int, ramp: str) -> Callable[[int], 
         if ramp == "exponential":
             return start * (end / start) ** fraction
         return start + (end - start) * fraction
+
     return lr
 
 
 def sweep_settings(config: TrainConfig, steps_per_epoch: int) -> Sweep:
     if config.lr_find_end <= config.lr_find_start:
-        raise ConfigError(f"lr_find_end ({config.lr_find_end:g}) must be above lr_find_start "
-                          f"({config.lr_find_start:g}): the sweep raises the LR.")
+        raise ConfigError(
+            f"lr_find_end ({config.lr_find_end:g}) must be above lr_find_start "
+            f"({config.lr_find_start:g}): the sweep raises the LR."
+        )
     if config.lr_find_steps is not None and config.lr_find_epochs is not None:
         raise ConfigError("Give the sweep length once: lr_find_steps or lr_find_epochs, not both.")
     if config.lr_find_epochs is not None:
@@ -135,12 +144,16 @@ def sweep_settings(config: TrainConfig, steps_per_epoch: int) -> Sweep:
 
 def describe_sweep(config: TrainConfig, sweep: Sweep) -> str:
     """The sweep in one line, each setting marked when it is a default (so users see what they did not set)."""
+
     def mark(*keys: str) -> str:
         return "" if config.model_fields_set.intersection(keys) else " (default)"
-    return (f"sweep: {sweep.ramp}{mark('lr_find_ramp')} from {sweep.start:g}{mark('lr_find_start')} to "
-            f"{sweep.end:g}{mark('lr_find_end')} over {sweep.steps} steps{mark('lr_find_steps', 'lr_find_epochs')}, "
-            f"probe every {sweep.probe_every} steps{mark('lr_find_probe_every')}, stop at "
-            f"{sweep.diverge:g} x the best probe loss{mark('lr_find_diverge')}")
+
+    return (
+        f"sweep: {sweep.ramp}{mark('lr_find_ramp')} from {sweep.start:g}{mark('lr_find_start')} to "
+        f"{sweep.end:g}{mark('lr_find_end')} over {sweep.steps} steps{mark('lr_find_steps', 'lr_find_epochs')}, "
+        f"probe every {sweep.probe_every} steps{mark('lr_find_probe_every')}, stop at "
+        f"{sweep.diverge:g} x the best probe loss{mark('lr_find_diverge')}"
+    )
 
 
 def text_encoder_ratio(config: TrainConfig) -> float:
@@ -150,15 +163,12 @@ def text_encoder_ratio(config: TrainConfig) -> float:
     return config.text_encoder_lr_scale
 
 
-def install_ramp(trainer: Trainer, sweep: Sweep) -> None:
-    """Replace the run's schedule with the sweep's ramp; the text encoder follows it at its usual ratio."""
+def ramp_functions(config: TrainConfig, sweep: Sweep, groups) -> dict[str, Callable[[int], float]]:
+    """The sweep's LR per parameter group, for Trainer.use_lr_functions: the text encoder follows the ramp at its
+    usual ratio to the UNet."""
     ramp = ramp_lr(sweep.start, sweep.end, sweep.steps, sweep.ramp)
-    ratios = {"text_encoder": text_encoder_ratio(trainer.config)}
-    functions = [_scaled(ramp, ratios.get(group["name"], 1.0)) for group in trainer.optimizer.param_groups]
-    if trainer.config.lr_cycle_momentum:  # the run's scheduler set a cycled beta1; the sweep holds it fixed
-        for group in trainer.optimizer.param_groups:
-            group["betas"] = tuple(trainer.config.betas)
-    trainer.lr_scheduler = FunctionLR(trainer.optimizer, functions)
+    ratios = {"text_encoder": text_encoder_ratio(config)}
+    return {group: _scaled(ramp, ratios.get(group, 1.0)) for group in groups}
 
 
 def _scaled(function: Callable[[int], float], ratio: float) -> Callable[[int], float]:
@@ -169,16 +179,17 @@ def _scaled(function: Callable[[int], float], ratio: float) -> Callable[[int], f
 # The suggestion rule (pure)
 # ---------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Suggestion:
     status: str  # "ok" | "too_few_points" | "no_descent" | "weak_descent" | "no_turn"
     reason: str
-    lr_min: Optional[float] = None
-    lr: Optional[float] = None
-    lr_steepest: Optional[float] = None
+    lr_min: float | None = None
+    lr: float | None = None
+    lr_steepest: float | None = None
     smoothed: tuple[float, ...] = ()  # one value per finite probe point, in order
-    noise: Optional[float] = None  # sigma of the probe loss around the curve
-    margin: Optional[float] = None  # the smallest change the rule calls clear
+    noise: float | None = None  # sigma of the probe loss around the curve
+    margin: float | None = None  # the smallest change the rule calls clear
 
     @property
     def backed(self) -> bool:
@@ -207,7 +218,7 @@ def noise_level(values: Sequence[float], half_window: int) -> float:
     design = np.vander(offsets, 3)
     centre_weights = (design @ np.linalg.pinv(design))[half_window]  # the fit's value at the centre point
     windows = np.lib.stride_tricks.sliding_window_view(values, len(offsets))
-    residuals = values[half_window:len(values) - half_window] - windows @ centre_weights
+    residuals = values[half_window : len(values) - half_window] - windows @ centre_weights
     return float(MAD_TO_SIGMA * np.median(np.abs(residuals)) / math.sqrt(1 - centre_weights[half_window]))
 
 
@@ -224,27 +235,43 @@ def suggest_range(lrs: Sequence[float], losses: Sequence[float], ramp: str) -> S
     margin = max(NOISE_MULTIPLE * noise, RELATIVE_FLOOR * float(np.median(np.abs(smoothed))))
     measured = {"smoothed": tuple(float(v) for v in smoothed), "noise": noise, "margin": margin}
     best = int(np.argmin(smoothed))
-    top = int(np.argmax(smoothed[:best + 1]))
+    top = int(np.argmax(smoothed[: best + 1]))
     drop = smoothed[top] - smoothed[best]
     if drop < margin:
         return Suggestion("no_descent", _no_descent_reason(drop, margin, smoothed, truncated), **measured)
     onset = _first(range(top, best + 1), lambda i: smoothed[top] - smoothed[i] >= max(margin, ONSET_SHARE * drop))
     upper = _first(range(onset, best + 1), lambda i: smoothed[i] - smoothed[best] <= margin)
     if upper == onset:
-        return Suggestion("weak_descent", (
-            f"the probe loss falls by only {drop:.3g}, {drop / margin:.1f} x the noise margin: too little to tell "
-            "where it starts and where it stops falling. Sweep over more steps (a slower ramp lets the loss fall "
-            "further), or probe more images (a steadier probe)."), **measured)
+        return Suggestion(
+            "weak_descent",
+            (
+                f"the probe loss falls by only {drop:.3g}, {drop / margin:.1f} x the noise margin: too little to tell "
+                "where it starts and where it stops falling. Sweep over more steps (a slower ramp lets the loss fall "
+                "further), or probe more images (a steadier probe)."
+            ),
+            **measured,
+        )
     turned = truncated or smoothed[best:].max() - smoothed[best] >= margin
     if not turned:
-        return Suggestion("no_turn", (
-            f"the probe loss starts to fall at LR {lrs[onset]:.3g} but does not turn up by the end of the sweep "
-            f"(LR {lrs[-1]:.3g}): the upper bound lies beyond it. Sweep to a higher lr_find_end."),
-            lr_min=lrs[onset], **measured)
+        return Suggestion(
+            "no_turn",
+            (
+                f"the probe loss starts to fall at LR {lrs[onset]:.3g} but does not turn up by the end of the sweep "
+                f"(LR {lrs[-1]:.3g}): the upper bound lies beyond it. Sweep to a higher lr_find_end."
+            ),
+            lr_min=lrs[onset],
+            **measured,
+        )
     slopes = np.gradient(smoothed)
-    steepest = onset + int(np.argmin(slopes[onset:upper + 1]))
-    return Suggestion("ok", _ok_reason(lrs, onset, upper, best, truncated, ramp), lr_min=lrs[onset], lr=lrs[upper],
-                      lr_steepest=lrs[steepest], **measured)
+    steepest = onset + int(np.argmin(slopes[onset : upper + 1]))
+    return Suggestion(
+        "ok",
+        _ok_reason(lrs, onset, upper, best, truncated, ramp),
+        lr_min=lrs[onset],
+        lr=lrs[upper],
+        lr_steepest=lrs[steepest],
+        **measured,
+    )
 
 
 def _finite_prefix(lrs: Sequence[float], losses: Sequence[float]) -> tuple[list[float], list[float], bool]:
@@ -261,13 +288,17 @@ def _first(indices: range, condition: Callable[[int], bool]) -> int:
 
 def _too_few_reason(count: int, truncated: bool) -> str:
     why = " before the loss turned NaN/inf" if truncated else ""
-    return (f"only {count} probe points{why}; the rule needs {MIN_PROBES}. Probe more often (lr_find_probe_every) "
-            "or sweep over more steps (lr_find_steps)" + (", from a lower lr_find_start." if truncated else "."))
+    return (
+        f"only {count} probe points{why}; the rule needs {MIN_PROBES}. Probe more often (lr_find_probe_every) "
+        "or sweep over more steps (lr_find_steps)" + (", from a lower lr_find_start." if truncated else ".")
+    )
 
 
 def _no_descent_reason(drop: float, margin: float, smoothed: np.ndarray, truncated: bool) -> str:
-    seen = (f"the smoothed probe loss never fell clearly: its largest fall, {drop:.3g}, is below the noise margin "
-            f"{margin:.3g}. ")
+    seen = (
+        f"the smoothed probe loss never fell clearly: its largest fall, {drop:.3g}, is below the noise margin "
+        f"{margin:.3g}. "
+    )
     if truncated or smoothed[-1] - smoothed[0] >= margin:
         return seen + "It only rose: lr_find_start is already too high; start the sweep lower."
     return seen + "Sweep to a higher lr_find_end, or over more steps (lr_find_steps / lr_find_epochs)."
@@ -277,8 +308,10 @@ def _ok_reason(lrs, onset: int, upper: int, best: int, truncated: bool, ramp: st
     turn = "turns NaN/inf" if truncated else "turns up"
     if best > upper:
         turn += f" after LR {lrs[best]:.3g}"
-    reason = (f"the smoothed probe loss falls clearly from LR {lrs[onset]:.3g}, stops falling at {lrs[upper]:.3g} "
-              f"and then {turn} ({ramp} sweep).")
+    reason = (
+        f"the smoothed probe loss falls clearly from LR {lrs[onset]:.3g}, stops falling at {lrs[upper]:.3g} "
+        f"and then {turn} ({ramp} sweep)."
+    )
     if onset == 0:
         reason += " It falls from the first probe: learning may start below lr_find_start."
     return reason
@@ -288,13 +321,14 @@ def _ok_reason(lrs, onset: int, upper: int, best: int, truncated: bool, ramp: st
 # Divergence (online, during the sweep)
 # ---------------------------------------------------------------------------------------------------------
 
-def divergence(probe_losses: Sequence[float], factor: float) -> Optional[str]:
+
+def divergence(probe_losses: Sequence[float], factor: float) -> str | None:
     """Why the sweep should stop now, or None. The smoothed loss here is the running median of the last 3
     probes (causal, and one spike cannot trigger it); it diverged when it exceeds `factor` x its best."""
     last = probe_losses[-1]
     if not math.isfinite(last):
         return f"the probe loss became {last}"
-    medians = [float(np.median(probe_losses[max(0, i - 2):i + 1])) for i in range(len(probe_losses))]
+    medians = [float(np.median(probe_losses[max(0, i - 2) : i + 1])) for i in range(len(probe_losses))]
     if medians[-1] > factor * min(medians):
         return f"the smoothed probe loss reached {medians[-1] / min(medians):.2f} x its best (limit {factor:g} x)"
     return None
@@ -304,6 +338,7 @@ def divergence(probe_losses: Sequence[float], factor: float) -> Optional[str]:
 # Running the sweep
 # ---------------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class SweepLog:
     """One row per optimizer step (step 0: the probe before any update, LR 0), and what the probes cost."""
@@ -311,7 +346,7 @@ class SweepLog:
     rows: list[dict] = field(default_factory=list)
     probe_seconds: float = 0.0
     seconds: float = 0.0
-    stopped_early: Optional[str] = None
+    stopped_early: str | None = None
 
     def probe_points(self) -> tuple[list[float], list[float]]:
         """(LR, probe loss) of every probe after an update: the points the rule reads."""
@@ -330,19 +365,16 @@ class FinderResult:
     log: SweepLog
     suggestion: Suggestion
     probe_source: str
-    fragment: Optional[dict]
+    fragment: dict | None
 
 
 def training_subset_probe(trainer: Trainer) -> StabilizedLoss:
     """Validation is off: probe a fixed, seeded choice of training images instead."""
-    config, settings = trainer.config, trainer.config.validation
-    items = trainer.data.train
-    chosen = random.Random(settings.seed).sample(items, min(config.lr_find_probe_images, len(items)))
+    config, items = trainer.config, trainer.data.train
+    chosen = random.Random(config.validation.seed).sample(items, min(config.lr_find_probe_images, len(items)))
     chosen.sort(key=lambda item: item.path)
     with trainer.caches.parts_on_device("vae"):  # it encodes its images: back from the CPU if the cache moved it
-        return StabilizedLoss(trainer.unwrapped_model(), chosen, config.resolution,
-                              settings.batch_size or config.batch_size, settings.timesteps, settings.seed,
-                              config.clip_skip)
+        return stabilized_loss(trainer.unwrapped_model(), config, chosen)
 
 
 def micro_batch_stream(trainer: Trainer):
@@ -350,9 +382,9 @@ def micro_batch_stream(trainer: Trainer):
     and micro-batch assembly: same order, same seed, same handling of images that fail to load)."""
     plan = trainer.plan
     for epoch in itertools.count():
-        loader = iter(trainer._epoch_loader(epoch))
+        loader = iter(trainer.epoch_loader(epoch))
         for step_in_epoch in range(plan.steps_per_epoch):
-            micro_batches = trainer._next_micro_batches(loader, step_in_epoch)
+            micro_batches = trainer.next_micro_batches(loader, step_in_epoch)
             if micro_batches:  # every image of the step failed to load: nothing to train on
                 yield micro_batches
 
@@ -362,7 +394,7 @@ def run_sweep(trainer: Trainer, probe: StabilizedLoss, sweep: Sweep) -> SweepLog
     started = time.monotonic()
     probes: list[float] = []
 
-    def measure(step: int, lr: float, train_loss: Optional[float]) -> None:
+    def measure(step: int, lr: float, train_loss: float | None) -> None:
         probe_started = time.monotonic()
         with trainer.accelerator.autocast(), trainer.caches.parts_on_device("text_encoder"):
             loss = probe(trainer.unwrapped_model(), trainer.accelerator)  # averaged over the processes
@@ -375,9 +407,7 @@ def run_sweep(trainer: Trainer, probe: StabilizedLoss, sweep: Sweep) -> SweepLog
     bar = tqdm(total=sweep.steps, disable=not trainer.is_main, unit="step", desc="LR sweep")
     for step in range(1, sweep.steps + 1):
         lr = sweep.lr_at(step - 1)
-        train_loss = optimizer_step(trainer.model, next(batches), trainer.optimizer, trainer.accelerator,
-                                    trainer.config, trainer.trained_modules)
-        trainer.lr_scheduler.step()
+        train_loss = trainer.update(next(batches))
         trainer.progress.global_step = step  # the Trainer's messages (e.g. a failed image) name the right step
         trainer.logger.log(step, step / trainer.plan.steps_per_epoch, loss_train=train_loss, lr_unet=lr)
         bar.update(1)
@@ -398,11 +428,13 @@ def run_sweep(trainer: Trainer, probe: StabilizedLoss, sweep: Sweep) -> SweepLog
 
 def find_lr(config: TrainConfig) -> FinderResult:
     """Set up a run of this config in its own folder, sweep, suggest, and write the outputs there."""
-    run_dir = new_run_dir(config.model_copy(update={"project_name": f"{config.project_name}-lrfind"}))
-    trainer = Trainer(config, run_dir)
-    trainer.set_up()
+    trainer = Trainer(
+        config.model_copy(update={"resume_from": None}),  # a sweep starts afresh
+        run_name=f"{config.project_name}-lrfind",
+    )
+    run_dir = trainer.run_dir
     sweep = sweep_settings(config, trainer.plan.steps_per_epoch)
-    install_ramp(trainer, sweep)
+    trainer.use_lr_functions(ramp_functions(config, sweep, trainer.schedules.lr))
     probe = trainer.validator or training_subset_probe(trainer)
     source = "held-out validation" if trainer.validator else "training (validation is off)"
     probe_source = f"{probe.num_images} {source} images x {len(probe.timesteps)} fixed timesteps"
@@ -423,6 +455,7 @@ def find_lr(config: TrainConfig) -> FinderResult:
 # ---------------------------------------------------------------------------------------------------------
 # Outputs: lr_find.csv, lr_find.png, lr_find.json, the printed summary
 # ---------------------------------------------------------------------------------------------------------
+
 
 def config_fragment(config: TrainConfig, suggestion: Suggestion) -> dict:
     """The keys that turn this config into a cyclic run over the suggested range."""
@@ -452,11 +485,12 @@ def write_csv(path: Path, log: SweepLog, suggestion: Suggestion) -> None:
         for row in log.rows:
             probed = row["probe_loss"] is not None
             value = next(smoothed, None) if probed and row["step"] > 0 else None
-            writer.writerow([row["step"], _cell(row["lr"]), _cell(row["probe_loss"]), _cell(value),
-                             _cell(row["train_loss"])])
+            writer.writerow(
+                [row["step"], _cell(row["lr"]), _cell(row["probe_loss"]), _cell(value), _cell(row["train_loss"])]
+            )
 
 
-def _cell(value: Optional[float]) -> str:
+def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.8g}"
 
 
@@ -474,8 +508,12 @@ def result_json(result: FinderResult) -> dict:
         "sweep": asdict(result.sweep),
         "steps_done": log.rows[-1]["step"],
         "stopped_early": log.stopped_early,
-        "probe": {"measures": result.probe_source, "count": log.probe_count, "seconds": round(log.probe_seconds, 2),
-                  "share_of_run": round(log.probe_seconds / max(log.seconds, 1e-9), 4)},
+        "probe": {
+            "measures": result.probe_source,
+            "count": log.probe_count,
+            "seconds": round(log.probe_seconds, 2),
+            "share_of_run": round(log.probe_seconds / max(log.seconds, 1e-9), 4),
+        },
         "seconds": round(log.seconds, 2),
         "run_dir": str(result.run_dir),
     }
@@ -487,16 +525,25 @@ def plot_sweep(path: Path, result: FinderResult) -> None:
     suggestion = result.suggestion
     figure, axis = plt.subplots(figsize=(9, 5))
     axis.plot(lrs, losses, "o", markersize=3, color="tab:orange", alpha=0.6, label="probe loss")
-    axis.plot(lrs[:len(suggestion.smoothed)], suggestion.smoothed, color="tab:orange", label="smoothed")
+    axis.plot(lrs[: len(suggestion.smoothed)], suggestion.smoothed, color="tab:orange", label="smoothed")
     axis.axhline(result.log.rows[0]["probe_loss"], color="gray", linestyle=":", label="before the sweep")
     if suggestion.lr_min is not None and suggestion.lr is not None:
-        axis.axvspan(suggestion.lr_min, suggestion.lr, color="tab:green", alpha=0.15,
-                     label=f"suggested range {suggestion.lr_min:.3g} to {suggestion.lr:.3g}")
+        axis.axvspan(
+            suggestion.lr_min,
+            suggestion.lr,
+            color="tab:green",
+            alpha=0.15,
+            label=f"suggested range {suggestion.lr_min:.3g} to {suggestion.lr:.3g}",
+        )
     elif suggestion.lr_min is not None:
         axis.axvline(suggestion.lr_min, color="tab:green", label=f"starts to fall {suggestion.lr_min:.3g}")
     if suggestion.lr_steepest is not None:
-        axis.axvline(suggestion.lr_steepest, color="tab:blue", linestyle="--",
-                     label=f"steepest descent {suggestion.lr_steepest:.3g}")
+        axis.axvline(
+            suggestion.lr_steepest,
+            color="tab:blue",
+            linestyle="--",
+            label=f"steepest descent {suggestion.lr_steepest:.3g}",
+        )
     if result.sweep.ramp == "exponential":
         axis.set_xscale("log")
     axis.set_ylim(*_loss_limits(losses, suggestion))
@@ -516,7 +563,7 @@ def _loss_limits(losses: list[float], suggestion: Suggestion) -> tuple[float, fl
     """Keep the descent readable: a diverged tail is cut off above the highest point before the best."""
     finite = [loss for loss in losses if math.isfinite(loss)] or [0.0, 1.0]
     curve = list(suggestion.smoothed) or finite
-    before_best = finite[:int(np.argmin(curve)) + 1]
+    before_best = finite[: int(np.argmin(curve)) + 1]
     low, high = min(finite), min(max(finite), max(before_best) + 0.5 * (max(before_best) - min(finite)))
     pad = 0.05 * (high - low or abs(high) or 1.0)
     return low - pad, high + pad
@@ -525,16 +572,20 @@ def _loss_limits(losses: list[float], suggestion: Suggestion) -> tuple[float, fl
 def summary_lines(result: FinderResult) -> list[str]:
     log, suggestion = result.log, result.suggestion
     steps_done = log.rows[-1]["step"]
-    lines = [f"LR range test: {steps_done} of {result.sweep.steps} steps"
-             + (f", stopped early: {log.stopped_early}" if log.stopped_early else ""),
-             f"probe: {result.probe_source}; {log.probe_count} probes took {log.probe_seconds:.1f} s, "
-             f"{100 * log.probe_seconds / max(log.seconds, 1e-9):.0f}% of the sweep's {log.seconds:.1f} s"]
+    lines = [
+        f"LR range test: {steps_done} of {result.sweep.steps} steps"
+        + (f", stopped early: {log.stopped_early}" if log.stopped_early else ""),
+        f"probe: {result.probe_source}; {log.probe_count} probes took {log.probe_seconds:.1f} s, "
+        f"{100 * log.probe_seconds / max(log.seconds, 1e-9):.0f}% of the sweep's {log.seconds:.1f} s",
+    ]
     if suggestion.noise is not None:
         lines.append(f"noise: sigma {suggestion.noise:.3g}; a clear change is more than {suggestion.margin:.3g}")
     lines.append(f"{suggestion.status}: {suggestion.reason}")
     if suggestion.backed:
-        lines.append(f"suggested range: lr_min {suggestion.lr_min:.3g}, lr {suggestion.lr:.3g}; "
-                     f"steepest descent at {suggestion.lr_steepest:.3g}")
+        lines.append(
+            f"suggested range: lr_min {suggestion.lr_min:.3g}, lr {suggestion.lr:.3g}; "
+            f"steepest descent at {suggestion.lr_steepest:.3g}"
+        )
         lines.append("for the cyclic schedule, put in your config:")
         lines.extend("  " + line for line in json.dumps(result.fragment, indent=2).splitlines())
         lines.append("or write a ready config with --find_lr_write NEW.json")
@@ -547,6 +598,7 @@ def summary_lines(result: FinderResult) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # --find_lr_write: the user's config with the suggestion in it
 # ---------------------------------------------------------------------------------------------------------
+
 
 def suggested_config(raw: dict, config: TrainConfig, fragment: dict) -> tuple[dict, list[str]]:
     """The user's own keys (file plus command line) with the suggestion applied, and the keys dropped."""
@@ -562,19 +614,21 @@ def suggested_config(raw: dict, config: TrainConfig, fragment: dict) -> tuple[di
     return written, dropped
 
 
-def rebase_paths(data: dict, old_dir: Optional[Path], new_dir: Path) -> dict:
+def rebase_paths(data: dict, old_dir: Path | None, new_dir: Path) -> dict:
     """Relative paths that load_config found beside the old config, made relative to the new one's folder."""
     if old_dir is None:
         return data
     rebased = dict(data)
     for key in PATH_KEYS:
         value = data.get(key)
-        if isinstance(value, str) and value != "tiny":
+        if holds_path(key, value):
             rebased[key] = _rebase(value, old_dir, new_dir)
     validation = data.get("validation_config")
     if isinstance(validation, dict) and isinstance(validation.get("manual_data_root"), str):
-        rebased["validation_config"] = {**validation,
-                                        "manual_data_root": _rebase(validation["manual_data_root"], old_dir, new_dir)}
+        rebased["validation_config"] = {
+            **validation,
+            "manual_data_root": _rebase(validation["manual_data_root"], old_dir, new_dir),
+        }
     return rebased
 
 
@@ -585,8 +639,9 @@ def _rebase(value: str, old_dir: Path, new_dir: Path) -> str:
     return os.path.relpath(old_dir / path, new_dir)
 
 
-def write_suggested_config(path: Path, config_path: Optional[Path], overrides: dict, config: TrainConfig,
-                           fragment: dict) -> list[str]:
+def write_suggested_config(
+    path: Path, config_path: Path | None, overrides: dict, config: TrainConfig, fragment: dict
+) -> list[str]:
     """Write NEW.json, only once it is known to load with the suggestion in force. Returns the keys dropped."""
     raw = read_json_file(Path(config_path), "config") if config_path else {}
     written, dropped = suggested_config({**raw, **overrides}, config, fragment)
@@ -605,19 +660,21 @@ def check_suggestion_in_force(loaded: TrainConfig, fragment: dict) -> None:
     if effective != fragment:
         raise ConfigError(
             f"the written config would not run the suggestion: it loads as {effective}, not {fragment}"
-            + (f"; optimizer_config '{loaded.optimizer_config}' overrides these keys, remove them there."
-               if loaded.optimizer_config else ".")
+            + (
+                f"; optimizer_config '{loaded.optimizer_config}' overrides these keys, remove them there."
+                if loaded.optimizer_config
+                else "."
+            )
         )
 
 
-def check_write_target(path: Optional[Path], config_path: Optional[Path]) -> None:
+def check_write_target(path: Path | None, config_path: Path | None) -> None:
     """Refuse before the sweep, not after it, to overwrite the user's own config."""
     if path and config_path and Path(path).resolve() == Path(config_path).resolve():
         raise ConfigError(f"--find_lr_write {path} would overwrite the config it reads; give a new file name.")
 
 
-def find_lr_command(config: TrainConfig, config_path: Optional[Path], overrides: dict,
-                    write_path: Optional[Path]) -> int:
+def find_lr_command(config: TrainConfig, config_path: Path | None, overrides: dict, write_path: Path | None) -> int:
     """train.py --find_lr [--find_lr_write NEW.json]: exit status 0, or 1 when NEW.json cannot be backed."""
     check_write_target(write_path, config_path)
     result = find_lr(config)
@@ -628,12 +685,16 @@ def find_lr_command(config: TrainConfig, config_path: Optional[Path], overrides:
     if write_path is None:
         return 0
     if not result.suggestion.backed:
-        print(f"error: not writing {write_path}: the sweep backs no range ({result.suggestion.status}). "
-              "Sweep again as the reason above says.", file=sys.stderr)
+        print(
+            f"error: not writing {write_path}: the sweep backs no range ({result.suggestion.status}). "
+            "Sweep again as the reason above says.",
+            file=sys.stderr,
+        )
         return 1
     dropped = write_suggested_config(Path(write_path), config_path, overrides, config, result.fragment)
     if dropped:
-        print(f"dropped from the written config (a plain cycle between lr_min and lr ignores them): "
-              f"{', '.join(dropped)}")
+        print(
+            f"dropped from the written config (a plain cycle between lr_min and lr ignores them): {', '.join(dropped)}"
+        )
     print(f"wrote {write_path}; next: {shlex.join([*launcher_prefix(), 'train.py', '--config', str(write_path)])}")
     return 0

@@ -15,6 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from trainer.random_model import is_random_model, random_model_path
 from trainer.tiny_model import DEFAULT_CACHE_DIR, TINY_MODEL_NAME, tiny_model_path
 from utils.config import ConfigError
 
@@ -55,10 +56,12 @@ class SDModel:
 
 def resolve_model_source(resume_ckpt: str, cache_dir: Optional[str], single_file_config: Optional[str] = None,
                          prediction_type: Optional[str] = None, notes: Optional[list[str]] = None) -> str:
-    """A diffusers folder path or hub id for `resume_ckpt` ('tiny' is built locally on first use; a single
-    .safetensors / .ckpt file is converted once into a cached diffusers folder)."""
+    """A diffusers folder path or hub id for `resume_ckpt` ('tiny' and 'random:sd15' / 'random:sd21' are built
+    locally on first use; a single .safetensors / .ckpt file is converted once into a cached diffusers folder)."""
     if resume_ckpt == TINY_MODEL_NAME:
         return str(tiny_model_path(Path(cache_dir) if cache_dir else None))
+    if is_random_model(resume_ckpt):
+        return str(random_model_path(resume_ckpt, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR))
     path = Path(resume_ckpt)
     if path.is_dir():
         if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
@@ -132,7 +135,7 @@ def configure_for_training(model: SDModel, config) -> None:
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if train_text_encoder:
-            model.text_encoder.gradient_checkpointing_enable()
+            model.text_encoder.activation_checkpointing_enable()  # gradient_checkpointing_enable: deprecated
     if config.channels_last:
         # NHWC activations: cuDNN's tensor-core convolutions run without layout transposes. Only 4-D weights
         # change layout; later .to(device, dtype) calls keep it (they preserve the memory format).

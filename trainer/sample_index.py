@@ -27,7 +27,8 @@ def record_in_index(samples_dir: Path, step: int, entries: list[dict]) -> None:
 
 def read_index(samples_dir: Path) -> dict[int, dict[int, dict]]:
     """step -> prompt index -> entry (file, prompt, negative_prompt, seed, size, cfgs, scheduler,
-    num_inference_steps); empty when the run made no samples."""
+    num_inference_steps, and random_seed / random_caption: true when the round drew them); empty when the run
+    made no samples."""
     index_path = Path(samples_dir) / INDEX_FILE
     if not index_path.is_file():
         return {}

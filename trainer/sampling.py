@@ -1,9 +1,12 @@
 """Sample images during training, with fixed seeds so the same prompt is comparable across steps and runs.
 
 `sample_prompts` is a .txt (one prompt a line) or an ED2 sample .json (prompts, negative prompts, seeds,
-sizes, guidance scales, scheduler, steps). Each round writes one grid per prompt, one column per guidance
-scale, to samples/gs<step>-p<index>.png, and records it in samples/index.json (step -> prompt index ->
-file, prompt, seed, size), which compare.py reads.
+sizes, guidance scales per file or per sample, scheduler, steps, random training captions). The file is
+read again before every round, as ED2 does, so prompts can be edited while the run goes on. Each round
+writes one grid per prompt, one column per guidance scale, to samples/gs<step>-p<index>.png, and records
+it in samples/index.json (step -> prompt index -> file, prompt, seed, size), which compare.py reads.
+
+Prompt weighting ("a red++ cat", "(red)1.3", and A1111's "(red:1.3)") is read by compel, as in ED2.
 
 Sampling uses private generators and restores every random state it could touch, so it never changes the
 training RNG: a run with samples trains exactly like one without.
@@ -12,47 +15,29 @@ training RNG: a run with samples trains exactly like one without.
 from __future__ import annotations
 
 import contextlib
-import difflib
-import json
+import importlib.util
 import math
 import random
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.model import SDModel
 from trainer.sample_index import record_in_index
-from utils.config import ConfigError, read_json_file
+from utils.config import ConfigError, TrainConfig, read_sample_prompts
+from utils.ed2_compat import (SAMPLE_GUIDANCE_SCALES, SAMPLE_INFERENCE_STEPS, SAMPLE_SCHEDULERS, SampleEntry,
+                              SampleFile, optimizer_steps)
 
-SAMPLE_GUIDANCE_SCALES = (7.0, 4.0, 1.0)
-SAMPLE_INFERENCE_STEPS = 30  # ED2's default
 RANDOM_CAPTIONS = 4  # prompts taken from the data's captions when the file gives none (as ED2)
-
-# ED2's scheduler names -> (diffusers class, options); built from the model's own scheduler config.
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),  # needs scipy
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "kdpm2": ("KDPM2AncestralDiscreteScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm++_2m_k": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "dpm++_2s": ("DPMSolverSinglestepScheduler", {}),
-    "dpm++_2s_k": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
-    "dpm++_sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}),  # needs torchsde
-    "dpm++_sde_k": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0, "use_karras_sigmas": True}),
-    "dpm++_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "dpm++_2m_sde_k": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
-                                                       "use_karras_sigmas": True}),
-}
+# A1111's weighting, "(red:1.3)", which compel would read as text: rewritten to compel's "(red)1.3".
+A1111_WEIGHT = re.compile(r"\(([^():]+):\s*(\d*\.?\d+)\s*\)")
+# What may be weighting syntax, for the note when compel is not installed.
+MAYBE_WEIGHTED = re.compile(r"[()]|[+-](?=[\s,]|$)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -66,6 +51,8 @@ class SampleRequest:
     seed: Optional[int] = None  # None: the run's seed; -1: a new random seed every round (as ED2)
     size: Optional[tuple[int, int]] = None  # (width, height); None: from aspect_ratio, else square
     aspect_ratio: Optional[float] = None  # width / height, at about resolution² pixels
+    cfgs: Optional[tuple[float, ...]] = None  # this sample's guidance scales; None: the file's
+    random_caption: bool = False  # the prompt is a caption of the data, drawn again every round
 
 
 @dataclass(frozen=True)
@@ -78,135 +65,105 @@ class SampleSettings:
     every_n_steps: Optional[int] = None  # the file's generate_samples_every_n_steps, which beats sample_steps
     resolution: Optional[int] = None  # the file's default image side; None: the training resolution
     show_progress_bars: bool = False
-
-
-class _SampleEntry(BaseModel):
-    """One item of the JSON's `samples` list."""
-
-    model_config = ConfigDict(extra="forbid")
-    prompt: str = ""
-    negative_prompt: str = ""
-    seed: Optional[int] = Field(None, ge=-1)
-    size: Optional[tuple[int, int]] = None
-    aspect_ratio: Optional[float] = Field(None, gt=0)
-    random_caption: bool = False
-
-    @field_validator("size")
-    @classmethod
-    def _multiples_of_8(cls, size):
-        if size is not None and any(side < 8 or side % 8 for side in size):
-            raise ValueError("must be [width, height], each a positive multiple of 8 (e.g. [512, 512])")
-        return size
-
-    @model_validator(mode="after")
-    def _prompt_and_size_consistent(self):
-        if self.size is not None and self.aspect_ratio is not None:
-            raise ValueError("give size or aspect_ratio, not both")
-        if not self.prompt and not self.random_caption:
-            raise ValueError("give a prompt, or random_caption: true to use a training caption")
-        return self
-
-
-class _SampleFile(BaseModel):
-    """ED2's sample JSON."""
-
-    model_config = ConfigDict(extra="forbid")
-    batch_size: int = Field(1, ge=1)
-    seed: Optional[int] = Field(None, ge=-1)
-    cfgs: list[float] = Field(list(SAMPLE_GUIDANCE_SCALES), min_length=1)
-    scheduler: str = "ddim"
-    num_inference_steps: int = Field(SAMPLE_INFERENCE_STEPS, ge=1, le=1000)
-    show_progress_bars: bool = False
-    generate_pretrain_samples: bool = False
-    generate_samples_every_n_steps: Optional[int] = Field(None, ge=1)
-    resolution: Optional[int] = Field(None, ge=8)
-    samples: Optional[list[_SampleEntry]] = None
-
-    @field_validator("cfgs")
-    @classmethod
-    def _non_negative(cls, cfgs):
-        if any(scale < 0 for scale in cfgs):
-            raise ValueError("guidance scales must be >= 0 (1 or less: no classifier-free guidance)")
-        return cfgs
-
-    @field_validator("scheduler")
-    @classmethod
-    def _known_scheduler(cls, name):
-        if name not in SCHEDULERS:
-            close = difflib.get_close_matches(name, list(SCHEDULERS), n=3, cutoff=0.5)
-            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            raise ValueError(f"must be one of {', '.join(SCHEDULERS)}{hint}")
-        return name
-
-    @field_validator("resolution")
-    @classmethod
-    def _resolution_multiple_of_8(cls, value):
-        if value is not None and value % 8:
-            raise ValueError("must be a multiple of 8")
-        return value
-
-    @field_validator("generate_pretrain_samples")
-    @classmethod
-    def _no_pretrain_samples(cls, value):
-        if value:  # the step-0 round is not wired into the loop; say so rather than ignore it
-            raise ValueError("true is not supported: samples start at the first sample step. Set it to false")
-        return value
+    pretrain: bool = False  # the file's generate_pretrain_samples: a round before the first step
+    captions: tuple[str, ...] = ()  # the data's distinct captions, sorted: what random_caption draws from
 
 
 def read_prompts(path: str, items) -> SampleSettings:
     """The sample settings of a .txt or ED2 .json file. Captions of `items`, the run's images, stand in for
     missing prompts: give training and validation images together, so that runs with and without a validation
     split sample the same captions."""
-    suffix = Path(path).suffix.lower()
-    if suffix == ".json":
-        return _settings_from_json(Path(path), items)
-    if suffix != ".txt":
-        raise ConfigError(f"key 'sample_prompts' = '{path}': give a .txt (one prompt a line) or an ED2 sample .json.")
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    prompts = [line for line in lines if line] or _default_captions(items)
-    return SampleSettings(requests=tuple(SampleRequest(prompt) for prompt in prompts))
+    captions = tuple(sorted({item.caption for item in items if item.caption}))
+    read = read_sample_prompts(path)
+    if isinstance(read, SampleFile):
+        return _settings_from_json(read, captions)
+    prompts = read or spread_captions(captions, min(RANDOM_CAPTIONS, len(captions)))
+    return SampleSettings(requests=tuple(SampleRequest(prompt) for prompt in prompts), captions=captions)
 
 
-def spread_captions(items, count: int) -> list[str]:
-    """`count` captions spread evenly over the sorted distinct ones (repeating when there are fewer).
+def spread_captions(captions: tuple[str, ...], count: int) -> list[str]:
+    """`count` of the sorted distinct `captions`, spread evenly (repeating when there are fewer).
 
     No RNG: two runs on the same data sample the same captions, so their samples can be compared."""
-    captions = sorted({item.caption for item in items if item.caption})
     total = len(captions)
     if not total:
         return []
     return [captions[i * total // count] if count <= total else captions[i % total] for i in range(count)]
 
 
-def _default_captions(items) -> list[str]:
-    """What an empty file samples: up to RANDOM_CAPTIONS different captions of the data (as ED2)."""
-    distinct = len({item.caption for item in items if item.caption})
-    return spread_captions(items, min(RANDOM_CAPTIONS, distinct))
-
-
-def _settings_from_json(path: Path, items) -> SampleSettings:
-    data = read_json_file(path, "sample_prompts")
-    try:
-        parsed = _SampleFile(**data)
-    except ValidationError as error:
-        raise ConfigError(_describe_errors(error, path)) from None
-    _check_scheduler_available(parsed.scheduler, path)
-    entries = parsed.samples or []
-    captions = iter(spread_captions(items, sum(entry.random_caption for entry in entries)))
-    requests = [_request_from_entry(entry, parsed, captions) for entry in entries]
+def _settings_from_json(parsed: SampleFile, captions: tuple[str, ...]) -> SampleSettings:
+    requests = [_request_from_entry(entry, parsed) for entry in parsed.samples or []]
     if not requests:  # no `samples`: a few training captions, as ED2
-        requests = [SampleRequest(caption, seed=parsed.seed) for caption in _default_captions(items)]
+        chosen = spread_captions(captions, min(RANDOM_CAPTIONS, len(captions)))
+        requests = [SampleRequest(caption, seed=parsed.seed) for caption in chosen]
     return SampleSettings(requests=tuple(requests), cfgs=tuple(parsed.cfgs), scheduler=parsed.scheduler,
                           num_inference_steps=parsed.num_inference_steps, batch_size=parsed.batch_size,
                           every_n_steps=parsed.generate_samples_every_n_steps, resolution=parsed.resolution,
-                          show_progress_bars=parsed.show_progress_bars)
+                          show_progress_bars=parsed.show_progress_bars, pretrain=parsed.generate_pretrain_samples,
+                          captions=captions)
 
 
-def _request_from_entry(entry: _SampleEntry, parsed: _SampleFile, captions) -> SampleRequest:
-    prompt = next(captions, entry.prompt) if entry.random_caption else entry.prompt
-    return SampleRequest(prompt=prompt, negative_prompt=entry.negative_prompt,
-                         seed=entry.seed if entry.seed is not None else parsed.seed,
-                         size=entry.size, aspect_ratio=entry.aspect_ratio)
+def _request_from_entry(entry: SampleEntry, parsed: SampleFile) -> SampleRequest:
+    return SampleRequest(prompt=entry.prompt, negative_prompt=entry.negative_prompt,
+                         seed=entry.seed if entry.seed is not None else parsed.seed, size=entry.size,
+                         aspect_ratio=entry.aspect_ratio, cfgs=tuple(entry.cfgs) if entry.cfgs else None,
+                         random_caption=entry.random_caption)
+
+
+class SamplePrompts:
+    """A run's sample prompt file, read again before every round: ED2 lets prompts and seeds change while the run
+    goes on. A file that has become invalid is reported, and the previous prompts are kept. The interval
+    (generate_samples_every_n_steps) stays as read at the start: every process of a multi-GPU run must reach the
+    same sample steps, and only the main process reads the file again."""
+
+    def __init__(self, path: str, items, config: TrainConfig, say: Callable[[str], None] = print) -> None:
+        self.path, self.items, self.say = path, items, say
+        # An ED2 config counts generate_samples_every_n_steps in batches (see ed2_compat.convert_batch_counts).
+        self.batches_per_step = config.grad_accum if config.from_ed2 else 1
+        self.settings = self.read = self._read()
+        for note in _notes(self.settings, self.batches_per_step):
+            say(f"sample_prompts: {note}")
+
+    def reread(self) -> SampleSettings:
+        """The file as it is now (with the interval of the start), or the last good read when it is not valid."""
+        try:
+            read = self._read()
+        except ConfigError as error:
+            self.say(f"warning: {error} The previous sample prompts are kept; the file is read again at the next "
+                     f"round.")
+            return self.settings
+        if read.every_n_steps != self.read.every_n_steps:
+            self.say(f"sample_prompts: generate_samples_every_n_steps changed in the file; this run keeps the "
+                     f"interval it started with, {self.settings.every_n_steps or 'sample_steps'} (ED2 would switch)")
+        self.read = read
+        self.settings = replace(read, every_n_steps=self.settings.every_n_steps)
+        return self.settings
+
+    def _read(self) -> SampleSettings:
+        settings = read_prompts(self.path, self.items)
+        if settings.every_n_steps and self.batches_per_step > 1:
+            settings = replace(settings, every_n_steps=optimizer_steps(settings.every_n_steps, self.batches_per_step))
+        return settings
+
+
+def _notes(settings: SampleSettings, batches_per_step: int) -> list[str]:
+    """What this file gets that ED2 would do otherwise (docs/ed2.md lists each)."""
+    notes = []
+    if settings.every_n_steps and batches_per_step > 1:
+        notes.append(f"generate_samples_every_n_steps is counted in batches in ED2: every {settings.every_n_steps} "
+                     f"optimizer steps of {batches_per_step} batches here")
+    if any(request.cfgs for request in settings.requests):
+        notes.append("a sample's own cfgs are its guidance scales (ED2's code used the file's cfgs for every sample)")
+    if any(request.random_caption for request in settings.requests):
+        notes.append("random_caption draws a caption of the data each round, seeded by the run's seed and step (ED2 "
+                     "took one of the current batch's captions)")
+    prompts = [text for request in settings.requests for text in (request.prompt, request.negative_prompt)]
+    if any(A1111_WEIGHT.search(prompt) for prompt in prompts):
+        notes.append("A1111 weighting (word:1.2) is read as compel's (word)1.2 (ED2 passed it to compel as text)")
+    if importlib.util.find_spec("compel") is None and any(MAYBE_WEIGHTED.search(prompt) for prompt in prompts):
+        notes.append("the compel package is not installed, so prompt weighting is read as plain text: pip install "
+                     "compel")
+    return notes
 
 
 def size_for_aspect_ratio(aspect_ratio: float, resolution: int) -> tuple[int, int]:
@@ -216,33 +173,10 @@ def size_for_aspect_ratio(aspect_ratio: float, resolution: int) -> tuple[int, in
     return width, height
 
 
-def _describe_errors(error: ValidationError, path: Path) -> str:
-    problems = []
-    for issue in error.errors():
-        key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in issue["loc"]).lstrip(".")
-        if issue["type"] == "extra_forbidden":
-            known = _SampleEntry.model_fields if "samples" in issue["loc"][:1] else _SampleFile.model_fields
-            close = difflib.get_close_matches(str(issue["loc"][-1]), list(known), n=2, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            problems.append(f"unknown key '{key}'{hint}")
-        else:
-            value = json.dumps(issue.get("input"), default=str)
-            problems.append(f"key '{key}' = {value}: {issue['msg'].removeprefix('Value error, ')}")
-    return f"sample_prompts file '{path}': " + "; ".join(problems) + "."
-
-
-def _check_scheduler_available(name: str, path: Path) -> None:
-    """lms and dpm++_sde need optional packages: say so before training, not at the first sample step."""
-    try:
-        build_scheduler(name, {})
-    except ImportError as error:
-        raise ConfigError(f"sample_prompts file '{path}': key 'scheduler' = '{name}': {str(error).strip()}") from None
-
-
 def build_scheduler(name: str, model_scheduler_config):
     import diffusers
 
-    class_name, options = SCHEDULERS[name]
+    class_name, options = SAMPLE_SCHEDULERS[name]
     return getattr(diffusers, class_name).from_config(model_scheduler_config, **options)
 
 
@@ -274,14 +208,18 @@ def make_samples(model: SDModel, settings: SampleSettings, out_dir: Path, step: 
     """One grid per request (one column per guidance scale), saved as samples/gs<step>-p<i>.png and listed
     in samples/index.json. Returns (path, grid as HWC uint8) per request, in request order."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    requests = [_concrete(request, seed, settings.resolution or resolution) for request in settings.requests]
+    captions = iter(_round_captions(settings, seed, step))
+    requests = [_concrete(request, settings, seed, captions, settings.resolution or resolution)
+                for request in settings.requests]
     pipeline = model.pipeline(scheduler=build_scheduler(settings.scheduler, model.noise_scheduler.config))
     pipeline.set_progress_bar_config(disable=not settings.show_progress_bars)
     grids: dict[int, np.ndarray] = {}
     with training_rng_untouched(device), inference_mode(model), _autocast_for(model, device):
-        for batch in batches_of_equal_size(requests, settings.batch_size):
-            columns = [_generate(pipeline, [requests[i] for i in batch], scale, settings.num_inference_steps)
-                       for scale in settings.cfgs]
+        for batch in batches_of_alike(requests, settings.batch_size):
+            alike = [requests[i] for i in batch]
+            prompts = _prompt_arguments(pipeline, alike)
+            columns = [_generate(pipeline, alike, prompts, scale, settings.num_inference_steps)
+                       for scale in alike[0].cfgs]
             for position, index in enumerate(batch):
                 grids[index] = np.concatenate([column[position] for column in columns], axis=1)
     results = []
@@ -289,46 +227,99 @@ def make_samples(model: SDModel, settings: SampleSettings, out_dir: Path, step: 
         path = out_dir / f"gs{step:05d}-p{index}.png"
         Image.fromarray(grids[index]).save(path)
         results.append((path, grids[index]))
-    record_in_index(out_dir, step, [index_entry(path, request, settings) for (path, _), request in
-                                    zip(results, requests)])
+    record_in_index(out_dir, step, [index_entry(path, asked, request, settings) for (path, _), asked, request
+                                    in zip(results, settings.requests, requests)])
     return results
 
 
-def index_entry(path: Path, request: SampleRequest, settings: SampleSettings) -> dict:
-    return {"file": path.name, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
-            "seed": request.seed, "size": list(request.size), "cfgs": list(settings.cfgs),
-            "scheduler": settings.scheduler, "num_inference_steps": settings.num_inference_steps}
+def index_entry(path: Path, asked: SampleRequest, request: SampleRequest, settings: SampleSettings) -> dict:
+    """The index's record of one sample: what was made (`request`), and whether its seed or caption was drawn
+    for this round (`asked` had seed -1, or random_caption)."""
+    entry = {"file": path.name, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
+             "seed": request.seed, "size": list(request.size), "cfgs": list(request.cfgs),
+             "scheduler": settings.scheduler, "num_inference_steps": settings.num_inference_steps}
+    if asked.seed == -1:
+        entry["random_seed"] = True
+    if asked.random_caption:
+        entry["random_caption"] = True
+    return entry
 
 
-def _concrete(request: SampleRequest, run_seed: int, resolution: int) -> SampleRequest:
-    """Fill in the run's defaults; seed -1 draws from the OS, so the training RNG is not consumed."""
+def _round_captions(settings: SampleSettings, run_seed: int, step: int) -> list[str]:
+    """The captions this round's random_caption samples take: different ones while the data has enough, drawn by a
+    generator seeded with the run's seed and the step, so a resumed run draws what the interrupted one would."""
+    count = sum(request.random_caption for request in settings.requests)
+    captions = list(settings.captions)
+    random.Random(f"everycycle/sample_captions/{run_seed}/{step}").shuffle(captions)
+    return [captions[index % len(captions)] for index in range(count)] if captions else []
+
+
+def _concrete(request: SampleRequest, settings: SampleSettings, run_seed: int, captions: Iterator[str],
+              resolution: int) -> SampleRequest:
+    """Fill in the run's defaults and this round's draws (a random caption: the next of `captions`). Seed -1 draws
+    from the OS, so the training RNG is not consumed."""
     seed = run_seed if request.seed is None else request.seed
     if seed == -1:
         seed = random.SystemRandom().randrange(2**31)
+    prompt = next(captions, request.prompt) if request.random_caption else request.prompt
     size = request.size
     if size is None:
         size = size_for_aspect_ratio(request.aspect_ratio, resolution) if request.aspect_ratio else (resolution,) * 2
-    return replace(request, seed=seed, size=tuple(size))
+    return replace(request, prompt=prompt, seed=seed, size=tuple(size), cfgs=request.cfgs or settings.cfgs)
 
 
-def batches_of_equal_size(requests: list[SampleRequest], batch_size: int) -> list[list[int]]:
-    """Indices of the requests, grouped by image size (one pipeline call per group) in chunks of batch_size."""
-    by_size: dict[tuple[int, int], list[int]] = {}
+def batches_of_alike(requests: list[SampleRequest], batch_size: int) -> list[list[int]]:
+    """Indices of the requests, grouped by image size and guidance scales (one pipeline call per group and scale)
+    in chunks of batch_size."""
+    alike: dict[tuple, list[int]] = {}
     for index, request in enumerate(requests):
-        by_size.setdefault(request.size, []).append(index)
-    return [group[start:start + batch_size] for group in by_size.values()
+        alike.setdefault((request.size, request.cfgs), []).append(index)
+    return [group[start:start + batch_size] for group in alike.values()
             for start in range(0, len(group), batch_size)]
 
 
-def _generate(pipeline, requests: list[SampleRequest], guidance_scale: float, steps: int) -> np.ndarray:
-    """uint8 HWC images, one per request. Each request has its own CPU generator, seeded afresh for every
-    guidance scale: the same starting noise in every column, on every device and in every batch."""
+def _generate(pipeline, requests: list[SampleRequest], prompts: dict, guidance_scale: float, steps: int) -> np.ndarray:
+    """uint8 HWC images, one per request (`prompts`: their _prompt_arguments). Each request has its own CPU
+    generator, seeded afresh for every guidance scale: the same starting noise in every column, on every device
+    and in every batch."""
     width, height = requests[0].size
     generators = [torch.Generator(device="cpu").manual_seed(request.seed) for request in requests]
-    images = pipeline([r.prompt for r in requests], negative_prompt=[r.negative_prompt for r in requests],
-                      width=width, height=height, guidance_scale=guidance_scale, num_inference_steps=steps,
-                      generator=generators, output_type="np").images
+    images = pipeline(**prompts, width=width, height=height,
+                      guidance_scale=guidance_scale, num_inference_steps=steps, generator=generators,
+                      output_type="np").images
     return (np.nan_to_num(images) * 255).round().clip(0, 255).astype(np.uint8)
+
+
+def _prompt_arguments(pipeline, requests: list[SampleRequest]) -> dict:
+    """The pipeline's prompts: as text, or, when one of them uses weighting syntax, as compel's embeddings (as
+    ED2 makes them). Plain prompts keep the pipeline's own encoding, so their samples stay as they were."""
+    prompts = [request.prompt for request in requests]
+    negative = [request.negative_prompt for request in requests]
+    if not any(map(_weighted, prompts + negative)):
+        return {"prompt": prompts, "negative_prompt": negative}
+    from compel import Compel  # only here: _weighted found compel installed
+
+    compel = Compel(tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder)
+    embeddings = [compel([_compel_syntax(text) for text in texts]) for texts in (prompts, negative)]
+    positive, negative_embeddings = compel.pad_conditioning_tensors_to_same_length(embeddings)
+    return {"prompt_embeds": positive, "negative_prompt_embeds": negative_embeddings}
+
+
+def _compel_syntax(prompt: str) -> str:
+    return A1111_WEIGHT.sub(r"(\1)\2", prompt)
+
+
+def _weighted(prompt: str) -> bool:
+    """True when compel reads the prompt as anything but its plain text at weight 1 (False without compel)."""
+    if not prompt or importlib.util.find_spec("compel") is None:
+        return False
+    from compel import Compel
+    from compel.prompt_parser import FlattenedPrompt, Fragment
+
+    parts = Compel.parse_prompt_string(_compel_syntax(prompt)).prompts
+    plain = len(parts) == 1 and isinstance(parts[0], FlattenedPrompt) and len(parts[0].children) == 1
+    fragment = parts[0].children[0] if plain else None
+    return not (isinstance(fragment, Fragment) and fragment.weight == 1.0 and fragment.text == prompt)
 
 
 @contextlib.contextmanager

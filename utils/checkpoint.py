@@ -11,8 +11,8 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 @contextlib.contextmanager
@@ -23,7 +23,13 @@ def atomic_path(final: Path) -> Iterator[Path]:
     temporary = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     _remove(temporary)
     try:
-        yield temporary
+        try:
+            yield temporary
+        except Exception as error:
+            converted = as_os_error(error)
+            if converted is error:
+                raise
+            raise converted from error
         _fsync_tree(temporary)
         if final.is_dir():
             # os.replace cannot swap non-empty folders: move the old one aside first, remove it after.
@@ -36,6 +42,19 @@ def atomic_path(final: Path) -> Iterator[Path]:
         _fsync_dir(final.parent)
     finally:
         _remove(temporary)
+
+
+def as_os_error(error: Exception) -> Exception:
+    """An I/O failure reported by a library as its own exception type (safetensors' SafetensorError says "I/O error:
+    No space left on device (os error 28)") as the OSError it is, so a full disk is handled as one everywhere; any
+    other error as it was."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"\(os error (\d+)\)", str(error))
+    if not found:
+        return error
+    code = int(found.group(1))
+    return OSError(code, f"{os.strerror(code)} ({type(error).__name__}: {error})")
 
 
 def _remove(path: Path) -> None:
@@ -82,8 +101,13 @@ def saved_checkpoints(ckpts_dir: Path, up_to_step: int) -> list[dict]:
         step = int(match.group(1))
         single_file = folder.with_name(f"{folder.name}.safetensors")
         if step <= up_to_step:
-            found.append({"step": step, "diffusers": str(folder),
-                          **({"single_file": str(single_file)} if single_file.is_file() else {})})
+            found.append(
+                {
+                    "step": step,
+                    "diffusers": str(folder),
+                    **({"single_file": str(single_file)} if single_file.is_file() else {}),
+                }
+            )
     return sorted(found, key=lambda entry: entry["step"])
 
 
@@ -99,8 +123,14 @@ def save_checkpoint(pipeline, ckpts_dir: Path, name: str, half: bool, single_fil
     paths["diffusers"] = str(folder)
     if single_file:
         target = Path(ckpts_dir) / f"{name}.safetensors"
-        save_single_file(pipeline.unet, pipeline.vae, pipeline.text_encoder, target, half=half,
-                         scheduler_config=dict(pipeline.scheduler.config))
+        save_single_file(
+            pipeline.unet,
+            pipeline.vae,
+            pipeline.text_encoder,
+            target,
+            half=half,
+            scheduler_config=dict(pipeline.scheduler.config),
+        )
         paths["single_file"] = str(target)
     return paths
 

@@ -7,12 +7,15 @@ message names the key, the value and what would be valid; train.py prints it wit
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import json
+import types
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from utils import ed2_compat
 
@@ -68,9 +71,16 @@ class ValidationSettings(_Strict):
         return self.validate_training and self.val_split_mode != "none"
 
 
-SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-                   "cyclic", "one_cycle")
+# The LR schedules, named here once (optimizer/schedules.py builds them). The first six are ED2's: diffusers'
+# get_scheduler names, with ED2's semantics.
+ED2_SCHEDULE_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+SCHEDULE_NAMES = ED2_SCHEDULE_NAMES + ("cyclic", "one_cycle")
 DEFAULT_MAX_EPOCHS = 300  # ED2's
+# The longest run accepted, in optimizer steps. A fine-tune of SD takes thousands to a few hundred thousand steps
+# (the base model's whole 512 px training took about 1.4 million); 10 million is weeks to months of nonstop
+# compute at the fastest step rates, so a longer run is a typo (a few zeros too many), and refusing it keeps the
+# per-step work outside the training loop, such as the schedule preview, bounded.
+MAX_STEPS = 10_000_000
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd",
                    "coordinate_dowg")
 
@@ -79,6 +89,7 @@ class TrainConfig(_Strict):
     """Every key of a training run. Descriptions feed `--help_keys` and the README key table."""
 
     _notes: list[str] = PrivateAttr(default_factory=list)
+    _from_ed2: bool = PrivateAttr(default=False)
 
     # --- what to train, where to write ---------------------------------------------------------------
     resume_ckpt: str = Field(
@@ -110,7 +121,9 @@ class TrainConfig(_Strict):
         None, ge=1, description="epochs to train (default 300, as ED2); with lr_cycle_stages and no max_epochs or "
         "max_steps, the stages set the run length"
     )
-    max_steps: Optional[int] = Field(None, ge=1, description="stop after this many optimizer steps (wins over max_epochs)")
+    max_steps: Optional[int] = Field(
+        None, ge=1, description=f"stop after this many optimizer steps (wins over max_epochs; at most {MAX_STEPS:,})"
+    )
     resolution: int = Field(512, ge=64, description="training resolution, a multiple of 64 (buckets keep about this area)")
     seed: int = Field(555, description="global seed (-1: pick one at random and record it)")
     num_workers: int = Field(
@@ -289,6 +302,34 @@ class TrainConfig(_Strict):
         "or a state / run folder"
     )
 
+    @field_validator("project_name")
+    @classmethod
+    def _plain_folder_name(cls, value: str) -> str:
+        problem = folder_name_problem(value)
+        if problem:
+            raise ValueError(
+                f"must be a plain folder name ({problem}): it names the run folders <logdir>/<project_name>-<date>-"
+                f"<time>. Use a name such as 'my_style_v2': not '.' or '..', without / \\ : * ? \" < > | or control "
+                f"characters, and not starting with '-' or a space"
+            )
+        return value
+
+    @field_validator("logdir", "data_root")
+    @classmethod
+    def _names_a_folder(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise ValueError(f"is empty: give a folder (an empty {info.field_name} would be the working directory)")
+        return value
+
+    @field_validator("max_steps", "max_epochs")
+    @classmethod
+    def _possible_length(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is not None and value > MAX_STEPS:
+            unit = "steps" if info.field_name == "max_steps" else "epochs (an epoch is one optimizer step or more)"
+            raise ValueError(f"must be at most {MAX_STEPS:,} {unit}: the longest run accepted is {MAX_STEPS:,} "
+                             f"optimizer steps, weeks to months of nonstop compute, so a longer one is a typo")
+        return value
+
     @field_validator("resolution")
     @classmethod
     def _multiple_of_64(cls, value: int) -> int:
@@ -299,7 +340,7 @@ class TrainConfig(_Strict):
     @field_validator("lr_scheduler")
     @classmethod
     def _known_scheduler(cls, value: str) -> str:
-        return _one_of(value, SCHEDULER_NAMES)
+        return _one_of(value, SCHEDULE_NAMES)
 
     @field_validator("optimizer")
     @classmethod
@@ -315,7 +356,7 @@ class TrainConfig(_Strict):
     @field_validator("text_encoder_lr_scheduler")
     @classmethod
     def _known_text_encoder_scheduler(cls, value: Optional[str]) -> Optional[str]:
-        return None if value is None else _one_of(value, SCHEDULER_NAMES)
+        return None if value is None else _one_of(value, SCHEDULE_NAMES)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
@@ -355,9 +396,37 @@ class TrainConfig(_Strict):
         return not self.disable_textenc_training
 
     @property
+    def from_ed2(self) -> bool:
+        """The config file was written for ED2 (ed2_compat.is_ed2_config): its step counts were batch counts."""
+        return self._from_ed2
+
+    @property
     def notes(self) -> list[str]:
         """What loading the config noted: ED2 keys accepted but not used, renamed keys."""
         return self._notes
+
+
+# Characters a run folder name cannot hold: the path separators, and those Windows refuses in file names (run
+# folders get copied between systems).
+NOT_IN_FOLDER_NAMES = '/\\:*?"<>|'
+
+
+def folder_name_problem(name: str) -> Optional[str]:
+    """What keeps `name` from being a plain folder name, or None when it is one."""
+    if not name.strip():
+        return "it is empty"
+    if name in (".", ".."):
+        return f"'{name}' is a path to a folder, not a name"
+    forbidden = next((char for char in name if char in NOT_IN_FOLDER_NAMES), None)
+    if forbidden:
+        return f"it contains '{forbidden}'"
+    if any(ord(char) < 32 or ord(char) == 127 for char in name):
+        return "it contains a control character"
+    if name.startswith("-"):
+        return "it starts with '-', which commands such as rm and ls would read as an option"
+    if name != name.strip():
+        return "it starts or ends with a space"
+    return None
 
 
 def _one_of(value: str, choices: tuple[str, ...]) -> str:
@@ -375,11 +444,65 @@ def _did_you_mean(name: str, choices) -> str:
 # Reading a config
 # ---------------------------------------------------------------------------------------------------------
 
+# Byte-order marks and the encodings they name, UTF-32's before UTF-16's (a UTF-32 LE mark begins with the UTF-16 LE
+# one). Windows editors write them: Notepad's "UTF-8 with BOM", and its "Unicode", which is UTF-16.
+BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+                    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+                    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"))
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The text of a file the user wrote (a config, a validation config, sample prompts): UTF-8, or the encoding
+    its byte-order mark names. Anything else is a ConfigError naming the file and the first byte that is not
+    text, never a traceback."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{what} file '{path}' is a folder, not a file: give the path of the file itself"
+                          f"{_text_files_in(path)}.")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file '{path}' does not exist.") from None
+    except OSError as error:
+        raise ConfigError(f"{what} file '{path}' cannot be read: {error.strerror}.") from None
+    encoding, marked = next(((codec, name) for mark, codec, name in BYTE_ORDER_MARKS if data.startswith(mark)),
+                            ("utf-8", None))
+    if marked is None and b"\x00" in data:  # valid UTF-8, but no text holds NUL bytes; UTF-16 does
+        raise _unreadable(path, what, "it holds NUL bytes: it looks like UTF-16 written without a byte-order mark")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise _unreadable(path, what, _decoding_problem(data, error, marked)) from None
+
+
+def _unreadable(path: Path, what: str, problem: str) -> ConfigError:
+    return ConfigError(f"{what} file '{path}' is not readable text: {problem}. Save it as UTF-8 (in most editors: "
+                       f"Save as, encoding UTF-8) and run again.")
+
+
+def _text_files_in(folder: Path) -> str:
+    """", such as 'folder/a.json' or 'folder/b.txt'": the files a user most likely meant, when a folder was given."""
+    try:
+        names = sorted(item.name for item in folder.iterdir() if item.suffix.lower() in (".json", ".txt"))
+    except OSError:
+        return ""
+    return f", such as {' or '.join(repr(str(folder / name)) for name in names[:3])}" if names else ""
+
+
+def _decoding_problem(data: bytes, error: UnicodeDecodeError, marked: Optional[str]) -> str:
+    """Where decoding failed; without a byte-order mark, UTF-8 was expected, and bytes that are not UTF-8 most
+    likely come from the Latin-1 / Windows-1252 of older editors."""
+    if marked:
+        return f"it starts with a {marked} byte-order mark, but byte {error.start} after it is not {marked}"
+    line = data.count(b"\n", 0, error.start) + 1
+    column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+    return (f"the byte 0x{data[error.start]:02x} at line {line}, column {column} is not UTF-8 (perhaps the file is "
+            f"Latin-1 or Windows-1252)")
+
+
 def read_json_file(path: Path, what: str) -> dict:
     """Read a JSON object from `path`; syntax errors name the line and column."""
-    if not path.is_file():
-        raise ConfigError(f"{what} file '{path}' does not exist. Give the path of a JSON file.")
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, what)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -393,12 +516,80 @@ def read_json_file(path: Path, what: str) -> dict:
     return data
 
 
-def parse_cli_value(text: str) -> Any:
-    """`--lr 2e-6` gives a float, `--validation_config '{...}'` an object, `--data_root x` a string."""
+# ---------------------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------------------
+
+def parse_overrides(tokens: list[str]) -> dict:
+    """`--lr 2e-6 --gradient_checkpointing --data_root x` -> {"lr": 2e-6, "gradient_checkpointing": True, ...}.
+
+    The schema says how to read each value (see _command_line_value); only a true/false key may stand alone."""
+    overrides: dict = {}
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        if not token.startswith("--") or len(token) == 2:
+            raise ConfigError(f"Unexpected command-line argument '{token}': overrides are written --key value.")
+        key, has_value, text = token[2:].partition("=")
+        if not has_value and index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
+            text, has_value = tokens[index + 1], True
+            index += 1
+        overrides[key] = _command_line_value(key, text if has_value else None)
+        index += 1
+    return overrides
+
+
+def _command_line_value(key: str, text: Optional[str]) -> Any:
+    """The value of `--key text` (`text` None: the key stood alone).
+
+    A text key takes the text as written: `--project_name 2024` is the name "2024", not a number pydantic would
+    refuse. Other keys read it as JSON (`--lr 2e-6`, `--betas [0.9,0.99]`), falling back to the text. Alone, a
+    true/false key means true; any other key would become True, that is 1 (a bare `--lr` trained at LR 1), so it
+    is refused. Keys the schema does not know (ED2's legacy switches) pass as they are, for load_config to note or
+    refuse by name."""
+    field = TrainConfig.model_fields.get(key)
+    kinds = _value_types(field.annotation) if field else None
+    if text is None:
+        if kinds is not None and kinds - {type(None)} != {bool}:
+            raise ConfigError(f"key '{key}' on the command line has no value: write --{key} VALUE. Only true/false "
+                              f"keys, such as --gradient_checkpointing, may be given without one.")
+        return True
+    if kinds is not None and kinds <= {str, type(None)}:
+        return None if text == "null" and type(None) in kinds else text
     try:
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def _value_types(annotation: Any) -> set:
+    """The plain types a field's annotation allows: Optional[Literal["a", "b"]] -> {str, NoneType}."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        return set().union(*(_value_types(member) for member in get_args(annotation)))
+    if get_origin(annotation) is Literal:
+        return {type(choice) for choice in get_args(annotation)}
+    return {get_origin(annotation) or annotation}
+
+
+# The config keys that hold a path. load_config looks for a relative one from the working directory, else beside
+# the config file (resolve_config_paths); a config written into another folder must rebase them. A
+# validation_config file's own paths are taken from its folder (load_validation_settings).
+PATH_KEYS = ("data_root", "save_ckpt_dir", "logdir", "sample_prompts", "model_cache_dir", "latent_cache_dir",
+             "resume_ckpt", "resume_from", "single_file_config", "optimizer_config", "validation_config")
+# The value a path key may hold that is a name, not a path: the built-in demo model, the project's newest state.
+PATH_KEY_NAMES = {"resume_ckpt": "tiny", "resume_from": "latest"}
+
+
+def holds_path(key: str, value: Any) -> bool:
+    """True when `value`, given for config key `key`, is a path (a string under PATH_KEYS that is not a name).
+    An empty string is no path: resolved, it would become '.', the working directory, and pass as a folder."""
+    return key in PATH_KEYS and isinstance(value, str) and bool(value.strip()) and value != PATH_KEY_NAMES.get(key)
+
+
+def resolve_config_paths(data: dict, base_dir: Optional[Path]) -> dict:
+    """`data` with every path in it (see holds_path) taken from the working directory, else from `base_dir`,
+    the config file's folder. A hub id in resume_ckpt exists in neither, so it stays as it is."""
+    return {key: _resolve_path(value, base_dir) if holds_path(key, value) else value for key, value in data.items()}
 
 
 def _resolve_path(value: str, base_dir: Optional[Path]) -> str:
@@ -416,24 +607,121 @@ def _check_known_keys(data: dict, model: type[BaseModel], where: str) -> None:
             _unknown_key(key, list(model.model_fields), where)
 
 
+# Other trainers' names of our keys, for the unknown-key message: a user coming from diffusers' training
+# examples, kohya's sd-scripts or OneTrainer writes their names. Only names whose meaning matches are listed.
+DIFFUSERS_NAMES = {
+    "pretrained_model_name_or_path": "resume_ckpt", "train_data_dir": "data_root", "output_dir": "logdir",
+    "logging_dir": "logdir", "train_batch_size": "batch_size", "num_train_epochs": "max_epochs",
+    "max_train_steps": "max_steps", "gradient_accumulation_steps": "grad_accum", "learning_rate": "lr",
+    "adam_beta1": "betas", "adam_beta2": "betas", "adam_weight_decay": "weight_decay", "adam_epsilon": "epsilon",
+    "use_8bit_adam": "optimizer", "max_grad_norm": "clip_grad_norm", "dataloader_num_workers": "num_workers",
+    "enable_xformers_memory_efficient_attention": "attn_type", "random_flip": "flip_p",
+    "noise_offset": "zero_frequency_noise_ratio", "snr_gamma": "min_snr_gamma", "train_text_encoder":
+    "disable_textenc_training", "validation_prompt": "sample_prompts", "validation_prompts": "sample_prompts",
+    "validation_epochs": "sample_every_n_epochs", "checkpoints_total_limit": "save_state_keep",
+    "resume_from_checkpoint": "resume_from",
+}
+KOHYA_NAMES = {
+    "pretrained_model_name_or_path": "resume_ckpt", "train_data_dir": "data_root", "output_dir": "logdir",
+    "logging_dir": "logdir", "output_name": "project_name", "train_batch_size": "batch_size",
+    "max_train_epochs": "max_epochs", "max_train_steps": "max_steps", "gradient_accumulation_steps": "grad_accum",
+    "learning_rate": "lr", "optimizer_type": "optimizer", "use_8bit_adam": "optimizer",
+    "max_grad_norm": "clip_grad_norm", "max_data_loader_n_workers": "num_workers", "xformers": "attn_type",
+    "sdpa": "attn_type", "flip_aug": "flip_p", "noise_offset": "zero_frequency_noise_ratio",
+    "multires_noise_discount": "pyramid_noise_discount", "zero_terminal_snr": "enable_zero_terminal_snr",
+    "v_parameterization": "prediction_type", "shuffle_caption": "shuffle_tags", "keep_tokens": "keep_tags",
+    "caption_dropout_rate": "cond_dropout", "min_timestep": "timestep_start", "max_timestep": "timestep_end",
+    "cache_text_encoder_outputs": "cache_text_embeddings", "sample_every_n_steps": "sample_steps",
+    "train_text_encoder": "disable_textenc_training", "resume": "resume_from",
+}
+ONETRAINER_NAMES = {
+    "base_model_name": "resume_ckpt", "workspace_dir": "logdir", "learning_rate": "lr", "epochs": "max_epochs",
+    "gradient_accumulation_steps": "grad_accum", "learning_rate_scheduler": "lr_scheduler",
+    "learning_rate_warmup_steps": "lr_warmup_steps", "text_encoder_layer_skip": "clip_skip",
+    "offset_noise_weight": "zero_frequency_noise_ratio", "latent_caching": "cache_latents",
+    "dataloader_threads": "num_workers", "sample_definition_file_name": "sample_prompts",
+}
+# What to write instead, where the other name is a switch or holds another kind of value than ours.
+WRITE_BETAS = 'write "betas": [beta1, beta2]'
+WRITE_FLIP = "flip_p is a chance: 0.5 flips half the images"
+WRITE_PROMPTS = "sample_prompts is a .txt file, one prompt a line"
+FOREIGN_NAME_HINTS = {
+    "adam_beta1": WRITE_BETAS, "adam_beta2": WRITE_BETAS, "random_flip": WRITE_FLIP, "flip_aug": WRITE_FLIP,
+    "validation_prompt": WRITE_PROMPTS, "validation_prompts": WRITE_PROMPTS,
+    "sample_definition_file_name": "sample_prompts is a .txt file or an ED2 sample .json",
+    "use_8bit_adam": 'write "optimizer": "adamw8bit"',
+    "enable_xformers_memory_efficient_attention": 'write "attn_type": "xformers"',
+    "xformers": 'write "attn_type": "xformers"', "sdpa": 'write "attn_type": "sdp"',
+    "v_parameterization": 'write "prediction_type": "v_prediction"',
+    "train_text_encoder": 'the other way round: "disable_textenc_training": false trains it',
+    "output_dir": "each run gets its own folder under logdir",
+}
+
+
+def _foreign_names() -> dict[str, tuple[str, str]]:
+    """other trainers' name -> (our key, whose name it is: "diffusers'/kohya's")."""
+    owners: dict[str, list[str]] = {}
+    for table, owner in ((DIFFUSERS_NAMES, "diffusers'"), (KOHYA_NAMES, "kohya's"), (ONETRAINER_NAMES, "OneTrainer's")):
+        for name in table:
+            owners.setdefault(name, []).append(owner)
+    ours = {**ONETRAINER_NAMES, **KOHYA_NAMES, **DIFFUSERS_NAMES}
+    return {name: (ours[name], "/".join(whose)) for name, whose in owners.items()}
+
+
+FOREIGN_NAMES = _foreign_names()
+
+
 def _unknown_key(key: str, known: list, where: str) -> None:
-    raise ConfigError(
-        f"Unknown key '{key}' in {where}{_did_you_mean(key, known)}. "
-        f"Run `python train.py --help_keys` for every valid key."
-    )
+    raise ConfigError(f"Unknown key '{key}' ({where}){_suggestion(key, known)} Run `python train.py --help_keys` "
+                      f"for every valid key.")
 
 
-def _format_validation_error(error: ValidationError, data: dict, where: str) -> str:
-    lines = []
+def _suggestion(key: str, known: list) -> str:
+    """": did you mean 'lr'? (learning_rate is diffusers'/kohya's/OneTrainer's name for it.)", or ".".
+
+    Close matches are looked for among our keys and the other trainers' names of them, so that a typo of
+    `learning_rate` still finds `lr`; only keys of `known` are suggested (a validation config has other keys)."""
+    foreign = {name: meaning for name, meaning in FOREIGN_NAMES.items() if meaning[0] in known}
+    matches = [key] if key in foreign else difflib.get_close_matches(key, [*known, *foreign], n=3, cutoff=0.6)
+    if not matches:
+        return "."
+    suggested = dict.fromkeys(foreign[name][0] if name in foreign else name for name in matches)
+    question = f": did you mean {' or '.join(repr(name) for name in suggested)}?"
+    named = next((name for name in matches if name in foreign), None)
+    return question + (f" ({_other_trainers_name(named, foreign[named][1])}.)" if named else "")
+
+
+def _other_trainers_name(name: str, whose: str) -> str:
+    hint = FOREIGN_NAME_HINTS.get(name)
+    return f"{name} is {whose} name for it" + (f"; {hint}" if hint else "")
+
+
+def _format_validation_error(error: ValidationError, data: dict, origin: Callable[[Optional[str]], str]) -> str:
+    """One paragraph: the problems grouped by where their values came from (`origin` of the key; None for a
+    rule between keys), each naming the key and the value."""
+    problems: dict[str, list[str]] = {}
     for issue in error.errors():
-        key = ".".join(str(part) for part in issue["loc"]) or "config"
-        message = issue["msg"].removeprefix("Value error, ")
-        if issue["loc"]:
-            value = data.get(issue["loc"][0], issue.get("input"))
-            lines.append(f"key '{key}' = {json.dumps(value, default=str)}: {message}")
-        else:
-            lines.append(message)
-    return f"Invalid config ({where}): " + "; ".join(lines) + "."
+        key = str(issue["loc"][0]) if issue["loc"] else None
+        problems.setdefault(origin(key), []).append(_describe_issue(issue, data))
+    return " ".join(f"Invalid config ({where}): " + "; ".join(lines) + "." for where, lines in problems.items())
+
+
+def _describe_issue(issue: dict, data: dict) -> str:
+    message = issue["msg"].removeprefix("Value error, ")
+    if not issue["loc"]:
+        return message
+    value = data.get(issue["loc"][0], issue.get("input"))
+    return f"key '{'.'.join(str(part) for part in issue['loc'])}' = {json.dumps(value, default=str)}: {message}"
+
+
+def _value_origin(config_path: Optional[Path], overrides: dict) -> Callable[[Optional[str]], str]:
+    """Where a key's value came from, for error messages: a value given on the command line is blamed on it, not
+    on the config file it overrode; a rule between keys (key None) on both, when both gave values."""
+    if config_path is None:
+        return lambda key: "command line"
+    in_file = f"config file '{config_path}'"
+    both = f"{in_file} and the command line" if overrides else in_file
+    return lambda key: "command line" if key in overrides else both if key is None else in_file
 
 
 def load_validation_settings(value: Any, base_dir: Optional[Path], notes: list[str]) -> Optional[dict]:
@@ -457,7 +745,7 @@ def load_validation_settings(value: Any, base_dir: Optional[Path], notes: list[s
     try:
         return ValidationSettings(**data).model_dump()
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, data, where)) from None
+        raise ConfigError(_format_validation_error(error, data, lambda key: where)) from None
 
 
 def load_config(config_path: Optional[Path] = None, overrides: Optional[dict] = None) -> TrainConfig:
@@ -465,39 +753,53 @@ def load_config(config_path: Optional[Path] = None, overrides: Optional[dict] = 
     data: dict = {}
     notes: list[str] = []
     base_dir = None
+    from_ed2 = False
     if config_path is not None:
         config_path = Path(config_path)
-        data = ed2_compat.take_noted_keys(read_json_file(config_path, "config"), notes, f"'{config_path}'")
+        data = read_json_file(config_path, "config")
+        from_ed2 = ed2_compat.is_ed2_config(data)
+        data = ed2_compat.take_noted_keys(data, notes, f"'{config_path}'")
         base_dir = config_path.parent
         _check_known_keys(data, TrainConfig, f"config file '{config_path}'")
     overrides = ed2_compat.take_noted_keys(overrides or {}, notes, "command line")
-    _check_known_keys(overrides, TrainConfig, "the command line")
+    _check_known_keys(overrides, TrainConfig, "command line")
     # A JSON null means "use the default" (ED2 let nulls beat its defaults and then crashed).
     data = {key: value for key, value in data.items() if value is not None}
-    optimizer_file = overrides.get("optimizer_config", data.get("optimizer_config"))
+    optimizer_file = _optimizer_file(data, overrides, from_ed2, base_dir, notes)
     if optimizer_file:
-        data = _merge_optimizer_json(data, Path(_resolve_path(str(optimizer_file), base_dir)), notes)
-    data.update(overrides)
-    for key in ("data_root", "save_ckpt_dir", "logdir", "sample_prompts", "model_cache_dir", "latent_cache_dir"):
-        if isinstance(data.get(key), str):
-            data[key] = _resolve_path(data[key], base_dir)
-    if isinstance(data.get("resume_ckpt"), str) and data["resume_ckpt"] != "tiny":
-        data["resume_ckpt"] = _resolve_path(data["resume_ckpt"], base_dir)  # a hub id stays as it is
-    if isinstance(data.get("resume_from"), str) and data["resume_from"] != "latest":
-        data["resume_from"] = _resolve_path(data["resume_from"], base_dir)
+        data = _merge_optimizer_json(data, optimizer_file, notes)
+    merged = {**data, **overrides}
+    if from_ed2:  # the counts the ED2 files gave are in batches; the command line's are EveryCycle's
+        merged = ed2_compat.convert_batch_counts(merged, set(data) - set(overrides), notes)
+    data = resolve_config_paths(merged, base_dir)
     if "validation_config" in data:
         data["validation_config"] = load_validation_settings(data["validation_config"], base_dir, notes)
-    where = f"config file '{config_path}'" if config_path else "command line"
     try:
         config = TrainConfig(**data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(error, data, where)) from None
+        raise ConfigError(_format_validation_error(error, data, _value_origin(config_path, overrides))) from None
     if config.resume_ckpt == "findlast":
         config.resume_ckpt = find_last_checkpoint(config)
-        notes.append(f"resume_ckpt 'findlast': the newest checkpoint of '{config.project_name}' is {config.resume_ckpt}")
+        notes.append(f"resume_ckpt 'findlast': the newest checkpoint under logdir '{config.logdir}' is "
+                     f"{config.resume_ckpt} (as ED2: whichever project saved it)")
     check_paths(config)
-    config._notes = notes
+    config._from_ed2 = from_ed2
+    config._notes = notes + (ed2_compat.difference_notes(config) if from_ed2 else [])
     return config
+
+
+def _optimizer_file(data: dict, overrides: dict, from_ed2: bool, base_dir: Optional[Path],
+                    notes: list[str]) -> Optional[Path]:
+    """The optimizer.json to read: the one named; else, for an ED2 config, ./optimizer.json when the working folder
+    has one (ED2's train.py reads it by default, from the working folder)."""
+    named = overrides.get("optimizer_config", data.get("optimizer_config"))
+    if named:
+        return Path(_resolve_path(str(named), base_dir))
+    default = Path(ed2_compat.DEFAULT_OPTIMIZER_FILE)
+    if from_ed2 and default.is_file():
+        notes.append(ed2_compat.default_optimizer_note(default))
+        return default
+    return None
 
 
 def _merge_optimizer_json(data: dict, path: Path, notes: list[str]) -> dict:
@@ -517,17 +819,26 @@ def _merge_optimizer_json(data: dict, path: Path, notes: list[str]) -> dict:
 
 
 def find_last_checkpoint(config: TrainConfig) -> str:
-    """ED2's `findlast`: the newest complete diffusers checkpoint among this project's runs under logdir."""
-    candidates = [
-        index.parent for index in Path(config.logdir).glob(f"{config.project_name}-*/ckpts/*/model_index.json")
-        if not index.parent.name.startswith(".")  # temporary folders of saves in progress
-    ]
+    """ED2's `findlast`: the newest complete diffusers checkpoint anywhere under logdir, whichever project saved it
+    (ED2's chained sessions each get their own project_name). Hidden folders (saves in progress) and ED2's EMA copies
+    (`*_ema`) are left out; a newest one that ED2 saved after a crash (`errored-`) is refused, as ED2 does."""
+    logdir = Path(config.logdir)
+    candidates = [index.parent for index in logdir.rglob("model_index.json") if _usable_checkpoint(index, logdir)]
     if not candidates:
         raise ConfigError(
-            f"key 'resume_ckpt' = 'findlast': no checkpoint of project '{config.project_name}' under logdir "
+            f"key 'resume_ckpt' = 'findlast': no checkpoint (a folder with model_index.json) under logdir "
             f"'{config.logdir}'. Train once first, or give a model path."
         )
-    return str(max(candidates, key=lambda folder: (folder / "model_index.json").stat().st_mtime))
+    newest = max(candidates, key=lambda folder: (folder / "model_index.json").stat().st_mtime)
+    if "errored" in newest.name:
+        raise ConfigError(f"key 'resume_ckpt' = 'findlast': the newest checkpoint, {newest}, was saved after a crash "
+                          f"(as ED2 does, it is not resumed). Give the checkpoint to resume as resume_ckpt.")
+    return str(newest)
+
+
+def _usable_checkpoint(index: Path, logdir: Path) -> bool:
+    parts = index.parent.relative_to(logdir).parts
+    return not any(part.startswith(".") for part in parts) and not index.parent.name.endswith("_ema")
 
 
 def check_paths(config: TrainConfig) -> None:
@@ -546,6 +857,24 @@ def check_paths(config: TrainConfig) -> None:
             f"key 'sample_prompts' = '{config.sample_prompts}': no such file. Give a .txt with one prompt a line, "
             f"an ED2 sample .json, or null for no samples."
         )
+    if config.sample_prompts:  # checked now, so a preview finds its faults too, before any model loads
+        read_sample_prompts(config.sample_prompts)
+
+
+def read_sample_prompts(path: str) -> Union[list[str], ed2_compat.SampleFile]:
+    """A sample prompt file, checked: a .txt gives its prompts (one a line, blank lines skipped), an ED2 .json its
+    settings. Read when the config loads, and again before every sample round (ED2 lets prompts change mid-run)."""
+    suffix = Path(path).suffix.lower()
+    if suffix == ".txt":
+        lines = read_text_file(Path(path), "sample_prompts").splitlines()
+        return [line.strip() for line in lines if line.strip()]
+    if suffix != ".json":
+        raise ConfigError(f"key 'sample_prompts' = '{path}': give a .txt (one prompt a line) or an ED2 sample .json.")
+    data = read_json_file(Path(path), "sample_prompts")
+    try:
+        return ed2_compat.parse_sample_file(data, f"sample_prompts file '{path}'")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def key_table_markdown() -> str:

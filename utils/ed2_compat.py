@@ -1,16 +1,24 @@
-"""EveryDream2 configs, read as ED2 users wrote them: legacy keys, optimizer.json, old validation names.
+"""EveryDream2 configs, read as ED2 users wrote them: legacy keys, optimizer.json, old validation names, the
+sample prompt .json, and step counts ED2 makes in batches.
 
 ED2's behaviour is the reference (its documented keys and files), with its known faults fixed:
 - a key EveryCycle does not use is never ignored silently: it is accepted with a one-line note;
 - in optimizer.json a 0 means 0 (ED2 treated it as unset) and a null means "use the default" (ED2 let
   nulls override its defaults and crashed); a missing "doc" section is fine (ED2 raised KeyError);
-- an unknown optimizer name is an error (ED2 silently used AdamW8bit).
+- an unknown optimizer name is an error (ED2 silently used AdamW8bit);
+- a sample .json is checked when the config loads (ED2 found its faults at the first sample round).
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import json
+import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # ED2 train.json keys that EveryCycle accepts but does not use, each with what happens instead.
 NOTED_KEYS: dict[str, str] = {
@@ -44,7 +52,9 @@ NOTED_KEYS: dict[str, str] = {
 
 # Validation config: ED2's old names and keys it reads but never used.
 VALIDATION_RENAMED = {"val_split_proportion": "auto_split_proportion", "val_data_root": "manual_data_root"}
-VALIDATION_NOTED = {"use_relative_loss": "ignored: ED2 reads it but never used it; the loss is absolute"}
+# None: documentation only, read past silently (ED2's validation files carry a "documentation" block).
+VALIDATION_NOTED = {"use_relative_loss": "ignored: ED2 reads it but never used it; the loss is absolute",
+                    "documentation": None}
 
 # optimizer.json section keys -> TrainConfig keys, for the UNet (base) and the text encoder (overrides).
 BASE_KEYS = {
@@ -95,7 +105,8 @@ def rename_validation_keys(data: dict, notes: list[str], where: str) -> dict:
             notes.append(f"{where}: '{key}' is ED2's old name of '{new}'; read as '{new}'.")
             renamed.setdefault(new, value)
         elif key in VALIDATION_NOTED:
-            notes.append(f"{where}: '{key}' {VALIDATION_NOTED[key]}.")
+            if VALIDATION_NOTED[key]:
+                notes.append(f"{where}: '{key}' {VALIDATION_NOTED[key]}.")
         else:
             renamed[key] = value
     return renamed
@@ -145,3 +156,181 @@ def _section(section: dict, mapping: dict, where: str, notes: list[str], unknown
         else:
             unknown_key(key, list(mapping) + list(noted) + list(ADAPTIVE_KEYS), where)
     return settings
+
+
+# --- configs written for ED2 ------------------------------------------------------------------------
+
+# ED2's train.py reads ./optimizer.json when the config names no optimizer file (its --optimizer_config default).
+DEFAULT_OPTIMIZER_FILE = "optimizer.json"
+# The keys ED2 counts in batches: its global_step grows by one per batch, and its LR schedulers step once per batch
+# (optimizer/optimizers.py EveryDreamOptimizer.step). EveryCycle counts optimizer steps of grad_accum batches each.
+BATCH_COUNTED_KEYS = ("sample_steps", "log_step", "lr_warmup_steps", "lr_decay_steps", "text_encoder_lr_warmup_steps",
+                      "text_encoder_lr_decay_steps")
+
+
+def is_ed2_config(data: dict) -> bool:
+    """True for a config written for ED2: it holds a key only ED2 has. Every train.json ED2 ships holds several
+    (gpuid, wandb, write_schedule, notebook ...); EveryCycle's own configs hold none."""
+    return any(key in NOTED_KEYS or key == "disable_amp" for key in data)
+
+
+def optimizer_steps(batches: int, grad_accum: int) -> int:
+    """ED2's count of `batches` as optimizer steps, rounded half up; a count that was not 0 stays at least 1."""
+    return max(1, math.floor(batches / grad_accum + 0.5))
+
+
+def convert_batch_counts(data: dict, ed2_keys: set, notes: list[str]) -> dict:
+    """`data` with the step counts that an ED2 config gave (`ed2_keys`) turned from batches into optimizer steps,
+    noted with the numbers. 0 and null keep their meaning (off / automatic)."""
+    grad_accum = data.get("grad_accum", 1)
+    if not _is_count(grad_accum) or grad_accum < 2:
+        return data
+    converted = dict(data)
+    changes = []
+    for key in BATCH_COUNTED_KEYS:
+        if key in ed2_keys and _is_count(data.get(key)) and data[key] > 0:
+            converted[key] = optimizer_steps(data[key], grad_accum)
+            changes.append(f"{key} {data[key]} -> {converted[key]}")
+    if changes:
+        notes.append(f"ED2 config with grad_accum {grad_accum}: ED2 counts these in batches, EveryCycle in optimizer "
+                     f"steps of {grad_accum} batches, so they were converted: {', '.join(changes)}.")
+    return converted
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def default_optimizer_note(path: Path) -> str:
+    return (f"'optimizer_config' not given: {path} in the working folder is read, as ED2 does by default; name another "
+            f"file with optimizer_config to use that one instead.")
+
+
+def difference_notes(config) -> list[str]:
+    """Notes for an ED2 config whose settings EveryCycle reads differently on purpose (docs/ed2.md lists each)."""
+    notes = []
+    if config.keep_tags and config.shuffle_tags:
+        notes.append(f"'keep_tags' {config.keep_tags}: the first {config.keep_tags} tags stay in place when tags are "
+                     f"shuffled. ED2's keep_tags had no effect (it always kept 0), so captions differ from ED2's.")
+    return notes
+
+
+# --- ED2's sample prompt .json ------------------------------------------------------------------------
+
+SAMPLE_GUIDANCE_SCALES = (7.0, 4.0, 1.0)
+SAMPLE_INFERENCE_STEPS = 30  # ED2's default
+# ED2's scheduler names -> (diffusers class, options); trainer/sampling.py builds them from the model's config.
+SAMPLE_SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "kdpm2": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++_2m_k": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++_2s": ("DPMSolverSinglestepScheduler", {}),
+    "dpm++_2s_k": ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True}),
+    "dpm++_sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}),
+    "dpm++_sde_k": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0, "use_karras_sigmas": True}),
+    "dpm++_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm++_2m_sde_k": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                       "use_karras_sigmas": True}),
+}
+# Schedulers that need a package diffusers does not install.
+SCHEDULER_PACKAGES = {"LMSDiscreteScheduler": "scipy", "DPMSolverSDEScheduler": "torchsde"}
+
+
+def _guidance_scales(cfgs: Optional[list[float]]) -> Optional[list[float]]:
+    if cfgs is not None and any(scale < 0 for scale in cfgs):
+        raise ValueError("guidance scales must be >= 0 (1 or less: no classifier-free guidance)")
+    return cfgs
+
+
+class SampleEntry(BaseModel):
+    """One item of the file's `samples` list."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: Optional[int] = Field(None, ge=-1)  # -1: a new random seed every round
+    size: Optional[tuple[int, int]] = None
+    aspect_ratio: Optional[float] = Field(None, gt=0)
+    random_caption: bool = False  # a training caption, drawn again every round
+    cfgs: Optional[list[float]] = Field(None, min_length=1)  # this sample's guidance scales
+
+    _check_cfgs = field_validator("cfgs")(_guidance_scales)
+
+    @field_validator("size")
+    @classmethod
+    def _multiples_of_8(cls, size):
+        if size is not None and any(side < 8 or side % 8 for side in size):
+            raise ValueError("must be [width, height], each a positive multiple of 8 (e.g. [512, 512])")
+        return size
+
+    @model_validator(mode="after")
+    def _prompt_and_size_consistent(self):
+        if self.size is not None and self.aspect_ratio is not None:
+            raise ValueError("give size or aspect_ratio, not both")
+        if not self.prompt and not self.random_caption:
+            raise ValueError("give a prompt, or random_caption: true to use a training caption")
+        return self
+
+
+class SampleFile(BaseModel):
+    """ED2's sample .json (its doc/LOGGING.md), every key."""
+
+    model_config = ConfigDict(extra="forbid")
+    batch_size: int = Field(1, ge=1)
+    seed: Optional[int] = Field(None, ge=-1)
+    cfgs: list[float] = Field(list(SAMPLE_GUIDANCE_SCALES), min_length=1)
+    scheduler: str = "ddim"
+    num_inference_steps: int = Field(SAMPLE_INFERENCE_STEPS, ge=1, le=1000)
+    show_progress_bars: bool = False
+    generate_pretrain_samples: bool = False  # a round before the first step
+    generate_samples_every_n_steps: Optional[int] = Field(None, ge=1)
+    resolution: Optional[int] = Field(None, ge=8)
+    samples: Optional[list[SampleEntry]] = None
+
+    _check_cfgs = field_validator("cfgs")(_guidance_scales)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, name):
+        if name not in SAMPLE_SCHEDULERS:
+            close = difflib.get_close_matches(name, list(SAMPLE_SCHEDULERS), n=3, cutoff=0.5)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            raise ValueError(f"must be one of {', '.join(SAMPLE_SCHEDULERS)}{hint}")
+        package = SCHEDULER_PACKAGES.get(SAMPLE_SCHEDULERS[name][0])
+        if package and importlib.util.find_spec(package) is None:
+            raise ValueError(f"needs the {package} package, which is not installed: pip install {package}, or choose "
+                             f"another scheduler")
+        return name
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_multiple_of_8(cls, value):
+        if value is not None and value % 8:
+            raise ValueError("must be a multiple of 8")
+        return value
+
+
+def parse_sample_file(data: dict, where: str) -> SampleFile:
+    """The checked sample file; ValueError with every problem named, key by key, otherwise."""
+    try:
+        return SampleFile(**data)
+    except ValidationError as error:
+        raise ValueError(f"{where}: " + "; ".join(map(_sample_problem, error.errors())) + ".") from None
+
+
+def _sample_problem(issue: dict) -> str:
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in issue["loc"]).lstrip(".")
+    if issue["type"] == "extra_forbidden":
+        known = SampleEntry.model_fields if "samples" in issue["loc"][:1] else SampleFile.model_fields
+        close = difflib.get_close_matches(str(issue["loc"][-1]), list(known), n=2, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        return f"unknown key '{key}'{hint}"
+    value = json.dumps(issue.get("input"), default=str)
+    return f"key '{key}' = {value}: {issue['msg'].removeprefix('Value error, ')}"

@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,14 +73,27 @@ def state_folder_name(step: int) -> str:
 
 # --- random generators ---------------------------------------------------------------------------------
 
+
+def seed_everything(seed: int) -> None:
+    """Seed every global generator a training step draws from."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> dict:
     """The state of every global generator a training step draws from."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
     version, python_state, gauss_next = random.getstate()
     rng = {
         "python": [version, list(python_state), gauss_next],
-        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(position), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch_cpu": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -93,20 +106,30 @@ def restore_rng(rng: dict) -> list[str]:
     version, python_state, gauss_next = rng["python"]
     random.setstate((version, tuple(python_state), gauss_next))
     numpy_state = rng["numpy"]
-    np.random.set_state((numpy_state["kind"], np.array(numpy_state["keys"], dtype=np.uint32), numpy_state["pos"],
-                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            np.array(numpy_state["keys"], dtype=np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(rng["torch_cpu"])
     saved_cuda = rng.get("cuda", [])
     if not torch.cuda.is_available():
         return ["the state holds CUDA generator states but there is no GPU now"] if saved_cuda else []
     if len(saved_cuda) != torch.cuda.device_count():
-        return [f"the state holds {len(saved_cuda)} CUDA generator state(s) for {torch.cuda.device_count()} GPU(s) "
-                f"now: the GPU random streams restart, so the run is not bit-identical to an uninterrupted one"]
+        return [
+            f"the state holds {len(saved_cuda)} CUDA generator state(s) for {torch.cuda.device_count()} GPU(s) "
+            f"now: the GPU random streams restart, so the run is not bit-identical to an uninterrupted one"
+        ]
     torch.cuda.set_rng_state_all(saved_cuda)
     return []
 
 
 # --- nested structures with tensors: JSON for the structure, safetensors for the tensors ---------------
+
 
 def split_tensors(value: Any, tensors: dict[str, torch.Tensor], key: str = "") -> Any:
     """A JSON-able copy of `value` with each tensor replaced by a reference into `tensors`."""
@@ -122,8 +145,10 @@ def split_tensors(value: Any, tensors: dict[str, torch.Tensor], key: str = "") -
         return {"__tuple__": items} if isinstance(value, tuple) else items
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"cannot store a {type(value).__name__} at '{key}' of a training state (only tensors, "
-                    f"numbers, strings, lists and dicts)")
+    raise TypeError(
+        f"cannot store a {type(value).__name__} at '{key}' of a training state (only tensors, "
+        f"numbers, strings, lists and dicts)"
+    )
 
 
 def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -142,6 +167,7 @@ def join_tensors(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # --- writing -------------------------------------------------------------------------------------------
+
 
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -193,19 +219,36 @@ def write_state(state: TrainingState, state_root: Path) -> SavedState:
         written("optimizer.json")
         write_tensors(folder / "rng.safetensors", rng_tensors)
         written("rng.safetensors")
-        info = {**state.info, "format": STATE_FORMAT, "version": STATE_VERSION, "step": state.step,
-                "models": sorted(state.weights), "rng": rng_json}
+        info = {
+            **state.info,
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "step": state.step,
+            "models": sorted(state.weights),
+            "rng": rng_json,
+        }
         _write_json(folder / TRAINER_STATE, info)
         written(TRAINER_STATE)
-        files = {name: {"bytes": (folder / name).stat().st_size, "sha256": digest.result()}
-                 for name, digest in digests.items()}
-        _write_json(folder / MANIFEST, {"format": STATE_FORMAT, "version": STATE_VERSION, "step": state.step,
-                                        "saved_at": time.time(), "files": files})
+        files = {
+            name: {"bytes": (folder / name).stat().st_size, "sha256": digest.result()}
+            for name, digest in digests.items()
+        }
+        _write_json(
+            folder / MANIFEST,
+            {
+                "format": STATE_FORMAT,
+                "version": STATE_VERSION,
+                "step": state.step,
+                "saved_at": time.time(),
+                "files": files,
+            },
+        )
     total = sum(entry["bytes"] for entry in files.values())
     return SavedState(final, total, time.monotonic() - started)
 
 
 # --- verifying and reading -----------------------------------------------------------------------------
+
 
 def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST
@@ -218,8 +261,9 @@ def read_manifest(folder: Path) -> dict:
     if manifest.get("format") != STATE_FORMAT:
         raise DamagedStateError("manifest.json is not an EveryCycle state manifest")
     if manifest.get("version") != STATE_VERSION:
-        raise DamagedStateError(f"state format version {manifest.get('version')}; this EveryCycle reads "
-                                f"version {STATE_VERSION}")
+        raise DamagedStateError(
+            f"state format version {manifest.get('version')}; this EveryCycle reads version {STATE_VERSION}"
+        )
     return manifest
 
 
@@ -238,7 +282,7 @@ def verify_state(folder: Path) -> dict:
         if path.stat().st_size != expected["bytes"]:
             raise DamagedStateError(f"{name} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}")
     with ThreadPoolExecutor(max_workers=4) as pool:
-        actual = dict(zip(files, pool.map(file_sha256, (folder / name for name in files))))
+        actual = dict(zip(files, pool.map(file_sha256, (folder / name for name in files)), strict=True))
     for name, expected in files.items():
         if actual[name] != expected["sha256"]:
             raise DamagedStateError(f"{name} does not match its checksum (changed or damaged after the save)")
@@ -256,15 +300,18 @@ def read_state(folder: Path, verify: bool = True) -> TrainingState:
         verify_state(folder)
     info = read_trainer_state(folder)
     weights = {name: load_file(str(folder / f"{name}.safetensors")) for name in info["models"]}
-    optimizer = join_tensors(json.loads((folder / "optimizer.json").read_text(encoding="utf-8")),
-                             load_file(str(folder / "optimizer.safetensors")))
+    optimizer = join_tensors(
+        json.loads((folder / "optimizer.json").read_text(encoding="utf-8")),
+        load_file(str(folder / "optimizer.safetensors")),
+    )
     rng = join_tensors(info.pop("rng"), load_file(str(folder / "rng.safetensors")))
     return TrainingState(step=info["step"], info=info, weights=weights, optimizer=optimizer, rng=rng)
 
 
 # --- finding, pruning, cleaning ----------------------------------------------------------------------
 
-def state_step(folder: Path) -> Optional[int]:
+
+def state_step(folder: Path) -> int | None:
     match = _STATE_NAME.match(Path(folder).name)
     return int(match.group(1)) if match else None
 
@@ -286,7 +333,7 @@ def saved_at(folder: Path) -> float:
 
 @dataclass
 class StateSearch:
-    found: Optional[Path]
+    found: Path | None
     damaged: list[tuple[Path, str]]  # (folder, problem), newest first
 
 

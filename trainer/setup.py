@@ -1,0 +1,329 @@
+"""The pieces a run is built from, as small functions the Trainer calls in order: the accelerator and seed, the
+run folder, the model and optimizer ready for the accelerator, the validators, the data report, the fingerprint
+that resuming checks. Nothing here trains."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from data.images import SkippedImage, write_skipped_report
+from data.loader import assign_buckets
+from data.prepare import PreparedData, as_validation_item
+from optimizer.lr import Schedules, build_lr_scheduler
+from optimizer.optimizers import build_optimizer, model_param_groups
+from trainer.model import SDModel, compile_unet, configure_for_training, load_model, use_tf32
+from trainer.resume import images_fingerprint, model_layout, run_dir_of, trained_parameters
+from trainer.step import agreed
+from trainer.validation import StabilizedLoss
+from utils.config import ConfigError, TrainConfig
+from utils.disk import SaveSizes, check_writable, estimate_save_sizes
+from utils.launch import launched_processes
+from utils.metrics import RunLogger
+from utils.run_lock import RunLock
+from utils.state import remove_leftovers, trim_metrics
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def launched_on_cpus() -> bool:
+    """`accelerate launch --num_processes N` on a machine without a GPU (CI, a laptop): the processes train on
+    the CPU over gloo. accelerate forms that group only when it is told to use the CPU."""
+    return launched_processes() > 1 and not torch.cuda.is_available()
+
+
+def refuse_sharded_training() -> None:
+    """FSDP and DeepSpeed shard the weights or the optimizer state across the processes; the saves, validation,
+    samples and exact resume here read whole models from the main process, as DDP keeps them."""
+    for variable, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "false").lower() in ("1", "true"):
+            raise ConfigError(
+                f"accelerate launch is set up for {name} (your accelerate config's distributed_type, or "
+                f"--use_{name.lower()}), which EveryCycle does not support: it trains data-parallel (DDP), every "
+                f"process holding the whole model. SD 1.x / 2.x fit one 12 GB GPU that way with optimizer "
+                f"adamw8bit, gradient_checkpointing and a frozen text encoder. Launch with `accelerate launch "
+                f"--multi_gpu --num_processes N train.py ...`, or run `accelerate config` and choose multi-GPU."
+            )
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    refuse_sharded_training()
+    return Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), cpu=launched_on_cpus())
+
+
+def resolve_num_workers(setting: int, device: torch.device, num_processes: int, batches_per_epoch: int) -> int:
+    """num_workers -1 (auto): on CUDA, enough DataLoader workers that the GPU does not wait for image decoding:
+    min(8, this process's share of the CPUs less one for itself, the batches of an epoch: more would only take
+    longer to start); on the CPU none, as the workers would take cores from the training itself."""
+    if setting >= 0:
+        return setting
+    if device.type != "cuda":
+        return 0
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // num_processes - 1, batches_per_epoch))
+
+
+def resolve_seed(seed: int) -> int:
+    return random.SystemRandom().randrange(2**31) if seed == -1 else seed
+
+
+def create_new_run_dir(logdir: Path, name: str) -> Path:
+    """`<logdir>/<name>-<YYYYMMDD-HHMMSS>[-n]`, created here: mkdir fails when the folder exists, so two runs
+    started in the same second get two folders."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for suffix in itertools.count():
+        run_dir = logdir / (f"{name}-{stamp}" + (f"-{suffix}" if suffix else ""))
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+    raise AssertionError("unreachable")
+
+
+def claim_run_dir(
+    config: TrainConfig, resume_state: Path | None, run_dir: Path | None, run_name: str | None, accelerator: Accelerator
+) -> tuple[Path, RunLock | None]:
+    """The run folder, created and locked by the main process (told to the others): a resumed run's own folder
+    (where what a killed save left is removed once the lock is held), the folder asked for, or a new one."""
+    if not accelerator.is_main_process:
+        return agreed(None), None
+    continued = run_dir_of(resume_state) if resume_state else None
+    if continued or run_dir:
+        folder = Path(continued or run_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+    else:
+        folder = create_new_run_dir(Path(config.logdir), run_name or config.project_name)
+    lock = RunLock(folder, shlex.join(sys.argv)).acquire()
+    for leftover in remove_leftovers(folder) if continued else []:
+        tqdm.write(f"removed {leftover}, left by a save that was killed")
+    return agreed(folder), lock
+
+
+def trained_part_names(config: TrainConfig) -> list[str]:
+    """The parts of the model whose weights train."""
+    return ([] if config.disable_unet_training else ["unet"]) + (["text_encoder"] if config.train_text_encoder else [])
+
+
+def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def place_parts(model: SDModel, accelerator: Accelerator, config: TrainConfig) -> None:
+    """Frozen parts run in the low-precision dtype (less memory, faster); trained parts stay fp32 masters. The
+    trained parts go to the device before the optimizer is built: AdamW is fused only when it is given CUDA
+    parameters (accelerator.prepare would move them only after it was built)."""
+    dtype = weight_dtype_of(accelerator)
+    model.vae.to(accelerator.device, dtype=dtype)
+    if not config.train_text_encoder:
+        model.text_encoder.to(accelerator.device, dtype=dtype)
+    for name in trained_part_names(config):
+        getattr(model, name).to(accelerator.device)
+
+
+def prepare_for_accelerator(model: SDModel, optimizer, accelerator: Accelerator, config: TrainConfig):
+    """Wrap the trained parts (DDP when launched on several processes) and the optimizer; returns the optimizer
+    and the trained modules as the loop uses them. The LR scheduler is deliberately not prepared: ours is a pure
+    function of the optimizer step, and accelerate would step it once per process."""
+    if config.disable_unet_training:
+        model.unet.to(accelerator.device, dtype=weight_dtype_of(accelerator))
+    else:
+        model.unet = accelerator.prepare(model.unet)
+    if config.torch_compile:
+        model.unet = compile_unet(model.unet)
+    if config.train_text_encoder:
+        model.text_encoder = accelerator.prepare(model.text_encoder)
+    return accelerator.prepare(optimizer), [getattr(model, name) for name in trained_part_names(config)]
+
+
+def build_model_and_optimizer(config: TrainConfig, accelerator: Accelerator, schedules: Schedules, say):
+    """The model loaded and placed, the optimizer over its trained parts and the LR scheduler, all prepared for
+    the accelerator: (model, optimizer, lr_scheduler, trained modules)."""
+    notes: list[str] = []
+    with accelerator.local_main_process_first():  # one process per machine builds a cached model first
+        model = load_model(config, notes)
+    for note in config.notes + notes:
+        say(f"note: {note}")
+    use_tf32(accelerator.device, config.allow_tf32)
+    configure_for_training(model, config)
+    place_parts(model, accelerator, config)
+    optimizer = build_optimizer(config, model_param_groups(config, model.unet, model.text_encoder))
+    lr_scheduler = build_lr_scheduler(optimizer, schedules)
+    optimizer, trained_modules = prepare_for_accelerator(model, optimizer, accelerator, config)
+    return model, optimizer, lr_scheduler, trained_modules
+
+
+def unwrapped(model: SDModel, accelerator: Accelerator) -> SDModel:
+    """The model with its accelerate/DDP and torch.compile wrappers removed, for inference and saving (plain
+    state-dict keys, no `_orig_mod.`)."""
+
+    def unwrap(module):
+        return accelerator.unwrap_model(module, keep_torch_compile=False)
+
+    return SDModel(
+        unet=unwrap(model.unet),
+        vae=model.vae,
+        text_encoder=unwrap(model.text_encoder),
+        tokenizer=model.tokenizer,
+        noise_scheduler=model.noise_scheduler,
+        source=model.source,
+    )
+
+
+def stabilized_loss(model: SDModel, config: TrainConfig, items) -> StabilizedLoss:
+    settings = config.validation
+    return StabilizedLoss(
+        model,
+        items,
+        config.resolution,
+        settings.batch_size or config.batch_size,
+        settings.timesteps,
+        settings.seed,
+        config.clip_skip,
+    )
+
+
+def build_validators(model: SDModel, config: TrainConfig, data: PreparedData):
+    """The held-out validation loss (None without a split), and the extra measurements by name: ED2's extra manual
+    validation sets (loss/<name>) and the stabilized training subset (loss/stabilize-train): the same fixed-noise
+    measurement on other images."""
+    settings = config.validation
+    validator = stabilized_loss(model, config, data.val) if data.val else None
+    if not settings.enabled:
+        return validator, {}
+    extras = {name: stabilized_loss(model, config, items) for name, items in data.extra_validation.items()}
+    if settings.stabilize_training_loss:
+        count = max(1, round(len(data.train) * settings.stabilize_split_proportion))
+        subset = sorted(random.Random(settings.seed).sample(data.train, count), key=lambda i: i.path)
+        extras["stabilize-train"] = stabilized_loss(model, config, [as_validation_item(i) for i in subset])
+    return validator, extras
+
+
+def undersized_images(data: PreparedData, resolution: int) -> list[str]:
+    """Images smaller than their bucket (they are upscaled, so blurrier), one line each."""
+    items = data.train + data.val
+    found = []
+    for item, (width, height) in zip(items, assign_buckets(items, resolution), strict=True):
+        if item.width < width or item.height < height:
+            found.append(f"{item.path} ({item.width}x{item.height}, bucket {width}x{height})")
+    return found
+
+
+def write_skipped_images(data: PreparedData, failed_images: list[tuple[int, str, str]], run_dir: Path) -> None:
+    """skipped_images.txt: images skipped by the scan, then those that failed to load during training (with the
+    step)."""
+    failed = [
+        SkippedImage(Path(path), f"failed to load at step {step}: {reason}") for step, path, reason in failed_images
+    ]
+    if data.skipped or failed:
+        write_skipped_report(list(data.skipped) + failed, run_dir / "skipped_images.txt")
+
+
+def save_sizes(model: SDModel, trained: dict[str, torch.nn.Module], config: TrainConfig, epochs: int) -> SaveSizes:
+    trained_count = sum(p.numel() for module in trained.values() for p in module.parameters())
+    everything = sum(p.numel() for part in (model.unet, model.vae, model.text_encoder) for p in part.parameters())
+    every = config.save_every_n_epochs
+    checkpoints = 1 + ((epochs - 1) // every if every else 0)
+    return estimate_save_sizes(
+        trained_count,
+        everything,
+        config.optimizer,
+        config.save_state_keep,
+        checkpoints,
+        single_file=not config.no_save_ckpt,
+        half=not config.save_full_precision,
+    )
+
+
+def run_fingerprint(
+    config: TrainConfig,
+    model: SDModel,
+    trained: dict[str, torch.nn.Module],
+    data: PreparedData,
+    seed: int,
+    mixed_precision: str,
+) -> dict:
+    """What must not change when this run is resumed (trainer/resume.py refuses a change)."""
+    roots = [config.data_root] + [config.validation.manual_data_root or config.data_root]
+    return {
+        "model_source": config.resume_ckpt,
+        "model_layout": model_layout({"unet": model.unet, "text_encoder": model.text_encoder}, model.prediction_type),
+        "trained_parameters": trained_parameters(trained),
+        "optimizer": config.optimizer,
+        "batch_size": config.batch_size,
+        "grad_accum": config.grad_accum,
+        "resolution": config.resolution,
+        "seed": seed,
+        "train_images": images_fingerprint(data.train, roots),
+        "validation_images": images_fingerprint(data.val, roots),
+        "mixed_precision": mixed_precision,
+    }
+
+
+def plan_lines(
+    plan, data: PreparedData, config: TrainConfig, seed: int, mixed_precision: str, num_processes: int, num_workers: int
+) -> list[str]:
+    """The run's shape, said before any model loads."""
+    lines = [
+        f"run: {plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps, {plan.epochs} epochs, seed "
+        f"{seed}, precision {mixed_precision}"
+    ]
+    if num_processes > 1:
+        lines.append(data.global_batch_line(num_processes, config.grad_accum))
+    if config.num_workers == -1 and num_workers:
+        lines.append(f"data loading: {num_workers} worker processes per GPU (num_workers -1, auto)")
+    return lines
+
+
+def check_output_folders(config: TrainConfig) -> None:
+    """A clear error naming the folder now, rather than a crash at the first save hours later (the run folder
+    itself is created only when the run can start)."""
+    check_writable(Path(config.logdir), "logdir")
+    if config.save_ckpt_dir:
+        check_writable(Path(config.save_ckpt_dir), "save_ckpt_dir")
+
+
+def report_data_problems(data: PreparedData, resolution: int, run_dir: Path, is_main: bool, say) -> None:
+    """Skipped images, caption warnings and undersized images: in the start summary and in the run folder
+    (skipped_images.txt, data_warnings.txt)."""
+    for skipped in data.skipped:
+        say(f"skipped {skipped.path}: {skipped.reason}")
+    undersized = undersized_images(data, resolution)
+    if undersized:
+        say(
+            f"warning: {len(undersized)} image(s) smaller than their bucket will be upscaled (blurrier): "
+            + ", ".join(undersized[:5])
+            + (", ..." if len(undersized) > 5 else "")
+            + " (all in data_warnings.txt)"
+        )
+    warnings = list(data.warnings) + [f"undersized (upscaled to its bucket): {line}" for line in undersized]
+    if is_main:
+        write_skipped_images(data, [], run_dir)
+        if warnings:
+            (run_dir / "data_warnings.txt").write_text("\n".join(warnings) + "\n", encoding="utf-8")
+
+
+def open_logs(run_dir: Path, is_main: bool, resumed_step: int | None, say) -> RunLogger:
+    """metrics.csv and TensorBoard; a resumed run first drops what its interrupted run logged after the
+    state, so that every step appears once."""
+    if resumed_step is None:
+        return RunLogger(run_dir, enabled=is_main)
+    dropped = trim_metrics(run_dir / "metrics.csv", resumed_step) if is_main else 0
+    if dropped:
+        say(f"metrics.csv: dropped {dropped} row(s) that the interrupted run logged after step {resumed_step}")
+    return RunLogger(run_dir, enabled=is_main, purge_step=resumed_step + 1)
