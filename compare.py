@@ -14,11 +14,11 @@ import argparse
 import base64
 import csv
 import html
+import itertools
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import matplotlib
 
@@ -32,8 +32,15 @@ from utils.metrics import read_metrics  # noqa: E402
 
 FINAL = "final"
 # Config keys that name where a run went, not how it trained: left out of "settings that differ".
-LOCAL_KEYS = {"data_root", "logdir", "project_name", "save_ckpt_dir", "model_cache_dir", "sample_prompts",
-              "resume_from"}
+LOCAL_KEYS = {
+    "data_root",
+    "logdir",
+    "project_name",
+    "save_ckpt_dir",
+    "model_cache_dir",
+    "sample_prompts",
+    "resume_from",
+}
 
 
 @dataclass
@@ -64,20 +71,28 @@ class CompareError(Exception):
 # Reading runs
 # ---------------------------------------------------------------------------------------------------------
 
+
 def load_runs(paths: list[Path]) -> list[Run]:
     runs = [_load_run(path) for path in paths]
-    for run, name in zip(runs, run_names(runs)):
+    for run, name in zip(runs, run_names(runs), strict=True):
         run.name = name
     return runs
 
 
 def _load_run(path: Path) -> Run:
     if not (path / "metrics.csv").is_file():
-        raise CompareError(f"'{path}' is not a run folder: it has no metrics.csv (give the folder a training "
-                           f"run wrote, e.g. logs/<project>-<timestamp>)")
-    return Run(name=path.name, path=path, metrics=read_metrics(path / "metrics.csv"),
-               summary=_read_json(path / "run_summary.json"), config=_read_json(path / "config.json"),
-               samples=read_index(path / "samples"))
+        raise CompareError(
+            f"'{path}' is not a run folder: it has no metrics.csv (give the folder a training "
+            f"run wrote, e.g. logs/<project>-<timestamp>)"
+        )
+    return Run(
+        name=path.name,
+        path=path,
+        metrics=read_metrics(path / "metrics.csv"),
+        summary=_read_json(path / "run_summary.json"),
+        config=_read_json(path / "config.json"),
+        samples=read_index(path / "samples"),
+    )
 
 
 def _read_json(path: Path) -> dict:
@@ -91,22 +106,26 @@ def run_names(runs: list[Run]) -> list[str]:
     if all(projects) and len(set(projects)) == len(projects):
         return projects
     folders = [run.path.name for run in runs]
-    return [f"{run.path.parent.name}/{run.path.name}" if folders.count(run.path.name) > 1 else run.path.name
-            for run in runs]
+    return [
+        f"{run.path.parent.name}/{run.path.name}" if folders.count(run.path.name) > 1 else run.path.name for run in runs
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Graphs
 # ---------------------------------------------------------------------------------------------------------
 
+
 def plot_lr_curves(runs: list[Run], path: Path) -> Path:
     """One panel per run, stacked on a shared step axis: fifty cycles drawn over ten would hide both."""
-    figure, axes = plt.subplots(len(runs), 1, sharex=True, sharey=True, squeeze=False,
-                                figsize=(10, 0.6 + 1.5 * len(runs)))
-    for run, axis, color in zip(runs, axes[:, 0], plt.rcParams["axes.prop_cycle"].by_key()["color"] * len(runs)):
+    figure, axes = plt.subplots(
+        len(runs), 1, sharex=True, sharey=True, squeeze=False, figsize=(10, 0.6 + 1.5 * len(runs))
+    )
+    colors = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])  # endless: zip stops at the runs
+    for run, axis, color in zip(runs, axes[:, 0], colors, strict=False):
         series = run.metrics.get("lr_unet", [])
         if series:
-            axis.plot(*zip(*series), color=color, linewidth=1.1)
+            axis.plot(*zip(*series, strict=True), color=color, linewidth=1.1)
         axis.set_title(run.name if series else f"{run.name}: no LR logged", loc="right", fontsize=8, pad=3)
         axis.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         axis.grid(alpha=0.3)
@@ -128,8 +147,13 @@ def plot_val_losses(runs: list[Run], path: Path) -> Path:
             continue
         best_step, best = min(run.val_losses, key=lambda item: item[1])
         for axis in (whole, zoomed):
-            line, = axis.plot(*zip(*run.val_losses), "o-", markersize=2, linewidth=1.1,
-                              label=f"{run.name} (min {best:.4f} @ {best_step})")
+            (line,) = axis.plot(
+                *zip(*run.val_losses, strict=True),
+                "o-",
+                markersize=2,
+                linewidth=1.1,
+                label=f"{run.name} (min {best:.4f} @ {best_step})",
+            )
             axis.plot([best_step], [best], "*", color=line.get_color(), markersize=13, markeredgecolor="black")
     _zoom_past_the_start(zoomed, runs)
     whole.set(xlabel="optimizer step", ylabel="validation loss", title="Validation loss (stabilized)")
@@ -215,10 +239,16 @@ def differing_settings(runs: list[Run]) -> list[str]:
 # Samples side by side
 # ---------------------------------------------------------------------------------------------------------
 
+
 def prompt_key(entry: dict) -> tuple:
     """Samples are comparable when prompt, negative prompt, seed, size and guidance scales all match."""
-    return (entry["prompt"], entry.get("negative_prompt", ""), entry["seed"], tuple(entry["size"]),
-            tuple(entry.get("cfgs", ())))
+    return (
+        entry["prompt"],
+        entry.get("negative_prompt", ""),
+        entry["seed"],
+        tuple(entry["size"]),
+        tuple(entry.get("cfgs", ())),
+    )
 
 
 def comparable_prompts(runs: list[Run]) -> list[tuple]:
@@ -231,7 +261,7 @@ def comparable_prompts(runs: list[Run]) -> list[tuple]:
     return list(keys)
 
 
-def sample_step(run: Run, wanted: str | int, key: tuple) -> Optional[int]:
+def sample_step(run: Run, wanted: str | int, key: tuple) -> int | None:
     """The step of the run's samples of `key` shown for `wanted`: its last one for 'final', else the one
     nearest to the wanted step (the runs may have sampled at different steps)."""
     steps = [step for step, entries in run.samples.items() if any(prompt_key(e) == key for e in entries.values())]
@@ -253,8 +283,12 @@ def plot_sample_comparison(runs: list[Run], key: tuple, wanted_steps: list, path
     width, height = key[3]
     columns = len(key[4]) or 1
     cell_inches = (max(2.4, min(width * columns / 110, 9.0)), max(1.2, min(height / 110, 3.0)))
-    figure, axes = plt.subplots(len(runs), len(wanted_steps), squeeze=False,
-                                figsize=(cell_inches[0] * len(wanted_steps) + 1.6, cell_inches[1] * len(runs) + 0.9))
+    figure, axes = plt.subplots(
+        len(runs),
+        len(wanted_steps),
+        squeeze=False,
+        figsize=(cell_inches[0] * len(wanted_steps) + 1.6, cell_inches[1] * len(runs) + 0.9),
+    )
     for row, run in enumerate(runs):
         for column, step in enumerate(cells[row]):
             axis = axes[row][column]
@@ -263,16 +297,16 @@ def plot_sample_comparison(runs: list[Run], key: tuple, wanted_steps: list, path
             if step is None:
                 axis.text(0.5, 0.5, "no samples", ha="center", va="center", transform=axis.transAxes, color="gray")
             else:
-                axis.imshow(np.asarray(Image.open(sample_file(run, step, key)).convert("RGB")),
-                            interpolation="nearest")
+                axis.imshow(np.asarray(Image.open(sample_file(run, step, key)).convert("RGB")), interpolation="nearest")
                 axis.set_title(f"step {step}", fontsize=8)
-                axis.set_xticks([(i + 0.5) * width for i in range(len(key[4]))],
-                                [f"cfg {scale:g}" for scale in key[4]], fontsize=7)
+                axis.set_xticks(
+                    [(i + 0.5) * width for i in range(len(key[4]))], [f"cfg {scale:g}" for scale in key[4]], fontsize=7
+                )
             if column == 0:
                 axis.set_ylabel(run.name, fontsize=8, rotation=0, ha="right", va="center")
     prompt, negative, seed = key[0], key[1], key[2]
     cfgs = ", ".join(f"{scale:g}" for scale in key[4])
-    title = f"\"{prompt}\"" + (f"  (negative: \"{negative}\")" if negative else "") + f"   seed {seed}, cfg {cfgs}"
+    title = f'"{prompt}"' + (f'  (negative: "{negative}")' if negative else "") + f"   seed {seed}, cfg {cfgs}"
     figure.suptitle(_shorten(title, 140), fontsize=9)
     return _save(figure, path)
 
@@ -300,8 +334,10 @@ def data_uri(png: Path) -> str:
 
 def render_report(runs: list[Run], rows: list[dict], figures: dict[str, Path], sample_figures: list[tuple]) -> str:
     """One HTML page, every image inline as a data URI: no file or network access once written."""
-    head = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>EveryCycle: {len(runs)} runs compared"
-            f"</title><style>{PAGE_STYLE}</style></head><body><h1>{len(runs)} runs compared</h1>")
+    head = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>EveryCycle: {len(runs)} runs compared"
+        f"</title><style>{PAGE_STYLE}</style></head><body><h1>{len(runs)} runs compared</h1>"
+    )
     sections = [_runs_section(runs), _settings_section(runs), _summary_section(rows)]
     sections += [f"<h2>{html.escape(title)}</h2>{_image(png, title)}" for title, png in figures.items()]
     sections.append(_samples_section(sample_figures))
@@ -324,8 +360,10 @@ def _settings_section(runs: list[Run]) -> str:
     differing = differing_settings(runs)
     if not differing:
         return ""
-    rows = [[f"<code>{html.escape(key)}</code>", *(html.escape(json.dumps(run.config.get(key))) for run in runs)]
-            for key in differing]
+    rows = [
+        [f"<code>{html.escape(key)}</code>", *(html.escape(json.dumps(run.config.get(key))) for run in runs)]
+        for key in differing
+    ]
     return "<h2>Settings that differ</h2>" + _html_table(["key", *(html.escape(run.name) for run in runs)], rows)
 
 
@@ -337,8 +375,10 @@ def _summary_section(rows: list[dict]) -> str:
 def _samples_section(sample_figures: list[tuple]) -> str:
     if not sample_figures:
         return "<h2>Samples</h2><p>No run made samples (set <code>sample_prompts</code> to get some).</p>"
-    parts = ["<h2>Samples</h2><p>The same prompt and seed in every run; each image is one grid with a column per "
-             "guidance scale.</p>"]
+    parts = [
+        "<h2>Samples</h2><p>The same prompt and seed in every run; each image is one grid with a column per "
+        "guidance scale.</p>"
+    ]
     for key, png in sample_figures:
         prompt, negative, seed, (width, height) = key[0], key[1], key[2], key[3]
         details = f"seed {seed}, {width}x{height}" + (f", negative prompt: {html.escape(negative)}" if negative else "")
@@ -353,6 +393,7 @@ def _image(png: Path, alt: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------------
+
 
 def parse_steps(values: list[str]) -> list:
     steps = []
@@ -372,23 +413,33 @@ def compare(run_dirs: list[Path], out_dir: Path, wanted_steps: list) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = [summary_row(run) for run in runs]
     write_summary_csv(rows, out_dir / "summary.csv")
-    figures = {"Learning rate": plot_lr_curves(runs, out_dir / "lr.png"),
-               "Validation loss": plot_val_losses(runs, out_dir / "val_loss.png")}
-    sample_figures = [(key, plot_sample_comparison(runs, key, wanted_steps, out_dir / f"samples_{k}.png"))
-                      for k, key in enumerate(comparable_prompts(runs))]
+    figures = {
+        "Learning rate": plot_lr_curves(runs, out_dir / "lr.png"),
+        "Validation loss": plot_val_losses(runs, out_dir / "val_loss.png"),
+    }
+    sample_figures = [
+        (key, plot_sample_comparison(runs, key, wanted_steps, out_dir / f"samples_{k}.png"))
+        for k, key in enumerate(comparable_prompts(runs))
+    ]
     report = out_dir / "report.html"
     report.write_text(render_report(runs, rows, figures, sample_figures), encoding="utf-8")
     return report
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="compare.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="compare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders to compare")
     parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUT_DIR", help="where to write")
-    parser.add_argument("--steps", nargs="+", default=[FINAL], metavar="STEP",
-                        help="steps whose samples to show side by side ('final': each run's last samples; "
-                             "a number: each run's samples nearest to it). Default: final")
+    parser.add_argument(
+        "--steps",
+        nargs="+",
+        default=[FINAL],
+        metavar="STEP",
+        help="steps whose samples to show side by side ('final': each run's last samples; "
+        "a number: each run's samples nearest to it). Default: final",
+    )
     args = parser.parse_args(argv)
     try:
         report = compare(args.runs, args.out, parse_steps(args.steps))

@@ -1,10 +1,10 @@
 """EveryCycle: fine-tune Stable Diffusion 1.x / 2.x.
 
-    python train.py --config damon.json [--key value ...]      train (any config key can be overridden)
-    python train.py --config damon.json --plot_schedule [DIR]  preview the LR schedule, no model loaded
-    python train.py --config damon.json --find_lr [--find_lr_write new.json]   LR range test, suggests lr_min and lr
-    python train.py --help_keys                                 every config key, its default and meaning
-    accelerate launch --multi_gpu --num_processes 4 train.py --config damon.json    the same run on 4 GPUs (DDP)
+python train.py --config damon.json [--key value ...]      train (any config key can be overridden)
+python train.py --config damon.json --plot_schedule [DIR]  preview the LR schedule, no model loaded
+python train.py --config damon.json --find_lr [--find_lr_write new.json]   LR range test, suggests lr_min and lr
+python train.py --help_keys                                 every config key, its default and meaning
+accelerate launch --multi_gpu --num_processes 4 train.py --config damon.json    the same run on 4 GPUs (DDP)
 """
 
 from __future__ import annotations
@@ -20,19 +20,39 @@ from utils.quiet import quiet_third_party_output
 
 def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     parser = argparse.ArgumentParser(
-        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="train.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Any other --key value pair overrides that config key (e.g. --lr 2e-6 --max_epochs 50); a true/false "
-               "key may stand alone (--gradient_checkpointing).",
+        "key may stand alone (--gradient_checkpointing).",
     )
     parser.add_argument("--config", type=Path, help="the JSON config of the run")
-    parser.add_argument("--plot_schedule", nargs="?", const="", default=None, metavar="OUT_DIR",
-                        help="write lr_schedule.csv/.png and print the schedule summary, then exit")
-    parser.add_argument("--num_processes", type=int, default=None, metavar="N",
-                        help="with --plot_schedule: preview for N processes (GPUs); default: the launcher's, else 1")
-    parser.add_argument("--find_lr", action="store_true",
-                        help="LR range test: ramp the LR, score the probe loss, suggest lr_min and lr, then exit")
-    parser.add_argument("--find_lr_write", type=Path, metavar="NEW_JSON",
-                        help="with --find_lr (implied): write a copy of the config that cycles over the suggestion")
+    parser.add_argument(
+        "--plot_schedule",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="OUT_DIR",
+        help="write lr_schedule.csv/.png and print the schedule summary, then exit",
+    )
+    parser.add_argument(
+        "--num_processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --plot_schedule: preview for N processes (GPUs); default: the launcher's, else 1",
+    )
+    parser.add_argument(
+        "--find_lr",
+        action="store_true",
+        help="LR range test: ramp the LR, score the probe loss, suggest lr_min and lr, then exit",
+    )
+    parser.add_argument(
+        "--find_lr_write",
+        type=Path,
+        metavar="NEW_JSON",
+        help="with --find_lr (implied): write a copy of the config that cycles over the suggestion",
+    )
     parser.add_argument("--help_keys", action="store_true", help="print every config key and exit")
     args, rest = parser.parse_known_args(argv)
     return args, parse_overrides(rest)
@@ -60,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             preview_schedule(config, Path(args.plot_schedule or "."), preview_processes(args.num_processes))
             return 0
         if args.num_processes is not None:
-            raise ConfigError("--num_processes only sets the preview's process count (with --plot_schedule); to "
-                              f"train on {args.num_processes} processes run: accelerate launch --multi_gpu "
-                              f"--num_processes {args.num_processes} train.py --config ...")
+            raise ConfigError(
+                "--num_processes only sets the preview's process count (with --plot_schedule); to "
+                f"train on {args.num_processes} processes run: accelerate launch --multi_gpu "
+                f"--num_processes {args.num_processes} train.py --config ..."
+            )
         if args.find_lr or args.find_lr_write:
             from trainer.lr_finder import find_lr_command
 

@@ -12,9 +12,9 @@ counts model FLOPs only (the PaLM paper's convention), so that recomputation sho
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -96,8 +96,10 @@ def flops_per_image(config_dir: Path, resolution: int) -> FlopsPerImage:
 
 def parameter_counts(config_dir: Path) -> dict[str, int]:
     unet, vae, text_encoder = meta_models(config_dir)
-    return {name: sum(p.numel() for p in model.parameters())
-            for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))}
+    return {
+        name: sum(p.numel() for p in model.parameters())
+        for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
+    }
 
 
 def main() -> None:

@@ -34,11 +34,11 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/gpu_throughput.py` puts bench/, not the repo root, on the path
@@ -106,14 +106,21 @@ class Setting:
         parts += ["compile"] * self.compile
         return " ".join(parts)
 
-    def at_batch(self, batch_size: int) -> "Setting":
+    def at_batch(self, batch_size: int) -> Setting:
         return replace(self, batch_size=batch_size)
 
 
 ALL_MEMORY_SAVERS = {"cached_latents": True, "optimizer": "adamw8bit", "gradient_checkpointing": True}
 # The changes measured one at a time against the default recipe at the reference batch.
-VARIANTS = ({"precision": "fp16"}, {"attention": "xformers"}, {"cached_latents": True}, {"optimizer": "adamw8bit"},
-            {"gradient_checkpointing": True}, ALL_MEMORY_SAVERS, {"channels_last": True})
+VARIANTS = (
+    {"precision": "fp16"},
+    {"attention": "xformers"},
+    {"cached_latents": True},
+    {"optimizer": "adamw8bit"},
+    {"gradient_checkpointing": True},
+    ALL_MEMORY_SAVERS,
+    {"channels_last": True},
+)
 # The recipes whose peak memory is modelled, as Settings without a batch size.
 MEMORY_RECIPES = {
     "default": Setting(0),
@@ -139,8 +146,9 @@ class SweepSize:
     cards_gib: tuple[int, ...]  # card sizes to predict the largest batch for
 
 
-FULL = SweepSize(512, (1, 2, 4, 8, 16, 32), 16, (1, 4), warmup_steps=2, timed_steps=8, setting_seconds=15.0,
-                 cards_gib=CARDS_GIB)
+FULL = SweepSize(
+    512, (1, 2, 4, 8, 16, 32), 16, (1, 4), warmup_steps=2, timed_steps=8, setting_seconds=15.0, cards_gib=CARDS_GIB
+)
 # The card sizes are about SD 1.5 at 512 px; the tiny model's memory says nothing about them.
 TINY = SweepSize(64, (1, 2, 4), 2, (1,), warmup_steps=1, timed_steps=2, setting_seconds=5.0, cards_gib=())
 
@@ -151,7 +159,7 @@ class Result:
     setting: Setting
     status: str  # ok, oom, skipped, timeout, error
     reason: str = ""
-    card_gib: Optional[int] = None  # verify: the card emulated by a memory cap
+    card_gib: int | None = None  # verify: the card emulated by a memory cap
     measured: dict = field(default_factory=dict)
 
     @property
@@ -159,8 +167,15 @@ class Result:
         return self.status == "ok"
 
     def as_dict(self) -> dict:
-        return {"group": self.group, "name": self.setting.name, **asdict(self.setting), "status": self.status,
-                "reason": self.reason, "card_gib": self.card_gib, **self.measured}
+        return {
+            "group": self.group,
+            "name": self.setting.name,
+            **asdict(self.setting),
+            "status": self.status,
+            "reason": self.reason,
+            "card_gib": self.card_gib,
+            **self.measured,
+        }
 
 
 class SettingTimeout(BaseException):
@@ -180,6 +195,7 @@ class Deadline:
 def time_limit(seconds: float):
     """Interrupt what runs past `seconds`: a step cannot be stopped from outside, and torch.compile's first step
     can take minutes."""
+
     def interrupt(signum, frame):
         raise SettingTimeout(f"stopped at the sweep's time budget ({seconds:.0f} s were left)")
 
@@ -197,7 +213,7 @@ def time_limit(seconds: float):
 
 
 @contextmanager
-def memory_cap(device: torch.device, cap_gib: Optional[float]):
+def memory_cap(device: torch.device, cap_gib: float | None):
     """Emulate a smaller card: the caching allocator refuses to hold more than `cap_gib`."""
     if cap_gib is None:
         yield
@@ -226,24 +242,32 @@ def build_random_model(config_dir: Path, device: torch.device, setting: Setting)
     # With cached latents the VAE never runs (only its config, the latent scale, is read): keep it off the GPU.
     with torch.device("meta" if setting.cached_latents else device):
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae")).to(dtype)
-    return SDModel(unet=unet, vae=vae, text_encoder=text_encoder,
-                   tokenizer=CLIPTokenizer.from_pretrained(config_dir / "tokenizer"),
-                   noise_scheduler=DDPMScheduler.from_pretrained(config_dir / "scheduler"), source=str(config_dir))
+    return SDModel(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=CLIPTokenizer.from_pretrained(config_dir / "tokenizer"),
+        noise_scheduler=DDPMScheduler.from_pretrained(config_dir / "scheduler"),
+        source=str(config_dir),
+    )
 
 
 def train_config(setting: Setting) -> TrainConfig:
     """The trainer's config for a setting: its defaults, a frozen text encoder, and the setting's choices."""
-    return load_config(None, {
-        "data_root": str(ROOT / "bench"),  # must exist; the benchmark feeds synthetic batches
-        "batch_size": setting.batch_size,
-        "mixed_precision": setting.precision,
-        "attn_type": setting.attention,
-        "optimizer": setting.optimizer,
-        "gradient_checkpointing": setting.gradient_checkpointing,
-        "cache_latents": setting.cached_latents,  # configure_for_training leaves the VAE alone with cached latents
-        "channels_last": setting.channels_last,
-        "disable_textenc_training": True,
-    })
+    return load_config(
+        None,
+        {
+            "data_root": str(ROOT / "bench"),  # must exist; the benchmark feeds synthetic batches
+            "batch_size": setting.batch_size,
+            "mixed_precision": setting.precision,
+            "attn_type": setting.attention,
+            "optimizer": setting.optimizer,
+            "gradient_checkpointing": setting.gradient_checkpointing,
+            "cache_latents": setting.cached_latents,  # configure_for_training leaves the VAE alone with cached latents
+            "channels_last": setting.channels_last,
+            "disable_textenc_training": True,
+        },
+    )
 
 
 def synthetic_batch(model: SDModel, setting: Setting, resolution: int, device: torch.device) -> dict:
@@ -261,8 +285,16 @@ def synthetic_batch(model: SDModel, setting: Setting, resolution: int, device: t
     return batch
 
 
-def training_step(loss_of: Callable, model: SDModel, batch: dict, config: TrainConfig, optimizer,
-                  scaler: Optional[torch.amp.GradScaler], device: torch.device, dtype: torch.dtype) -> bool:
+def training_step(
+    loss_of: Callable,
+    model: SDModel,
+    batch: dict,
+    config: TrainConfig,
+    optimizer,
+    scaler: torch.amp.GradScaler | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> bool:
     """One optimizer step as the trainer takes it (autocast, and a GradScaler for fp16, which is what accelerate
     applies). Returns False when the scaler skipped the update because of inf/NaN gradients."""
     with torch.autocast(device.type, dtype=dtype):
@@ -302,8 +334,12 @@ def time_steps(step: Callable[[], bool], size: SweepSize, device: torch.device) 
         skipped += not step()
         timed += 1
     synchronize(device)
-    return {"first_step_seconds": first_step_seconds, "timed_steps": timed,
-            "seconds": time.perf_counter() - started, "skipped_updates": skipped}
+    return {
+        "first_step_seconds": first_step_seconds,
+        "timed_steps": timed,
+        "seconds": time.perf_counter() - started,
+        "skipped_updates": skipped,
+    }
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -311,8 +347,10 @@ def peak_memory(device: torch.device) -> dict:
     which is what runs out on a real card)."""
     if device.type != "cuda":
         return {"peak_allocated_gib": None, "peak_reserved_gib": None}
-    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+    return {
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
+    }
 
 
 @dataclass
@@ -338,19 +376,27 @@ class Bench:
         scaler = torch.amp.GradScaler(self.device.type) if setting.precision == "fp16" else None
         batch = synthetic_batch(model, setting, self.size.resolution, self.device)
         # training_loss samples cached latents when the batch has them, else encodes the pixels (the trainer's path)
-        step = partial(training_step, training_loss, model, batch, config, optimizer, scaler, self.device,
-                       weight_dtype(setting.precision))
+        step = partial(
+            training_step,
+            training_loss,
+            model,
+            batch,
+            config,
+            optimizer,
+            scaler,
+            self.device,
+            weight_dtype(setting.precision),
+        )
         timing = time_steps(step, size, self.device)
         return timing | peak_memory(self.device) | self.rates(setting, timing)
 
     def rates(self, setting: Setting, timing: dict) -> dict:
         images_per_second = setting.batch_size * timing["timed_steps"] / timing["seconds"]
         achieved = images_per_second * self.flops.training_step(setting.cached_latents) / 1e12
-        return {"images_per_second": images_per_second, "achieved_tflops": achieved,
-                "mfu": achieved / self.peak_tflops}
+        return {"images_per_second": images_per_second, "achieved_tflops": achieved, "mfu": achieved / self.peak_tflops}
 
 
-def unavailable_reason(setting: Setting, device: torch.device) -> Optional[str]:
+def unavailable_reason(setting: Setting, device: torch.device) -> str | None:
     if setting.attention == "xformers" and (device.type != "cuda" or importlib.util.find_spec("xformers") is None):
         return "xformers needs a CUDA GPU and `pip install xformers`"
     if setting.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
@@ -371,8 +417,15 @@ def free_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_setting(bench: Bench, group: str, setting: Setting, deadline: Deadline, needs_seconds: float,
-                size: Optional[SweepSize] = None, card_gib: Optional[int] = None) -> Result:
+def run_setting(
+    bench: Bench,
+    group: str,
+    setting: Setting,
+    deadline: Deadline,
+    needs_seconds: float,
+    size: SweepSize | None = None,
+    card_gib: int | None = None,
+) -> Result:
     """Measure one setting, or say why not: unavailable here, out of time, out of memory, or an error (kept in
     the report rather than losing the rest of a GPU session)."""
     result = Result(group, setting, "skipped", card_gib=card_gib)
@@ -435,28 +488,46 @@ def memory_fits(results: list[Result], cards_gib: tuple[int, ...]) -> list[dict]
     """For each memory recipe measured at two or more batch sizes: its fit and largest batch per card."""
     fits = []
     for name, recipe in MEMORY_RECIPES.items():
-        points = sorted({(r.setting.batch_size, r.measured["peak_reserved_gib"]) for r in results
-                         if r.ok and r.group != "verify" and r.setting == recipe.at_batch(r.setting.batch_size)
-                         and r.measured["peak_reserved_gib"] is not None})
+        points = sorted(
+            {
+                (r.setting.batch_size, r.measured["peak_reserved_gib"])
+                for r in results
+                if r.ok
+                and r.group != "verify"
+                and r.setting == recipe.at_batch(r.setting.batch_size)
+                and r.measured["peak_reserved_gib"] is not None
+            }
+        )
         if len({b for b, _ in points}) < 2:
             continue
         fixed, per_image = linear_fit(points)
-        fits.append({"recipe": name, "setting": recipe.name, "points": [list(p) for p in points],
-                     "fixed_gib": fixed, "per_image_gib": per_image,
-                     "largest_batch": {str(card): largest_batch(fixed, per_image, card) for card in cards_gib},
-                     "verified": {}})
+        fits.append(
+            {
+                "recipe": name,
+                "setting": recipe.name,
+                "points": [list(p) for p in points],
+                "fixed_gib": fixed,
+                "per_image_gib": per_image,
+                "largest_batch": {str(card): largest_batch(fixed, per_image, card) for card in cards_gib},
+                "verified": {},
+            }
+        )
     return fits
 
 
 def verification_plan(fits: list[dict], device_gib: float) -> list[tuple[dict, int, Setting]]:
     """The predicted largest batch of every recipe on the 24 GB and 80 GB cards this GPU can emulate."""
-    return [(fit, card, MEMORY_RECIPES[fit["recipe"]].at_batch(fit["largest_batch"][str(card)]))
-            for card in VERIFIED_CARDS_GIB if card <= device_gib
-            for fit in fits if fit["largest_batch"].get(str(card), 0) >= 1]
+    return [
+        (fit, card, MEMORY_RECIPES[fit["recipe"]].at_batch(fit["largest_batch"][str(card)]))
+        for card in VERIFIED_CARDS_GIB
+        if card <= device_gib
+        for fit in fits
+        if fit["largest_batch"].get(str(card), 0) >= 1
+    ]
 
 
 # --- peak FLOP/s and the device ----------------------------------------------------------------------------
-def datasheet_peak_tflops(device_name: str) -> Optional[float]:
+def datasheet_peak_tflops(device_name: str) -> float | None:
     for name, tflops in PEAK_TFLOPS:
         if name.lower() in device_name.lower():
             return tflops
@@ -479,8 +550,7 @@ def matmul_tflops(device: torch.device) -> float:
     return 2 * side**3 * repeats / (time.perf_counter() - started) / 1e12
 
 
-def choose_peak(device: torch.device, device_name: str, override: Optional[float],
-                measured: float) -> tuple[float, str]:
+def choose_peak(device: torch.device, device_name: str, override: float | None, measured: float) -> tuple[float, str]:
     if override:
         return override, "--peak_tflops"
     datasheet = datasheet_peak_tflops(device_name) if device.type == "cuda" else None
@@ -489,7 +559,7 @@ def choose_peak(device: torch.device, device_name: str, override: Optional[float
     return measured, "measured: a large matmul on this device (no datasheet entry for it)"
 
 
-def package_version(name: str) -> Optional[str]:
+def package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -500,13 +570,18 @@ def describe_device(device: torch.device, tiny: bool) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ("-tiny" if tiny else "")
     memory = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else None
-    return {"name": name, "slug": slug, "total_memory_gib": memory, "torch": torch.__version__,
-            "cuda": torch.version.cuda, **{package: package_version(package)
-                                           for package in ("diffusers", "xformers", "bitsandbytes")}}
+    return {
+        "name": name,
+        "slug": slug,
+        "total_memory_gib": memory,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        **{package: package_version(package) for package in ("diffusers", "xformers", "bitsandbytes")},
+    }
 
 
 # --- the run -----------------------------------------------------------------------------------------------
-def pick_device(requested: Optional[str], tiny: bool) -> torch.device:
+def pick_device(requested: str | None, tiny: bool) -> torch.device:
     device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not tiny:
         raise SystemExit("gpu_throughput: SD 1.5 at 512 px needs a CUDA GPU; `--tiny` runs the sweep on a CPU.")
@@ -535,10 +610,14 @@ class Run:
         self.fits: list[dict] = []
         self.path = Path(options.out) / f"{self.device_info['slug']}.json"
         self.header = {
-            "benchmark": "bench/gpu_throughput.py", "command": command,
+            "benchmark": "bench/gpu_throughput.py",
+            "command": command,
             "model": "tiny" if options.tiny else "sd1 (SD 1.5 architecture, random weights)",
-            "resolution": self.size.resolution, "parameters": parameter_counts(config_dir),
-            "device": self.device_info, "sweep": asdict(self.size), "budget_s": options.budget_s,
+            "resolution": self.size.resolution,
+            "parameters": parameter_counts(config_dir),
+            "device": self.device_info,
+            "sweep": asdict(self.size),
+            "budget_s": options.budget_s,
             "flops_per_image": flops.as_dict(),
             "peak": {"tflops": peak, "source": source, "matmul_tflops": measured},
         }
@@ -568,8 +647,11 @@ class Run:
         self.path.write_text(json.dumps(self.report(), indent=2) + "\n", encoding="utf-8")
 
     def report(self) -> dict:
-        return self.header | {"elapsed_s": self.options.budget_s - self.deadline.left(),
-                              "settings": [r.as_dict() for r in self.results], "memory_fit": self.fits}
+        return self.header | {
+            "elapsed_s": self.options.budget_s - self.deadline.left(),
+            "settings": [r.as_dict() for r in self.results],
+            "memory_fit": self.fits,
+        }
 
 
 # --- output ------------------------------------------------------------------------------------------------
@@ -584,11 +666,11 @@ def progress_line(result: Result) -> str:
     return f"{label}: {m['images_per_second']:.2f} images/s{memory}, MFU {m['mfu']:.1%}"
 
 
-def format_gib(value: Optional[float]) -> str:
+def format_gib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-def format_si(value: float, unit: str, digits: int, scale_of: Optional[float] = None) -> str:
+def format_si(value: float, unit: str, digits: int, scale_of: float | None = None) -> str:
     """1.117e12 FLOP -> '1.117 TFLOP', with the prefix of `scale_of` (default: the value) so that the parts of
     one count share a unit; the tiny model's counts are millions, SD 1.5's trillions."""
     reference = value if scale_of is None else scale_of
@@ -597,15 +679,19 @@ def format_si(value: float, unit: str, digits: int, scale_of: Optional[float] = 
 
 
 def throughput_table(report: dict) -> list[str]:
-    rows = ["| group | setting | batch | images/s | peak GiB (allocated) | MFU | note |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| group | setting | batch | images/s | peak GiB (allocated) | MFU | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in report["settings"]:
         if s["status"] == "ok":
             note = [f"compiled in {s['first_step_seconds']:.0f} s"] * s["compile"]
             note += [f"{s['skipped_updates']} fp16 updates skipped"] * bool(s["skipped_updates"])
             note += [f"capped at {s['card_gib']} GB"] * bool(s["card_gib"])
-            rows.append(f"| {s['group']} | {s['name']} | {s['batch_size']} | {s['images_per_second']:.2f} | "
-                        f"{format_gib(s['peak_allocated_gib'])} | {s['mfu']:.1%} | {'; '.join(note)} |")
+            rows.append(
+                f"| {s['group']} | {s['name']} | {s['batch_size']} | {s['images_per_second']:.2f} | "
+                f"{format_gib(s['peak_allocated_gib'])} | {s['mfu']:.1%} | {'; '.join(note)} |"
+            )
         else:
             rows.append(f"| {s['group']} | {s['name']} | {s['batch_size']} | | | | {s['status']}: {s['reason']} |")
     return rows
@@ -613,49 +699,75 @@ def throughput_table(report: dict) -> list[str]:
 
 def memory_table(report: dict) -> list[str]:
     cards = [str(c) for c in report["sweep"]["cards_gib"]]
-    rows = ["| recipe | fixed GiB | GiB per image | " + " | ".join(f"largest batch, {c} GB" for c in cards) + " |",
-            "|---|---|---|" + "---|" * len(cards)]
+    rows = [
+        "| recipe | fixed GiB | GiB per image | " + " | ".join(f"largest batch, {c} GB" for c in cards) + " |",
+        "|---|---|---|" + "---|" * len(cards),
+    ]
     for fit in report["memory_fit"]:
-        cells = [f"{fit['largest_batch'][c]}" + (f" ({fit['verified'][c]})" if c in fit["verified"] else "")
-                 for c in cards]
-        rows.append(f"| {fit['recipe']} | {fit['fixed_gib']:.1f} | {fit['per_image_gib']:.2f} | "
-                    + " | ".join(cells) + " |")
+        cells = [
+            f"{fit['largest_batch'][c]}" + (f" ({fit['verified'][c]})" if c in fit["verified"] else "") for c in cards
+        ]
+        rows.append(
+            f"| {fit['recipe']} | {fit['fixed_gib']:.1f} | {fit['per_image_gib']:.2f} | " + " | ".join(cells) + " |"
+        )
     return rows
 
 
 def markdown(report: dict) -> str:
     flops, peak, device = report["flops_per_image"], report["peak"], report["device"]
     parts = ("unet_forward", "unet_forward_backward", "vae_encode", "text_encoder_forward")
-    counted = ", ".join(f"{part.replace('_', ' ')} {format_si(flops[part], 'FLOP', 3, flops['unet_forward_backward'])}"
-                        for part in parts)
-    lines = [f"### {device['name']}: {report['model']}, {report['resolution']} px (torch {device['torch']})", "",
-             f"FLOPs per image, counted: {counted}. MFU against {format_si(peak['tflops'] * 1e12, 'FLOP/s', 1)} "
-             f"({peak['source']}); a large matmul reached {format_si(peak['matmul_tflops'] * 1e12, 'FLOP/s', 1)}.", ""]
+    counted = ", ".join(
+        f"{part.replace('_', ' ')} {format_si(flops[part], 'FLOP', 3, flops['unet_forward_backward'])}"
+        for part in parts
+    )
+    lines = [
+        f"### {device['name']}: {report['model']}, {report['resolution']} px (torch {device['torch']})",
+        "",
+        f"FLOPs per image, counted: {counted}. MFU against {format_si(peak['tflops'] * 1e12, 'FLOP/s', 1)} "
+        f"({peak['source']}); a large matmul reached {format_si(peak['matmul_tflops'] * 1e12, 'FLOP/s', 1)}.",
+        "",
+    ]
     lines += throughput_table(report)
     if report["memory_fit"]:
-        lines += ["", "Peak reserved memory fitted as fixed + per image x batch; the largest batch leaves "
-                  f"{HEADROOM_GIB:.0f} GiB for the CUDA context (in brackets: the run of that batch under a memory "
-                  "cap of the card's size).", ""]
+        lines += [
+            "",
+            "Peak reserved memory fitted as fixed + per image x batch; the largest batch leaves "
+            f"{HEADROOM_GIB:.0f} GiB for the CUDA context (in brackets: the run of that batch under a memory "
+            "cap of the card's size).",
+            "",
+        ]
         lines += memory_table(report)
     return "\n".join(lines)
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny demo model at 64 px (CPU allowed; for tests)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder of the JSON results")
     parser.add_argument("--cache_dir", default=str(DEFAULT_CACHE_DIR), help="where model configs are materialised")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu (--tiny only)")
-    parser.add_argument("--peak_tflops", type=float, default=None,
-                        help="peak FLOP/s for MFU, in TFLOP/s (default: the datasheet table by GPU name)")
-    parser.add_argument("--budget_s", type=float, default=420.0,
-                        help="time for the whole sweep; settings that no longer fit are skipped")
-    parser.add_argument("--compile_budget_s", type=float, default=180.0,
-                        help="torch.compile runs only with this much of the budget left")
+    parser.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="peak FLOP/s for MFU, in TFLOP/s (default: the datasheet table by GPU name)",
+    )
+    parser.add_argument(
+        "--budget_s",
+        type=float,
+        default=420.0,
+        help="time for the whole sweep; settings that no longer fit are skipped",
+    )
+    parser.add_argument(
+        "--compile_budget_s",
+        type=float,
+        default=180.0,
+        help="torch.compile runs only with this much of the budget left",
+    )
     return parser.parse_args(argv)
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     run = Run(parse_args(argv), " ".join(["python bench/gpu_throughput.py", *argv]))
     report = run.execute()

@@ -26,15 +26,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainer.lr_finder import find_lr  # noqa: E402
 from trainer.loop import train  # noqa: E402
+from trainer.lr_finder import find_lr  # noqa: E402
 from utils.config import load_config  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.json"
 RESULTS = ROOT / "bench" / "results" / "lr_finder_check.txt"
 STEPS = 120  # each training of the grid, and the sweep: 30 epochs of 4 steps
-SWEEP = {"lr_find_start": 1e-5, "lr_find_end": 0.3, "lr_find_ramp": "exponential", "lr_find_steps": STEPS,
-         "lr_find_probe_every": 4}
+SWEEP = {
+    "lr_find_start": 1e-5,
+    "lr_find_end": 0.3,
+    "lr_find_ramp": "exponential",
+    "lr_find_steps": STEPS,
+    "lr_find_probe_every": 4,
+}
 GRID = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 QUICK_GRID = (3e-5, 3e-3, 1e-1)
 # demo.json's own schedule keys; the grid replaces them with a constant LR.
@@ -45,10 +50,15 @@ def demo_values(logdir: Path) -> dict:
     """demo.json's data, model and optimizer, no samples or periodic checkpoints, validation at start and end."""
     base = json.loads(DEMO.read_text())
     values = {key: value for key, value in base.items() if key not in SCHEDULE_KEYS}
-    values.update(data_root=str(ROOT / base["data_root"]), logdir=str(logdir), sample_prompts=None,
-                  save_every_n_epochs=None, no_save_ckpt=True, max_steps=STEPS,
-                  validation_config={**json.loads((DEMO.parent / base["validation_config"]).read_text()),
-                                     "every_n_epochs": 1000})
+    values.update(
+        data_root=str(ROOT / base["data_root"]),
+        logdir=str(logdir),
+        sample_prompts=None,
+        save_every_n_epochs=None,
+        no_save_ckpt=True,
+        max_steps=STEPS,
+        validation_config={**json.loads((DEMO.parent / base["validation_config"]).read_text()), "every_n_epochs": 1000},
+    )
     return values
 
 
@@ -90,9 +100,11 @@ def main() -> int:
         result = quietly(find_lr, load_config(None, {**values, **SWEEP}))
         suggestion, log = result.suggestion, result.log
         say(f"LR finder on the demo data: {json.dumps(SWEEP)}")
-        say(f"  {log.rows[-1]['step']} steps in {log.seconds:.0f} s, {log.probe_count} probes "
+        say(
+            f"  {log.rows[-1]['step']} steps in {log.seconds:.0f} s, {log.probe_count} probes "
             f"({result.probe_source}) took {log.probe_seconds:.0f} s = {100 * log.probe_seconds / log.seconds:.0f}%"
-            + (f"; stopped early: {log.stopped_early}" if log.stopped_early else ""))
+            + (f"; stopped early: {log.stopped_early}" if log.stopped_early else "")
+        )
         say(f"  {suggestion.status}: {suggestion.reason}")
         if not suggestion.backed:
             say("  no backed range, so no grid to compare it with")
@@ -114,8 +126,10 @@ def main() -> int:
         finite = {lr: value for lr, value in scores.items() if math.isfinite(value)}
         best = min(finite, key=finite.get)
         say()
-        say(f"best constant LR of the grid: {best:g} (val loss {finite[best]:.4f}), {where(best, low, high)} the "
-            f"suggested range {low:.3g} to {high:.3g}; the cyclic run over the range: {loss:.4f}")
+        say(
+            f"best constant LR of the grid: {best:g} (val loss {finite[best]:.4f}), {where(best, low, high)} the "
+            f"suggested range {low:.3g} to {high:.3g}; the cyclic run over the range: {loss:.4f}"
+        )
     say(f"total {time.monotonic() - started:.0f} s")
     write_results(lines)
     return 0

@@ -43,19 +43,39 @@ def build_sd15_parts():
 
     with torch.device("meta"):  # allocate without the slow random init, then fill cheaply
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            sample_size=512)
-        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                                    num_hidden_layers=12, projection_dim=768, vocab_size=49408,
-                                                    max_position_embeddings=77, hidden_act="quick_gelu"))
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=512,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_attention_heads=12,
+                num_hidden_layers=12,
+                projection_dim=768,
+                vocab_size=49408,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+            )
+        )
     for index, module in enumerate((unet, vae, text_encoder)):
         module.to_empty(device="cpu")
         with torch.no_grad():
             for number, tensor in enumerate(module.state_dict().values()):
                 tensor.fill_(0.001 * (index + 1) + 1e-6 * number)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, steps_offset=1, clip_sample=False)
+    scheduler = DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        clip_sample=False,
+    )
     return unet, vae, text_encoder, scheduler
 
 
@@ -75,8 +95,11 @@ def adamw_with_state(modules) -> torch.optim.AdamW:
         for parameter in group["params"]:
             # Uninitialised moments: on a training machine these pages are resident already; filling them here
             # would time this VM's first-touch page faults (minutes), not the save. The bytes written are the same.
-            optimizer.state[parameter] = {"step": torch.tensor(1.0), "exp_avg": torch.empty_like(parameter),
-                                          "exp_avg_sq": torch.empty_like(parameter)}
+            optimizer.state[parameter] = {
+                "step": torch.tensor(1.0),
+                "exp_avg": torch.empty_like(parameter),
+                "exp_avg_sq": torch.empty_like(parameter),
+            }
     return optimizer
 
 
@@ -108,16 +131,22 @@ def main() -> int:
         print(line, flush=True)
         lines.append(line)
 
-    report(f"state save time, SD 1.5 architecture, CPU: {platform.processor() or platform.machine()}, "
-           f"{os.cpu_count()} cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}")
+    report(
+        f"state save time, SD 1.5 architecture, CPU: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}"
+    )
     (unet, vae, text_encoder, scheduler), seconds = timed(build_sd15_parts)
     trained = {"unet": unet, "text_encoder": text_encoder}
     counts = {name: sum(p.numel() for p in module.parameters()) for name, module in {**trained, "vae": vae}.items()}
-    report(f"parameters: UNet {counts['unet']:,}, text encoder {counts['text_encoder']:,}, VAE {counts['vae']:,} "
-           f"(built in {seconds:.1f} s)")
+    report(
+        f"parameters: UNet {counts['unet']:,}, text encoder {counts['text_encoder']:,}, VAE {counts['vae']:,} "
+        f"(built in {seconds:.1f} s)"
+    )
     optimizer, seconds = timed(lambda: adamw_with_state(trained))
-    report(f"AdamW state: 2 fp32 moments x {counts['unet'] + counts['text_encoder']:,} trained parameters "
-           f"(allocated in {seconds:.1f} s)")
+    report(
+        f"AdamW state: 2 fp32 moments x {counts['unet'] + counts['text_encoder']:,} trained parameters "
+        f"(allocated in {seconds:.1f} s)"
+    )
 
     work = Path(tempfile.mkdtemp(prefix="state-bench-", dir=args.dir))
     try:
@@ -125,14 +154,24 @@ def main() -> int:
 
         def state(step: int) -> TrainingState:
             weights = {name: module.state_dict() for name, module in trained.items()}
-            info = {"epoch": 0, "step_in_epoch": step, "seed": 555, "lr_scheduler": {"step": step},
-                    "next_lrs": {"unet": 1e-6}, "grad_scaler": None, "progress": {"global_step": step},
-                    "fingerprint": {}, "config": {}}
+            info = {
+                "epoch": 0,
+                "step_in_epoch": step,
+                "seed": 555,
+                "lr_scheduler": {"step": step},
+                "next_lrs": {"unet": 1e-6},
+                "grad_scaler": None,
+                "progress": {"global_step": step},
+                "fingerprint": {},
+                "config": {},
+            }
             return TrainingState(step, info, weights, optimizer.state_dict(), capture_rng())
 
         saved, state_seconds = timed(lambda: write_state(state(1), work / "state"))
-        report(f"(a) state only: {saved.bytes / GIGABYTE:.2f} GB in {state_seconds:.1f} s "
-               f"({saved.bytes / GIGABYTE / state_seconds:.2f} GB/s; sha256 of every file and fsync included)")
+        report(
+            f"(a) state only: {saved.bytes / GIGABYTE:.2f} GB in {state_seconds:.1f} s "
+            f"({saved.bytes / GIGABYTE / state_seconds:.2f} GB/s; sha256 of every file and fsync included)"
+        )
         _, seconds = timed(lambda: verify_state(saved.path))
         report(f"    verify (sizes + sha256, what resume_from does before trusting it): {seconds:.1f} s")
 
@@ -143,22 +182,36 @@ def main() -> int:
             optimizer.load_state_dict(loaded.optimizer)
 
         _, seconds = timed(restore)
-        report(f"    restore into the UNet, text encoder and AdamW: {seconds:.1f} s (safetensors maps the files; "
-               f"the optimizer state is read as training touches it)")
+        report(
+            f"    restore into the UNet, text encoder and AdamW: {seconds:.1f} s (safetensors maps the files; "
+            f"the optimizer state is read as training touches it)"
+        )
 
         from diffusers import StableDiffusionPipeline
 
-        pipeline = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
-                                           tokenizer=tokenizer_in(work / "tokenizer"), scheduler=scheduler,
-                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-        paths, checkpoint_seconds = timed(lambda: save_checkpoint(pipeline, work / "ckpts", "bench-ep000-gs00001",
-                                                                  half=True, single_file=True))
+        pipeline = StableDiffusionPipeline(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer_in(work / "tokenizer"),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        paths, checkpoint_seconds = timed(
+            lambda: save_checkpoint(pipeline, work / "ckpts", "bench-ep000-gs00001", half=True, single_file=True)
+        )
         folder = sum(p.stat().st_size for p in Path(paths["diffusers"]).rglob("*") if p.is_file())
         single = Path(paths["single_file"]).stat().st_size
-        report(f"    checkpoint: diffusers folder {folder / GIGABYTE:.2f} GB + single file (fp16) "
-               f"{single / GIGABYTE:.2f} GB in {checkpoint_seconds:.1f} s")
-        report(f"(b) state + checkpoint (what every checkpoint save writes, the state first): "
-               f"{(saved.bytes + folder + single) / GIGABYTE:.2f} GB in {state_seconds + checkpoint_seconds:.1f} s")
+        report(
+            f"    checkpoint: diffusers folder {folder / GIGABYTE:.2f} GB + single file (fp16) "
+            f"{single / GIGABYTE:.2f} GB in {checkpoint_seconds:.1f} s"
+        )
+        report(
+            f"(b) state + checkpoint (what every checkpoint save writes, the state first): "
+            f"{(saved.bytes + folder + single) / GIGABYTE:.2f} GB in {state_seconds + checkpoint_seconds:.1f} s"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)

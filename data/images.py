@@ -218,8 +218,11 @@ def _is_link_to_follow(subfolder: Path, real_parent: str, report: SettingsReport
 def _warn_of_broken_links(paths: list[Path], report: SettingsReport) -> None:
     # A link to a folder on an unmounted drive would otherwise leave out all of its images without a word.
     # Broken links to images need no warning here: the scan skips them with a reason.
-    report.warnings += [f"{path}: a broken link (its target does not exist); not followed"
-                        for path in paths if path.is_symlink() and not path.exists()]
+    report.warnings += [
+        f"{path}: a broken link (its target does not exist); not followed"
+        for path in paths
+        if path.is_symlink() and not path.exists()
+    ]
 
 
 def _one_path_per_file(paths: list[Path]) -> list[Path]:

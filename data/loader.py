@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from typing import NotRequired, Optional, TypedDict, TypeVar
+from typing import NotRequired, TypedDict, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -90,12 +90,13 @@ class BucketBatches:
         self.multipliers = [item.multiply for item in items]
         self.item_buckets = assign_buckets(items, resolution)
         self.group_members: dict[Group, list[int]] = {}
-        for index, (item, bucket) in enumerate(zip(items, self.item_buckets)):
+        for index, (item, bucket) in enumerate(zip(items, self.item_buckets, strict=True)):
             self.group_members.setdefault((item.batch_id or DEFAULT_BATCH_ID, bucket), []).append(index)
         self.group_members = dict(sorted(self.group_members.items()))
-        shares = extra_copies_per_group([[self.multipliers[index] for index in members]
-                                         for members in self.group_members.values()])
-        self.extra_copies = dict(zip(self.group_members, shares))
+        shares = extra_copies_per_group(
+            [[self.multipliers[index] for index in members] for members in self.group_members.values()]
+        )
+        self.extra_copies = dict(zip(self.group_members, shares, strict=True))
         if self.samples_per_epoch == 0:
             raise ValueError("every training image has multiply 0: there is nothing to train on")
 
@@ -161,9 +162,7 @@ class BucketBatches:
             samples[group] = sorted(chosen)
         return samples
 
-    def epoch_batches(
-        self, epoch: int, seed: int, rank: int = 0, world_size: int = 1
-    ) -> list[list[int]]:
+    def epoch_batches(self, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
         """This rank's batches (lists of samples) for epoch, in training order.
 
         Samples are shuffled within each group, cut into batches, and the batches shuffled
@@ -219,8 +218,8 @@ class ImageBatchDataset(Dataset):
         cond_dropout: float = 0.0,
         shuffle_tags: bool = False,
         keep_tags: int = 0,
-        latents: Optional[Callable[[ImageItem, Bucket, bool], torch.Tensor]] = None,
-        text_embeddings: Optional[Callable[[str], torch.Tensor]] = None,
+        latents: Callable[[ImageItem, Bucket, bool], torch.Tensor] | None = None,
+        text_embeddings: Callable[[str], torch.Tensor] | None = None,
     ) -> None:
         for name, probability in (("flip_p", flip_p), ("cond_dropout", cond_dropout)):
             if not 0.0 <= probability <= 1.0:

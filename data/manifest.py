@@ -32,9 +32,9 @@ from data.sidecars import (
     DataSettingsError,
     ItemSettings,
     SettingsReport,
+    beside_caption,
     is_present,
     read_caption_or_settings_file,
-    beside_caption,
     settings_from_mapping,
 )
 
@@ -54,14 +54,16 @@ def read_manifest(manifest: Path, report: SettingsReport) -> list[tuple[Path, It
     for number, entry in enumerate(_load_entries(manifest), start=1):
         source = f"{manifest} entry {number}"
         if not isinstance(entry, dict) or not isinstance(entry.get(IMAGE_KEY), str):
-            report.errors.append(f"{source}: expected an object with an \"image\" path, got {json.dumps(entry)}")
+            report.errors.append(f'{source}: expected an object with an "image" path, got {json.dumps(entry)}')
             continue
         source = f"{source} ({entry[IMAGE_KEY]})"
         image = manifest.parent / entry[IMAGE_KEY]  # an absolute "image" path stays as it is
         first = entry_of_file.setdefault(os.path.realpath(image), number)
         if first != number:
-            report.warnings.append(f"{source}: the same file as entry {first}; left out, so the image is counted"
-                                   " once (\"multiply\" trains an image more often)")
+            report.warnings.append(
+                f"{source}: the same file as entry {first}; left out, so the image is counted"
+                ' once ("multiply" trains an image more often)'
+            )
             continue
         listed.append((image, _entry_settings(entry, manifest.parent, source, report)))
     return listed
@@ -81,7 +83,7 @@ def _load_entries(manifest: Path) -> list[Any]:
         ) from None
     if not isinstance(entries, list):
         raise DataSettingsError(
-            f"data_root manifest '{manifest}' must hold a list of {{\"image\": ..., \"caption\": ...}} "
+            f'data_root manifest \'{manifest}\' must hold a list of {{"image": ..., "caption": ...}} '
             f"objects, not a {type(entries).__name__}"
         )
     return entries

@@ -41,8 +41,10 @@ def extra_copies_per_group(groups: Sequence[Sequence[float]]) -> list[int]:
     extra = epoch_size(everything) - sum(map(whole_copies, everything))
     sums = [math.fsum(map(fraction, group)) for group in groups]
     shares = [math.floor(total) for total in sums]
-    remainders = sorted((index for index, total in enumerate(sums) if total > shares[index]),
-                        key=lambda index: shares[index] - sums[index])
+    remainders = sorted(
+        (index for index, total in enumerate(sums) if total > shares[index]),
+        key=lambda index: shares[index] - sums[index],
+    )
     for index in remainders[: extra - sum(shares)]:
         shares[index] += 1
     return shares

@@ -37,7 +37,7 @@ class RunPlan:
         start = step_in_epoch * self.grad_accum
         return range(start, min(start + self.grad_accum, self.batches_per_epoch))
 
-    def with_total_steps(self, total_steps: int) -> "RunPlan":
+    def with_total_steps(self, total_steps: int) -> RunPlan:
         return replace(self, total_steps=total_steps)
 
 

@@ -48,8 +48,10 @@ class PreparedData:
     def global_batch_line(self, num_processes: int, grad_accum: int) -> str:
         """What one optimizer step of a group of processes trains, in words."""
         per_step = num_processes * self.batches.batch_size * grad_accum
-        return (f"{num_processes} processes: a step trains {num_processes} x batch_size {self.batches.batch_size} x "
-                f"grad_accum {grad_accum} = {per_step} images (global batch)")
+        return (
+            f"{num_processes} processes: a step trains {num_processes} x batch_size {self.batches.batch_size} x "
+            f"grad_accum {grad_accum} = {per_step} images (global batch)"
+        )
 
     def summary(self) -> str:
         """One line of counts, then one 'warning:' line per note, and the number of empty captions (not each)."""
@@ -60,8 +62,10 @@ class PreparedData:
         )
         lines = [counts] + [f"warning: {line}" for line in self.notes]
         if self.empty_captions:
-            lines.append(f"warning: {len(self.empty_captions)} image(s) with an {EMPTY_CAPTION_NOTE}, each listed in "
-                         f"data_warnings.txt")
+            lines.append(
+                f"warning: {len(self.empty_captions)} image(s) with an {EMPTY_CAPTION_NOTE}, each listed in "
+                f"data_warnings.txt"
+            )
         return "\n".join(lines)
 
 
@@ -109,8 +113,9 @@ def _extra_validation(folders: dict[str, str], gathered: _Gathered) -> dict[str,
         if items:
             extra[name] = [as_validation_item(item) for item in items]
         else:
-            gathered.notes.append(f"key '{key}' = '{folder}': no usable images found ({IMAGE_KINDS}); "
-                                  f"nothing is logged for '{name}'")
+            gathered.notes.append(
+                f"key '{key}' = '{folder}': no usable images found ({IMAGE_KINDS}); nothing is logged for '{name}'"
+            )
     return extra
 
 
@@ -130,29 +135,38 @@ def as_validation_item(item: ImageItem) -> ImageItem:
     return replace(item, multiply=1.0, flip_p=0.0, cond_dropout=0.0, shuffle_tags=False)
 
 
-def ed2_data_notes(config: TrainConfig, found: list[ImageItem], train: list[ImageItem],
-                   batches: BucketBatches) -> list[str]:
+def ed2_data_notes(
+    config: TrainConfig, found: list[ImageItem], train: list[ImageItem], batches: BucketBatches
+) -> list[str]:
     """For an ED2 config: where its data is read differently from ED2, on purpose (docs/ed2.md)."""
     notes = []
     if any(fraction(item.multiply) for item in train):
-        notes.append(f"ED2: fractional multipliers give {batches.samples_per_epoch} samples an epoch, floor of the "
-                     f"summed multipliers as in ED2; each bucket gets a fixed share of the extra copies (ED2 spread "
-                     f"them by chance, so its steps per epoch varied)")
+        notes.append(
+            f"ED2: fractional multipliers give {batches.samples_per_epoch} samples an epoch, floor of the "
+            f"summed multipliers as in ED2; each bucket gets a fixed share of the extra copies (ED2 spread "
+            f"them by chance, so its steps per epoch varied)"
+        )
     left_out = sum(item.multiply == 0 for item in train)
     if left_out:
         notes.append(f"ED2: {left_out} image(s) with multiply 0 are left out (ED2 read 0 as 1 and trained them once)")
     if batches.smaller_batches:
-        notes.append(f"ED2: {batches.smaller_batches} batch(es) an epoch are smaller than batch_size, not filled up "
-                     f"with repeated images as in ED2")
+        notes.append(
+            f"ED2: {batches.smaller_batches} batch(es) an epoch are smaller than batch_size, not filled up "
+            f"with repeated images as in ED2"
+        )
     settings = config.validation
     if settings.enabled and settings.val_split_mode == "automatic":
         ours, ed2s = len(found) - len(train), max(1, math.ceil(settings.auto_split_proportion * len(found)))
         if ours != ed2s and ours == validation_count(len(found), settings.auto_split_proportion):
-            notes.append(f"ED2: the automatic split holds out {ours} image(s), ceil({settings.auto_split_proportion} x "
-                         f"{len(found)}) without float noise (ED2 held out {ed2s})")
+            notes.append(
+                f"ED2: the automatic split holds out {ours} image(s), ceil({settings.auto_split_proportion} x "
+                f"{len(found)}) without float noise (ED2 held out {ed2s})"
+            )
     if config.grad_accum > 1 and any(item.batch_id for item in train):
-        notes.append(f"ED2: images with a batch_id share batches; with grad_accum {config.grad_accum} those batches "
-                     f"are not gathered into the same optimizer step as in ED2")
+        notes.append(
+            f"ED2: images with a batch_id share batches; with grad_accum {config.grad_accum} those batches "
+            f"are not gathered into the same optimizer step as in ED2"
+        )
     return notes
 
 
@@ -173,6 +187,13 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         raise ConfigError(f"key 'data_root' = '{config.data_root}': {error}") from None
     every_item = [*train, *val, *(item for items in extra.values() for item in items)]
     notes = gathered.notes + (ed2_data_notes(config, found, train, batches) if config.from_ed2 else [])
-    return PreparedData(train=train, val=[as_validation_item(item) for item in val], skipped=gathered.skipped,
-                        found=len(found), batches=batches, notes=notes,
-                        empty_captions=[item.path for item in every_item if not item.caption], extra_validation=extra)
+    return PreparedData(
+        train=train,
+        val=[as_validation_item(item) for item in val],
+        skipped=gathered.skipped,
+        found=len(found),
+        batches=batches,
+        notes=notes,
+        empty_captions=[item.path for item in every_item if not item.caption],
+        extra_validation=extra,
+    )

@@ -67,8 +67,9 @@ SHUFFLE_TAGS_FILE = "shuffle_tags.txt"
 UNUSED_ED2_KEYS = {
     "rating": "accepted for ED2 compatibility, not used: rated data sets are not supported",
 }
-SEVERAL_MAIN_PROMPTS = ("several sidecars of the image set a main prompt; the last of .txt, .caption, .yml, .yaml "
-                        "is used, as in ED2")
+SEVERAL_MAIN_PROMPTS = (
+    "several sidecars of the image set a main prompt; the last of .txt, .caption, .yml, .yaml is used, as in ED2"
+)
 CAPTION_KEY = "caption"
 # UTF-16 and UTF-32 are read only with a byte-order mark, which is what Windows editors write; the UTF-32 LE
 # mark is checked first because it begins with the UTF-16 LE one. Python's codecs drop the mark.
@@ -326,8 +327,9 @@ def read_text_file(path: Path, report: SettingsReport) -> str:
     if b"\x00" in raw:
         # NUL is valid UTF-8, so such a file would decode without an error, as garbage. No caption holds one;
         # UTF-16 without a byte-order mark and binary files do.
-        raise UndecodableText("holds NUL bytes: UTF-16 or UTF-32 without a byte-order mark, or not a text file;"
-                              " save it as UTF-8")
+        raise UndecodableText(
+            "holds NUL bytes: UTF-16 or UTF-32 without a byte-order mark, or not a text file; save it as UTF-8"
+        )
     try:
         return raw.decode("utf-8").strip()
     except UnicodeDecodeError as error:

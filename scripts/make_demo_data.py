@@ -146,9 +146,7 @@ def write_demo_data(out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help="output folder (default: demo/data)"
-    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: demo/data)")
     args = parser.parse_args()
     written = write_demo_data(args.out)
     print(f"wrote {len(written)} images to {args.out}")

@@ -64,5 +64,7 @@ def tiny_config(model_cache: Path, data_root: Path, logdir: Path, **overrides):
 
 def pytest_configure(config):
     config.addinivalue_line(
-        "markers", "multi_process: launches real process groups with accelerate (gloo on the CPU); part of CI, "
-        "skip locally with -m 'not multi_process'")
+        "markers",
+        "multi_process: launches real process groups with accelerate (gloo on the CPU); part of CI, "
+        "skip locally with -m 'not multi_process'",
+    )

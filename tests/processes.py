@@ -16,12 +16,28 @@ from tests.conftest import DEMO_DATA
 
 
 def write_config(folder: Path, model_cache: Path, **overrides) -> Path:
-    values = {"resume_ckpt": "tiny", "model_cache_dir": str(model_cache), "data_root": str(DEMO_DATA),
-              "logdir": str(folder / "logs"), "project_name": "sig", "resolution": 64, "batch_size": 4,
-              "max_steps": 200, "lr": 1e-4, "lr_scheduler": "cyclic", "lr_decay_steps": 3, "lr_min": 1e-5,
-              "optimizer": "adamw", "mixed_precision": "no", "cond_dropout": 0.1, "flip_p": 0.5, "log_step": 1,
-              "seed": 42, "no_save_ckpt": True,
-              "validation_config": {"auto_split_proportion": 0.2, "every_n_epochs": 1, "timesteps": 2}}
+    values = {
+        "resume_ckpt": "tiny",
+        "model_cache_dir": str(model_cache),
+        "data_root": str(DEMO_DATA),
+        "logdir": str(folder / "logs"),
+        "project_name": "sig",
+        "resolution": 64,
+        "batch_size": 4,
+        "max_steps": 200,
+        "lr": 1e-4,
+        "lr_scheduler": "cyclic",
+        "lr_decay_steps": 3,
+        "lr_min": 1e-5,
+        "optimizer": "adamw",
+        "mixed_precision": "no",
+        "cond_dropout": 0.1,
+        "flip_p": 0.5,
+        "log_step": 1,
+        "seed": 42,
+        "no_save_ckpt": True,
+        "validation_config": {"auto_split_proportion": 0.2, "every_n_epochs": 1, "timesteps": 2},
+    }
     path = folder / "config.json"
     path.write_text(json.dumps({**values, **overrides}))
     return path
@@ -54,7 +70,9 @@ class Output:
             try:
                 line = self._queue.get(timeout=silence)
             except queue.Empty:
-                raise AssertionError(f"no output for {silence} s; the last lines:\n" + "".join(self.lines[-40:]))
+                raise AssertionError(
+                    f"no output for {silence} s; the last lines:\n" + "".join(self.lines[-40:])
+                ) from None
             if line is None:
                 return "".join(self.lines)
             self.lines.append(line)
@@ -62,9 +80,15 @@ class Output:
 
 def start(command: list[str], folder: Path, **env) -> tuple[subprocess.Popen, Output]:
     """The command in a session of its own, so that `kill_all` also reaches what it started (a launcher's workers)."""
-    process = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env},
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env},
+        start_new_session=True,
+    )
     return process, Output(process)
 
 

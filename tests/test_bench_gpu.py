@@ -2,14 +2,13 @@
 the issue's SD 1.5 figures, the memory model's arithmetic, the peak table, and the compile and time-out paths."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 
 from bench import gpu_throughput as bench
-from dataclasses import asdict
-
 from bench.flops import FlopsPerImage, count_step_flops, flops_per_image
 
 SD1_CONFIGS = Path(__file__).resolve().parents[1] / "trainer" / "model_configs" / "sd1"
@@ -33,9 +32,9 @@ def test_tiny_sweep_runs_end_to_end(model_cache, tmp_path, capsys, one_thread):
     assert {"flops_per_image", "peak", "device", "parameters", "sweep", "memory_fit"} <= set(saved)
     assert saved["peak"]["tflops"] > 0 and saved["parameters"]["unet"] > 0
     planned = bench.plan_sweep(bench.TINY)
-    assert [(s["group"], s["name"], s["batch_size"]) for s in saved["settings"]] == \
-        [(group, setting.name, setting.batch_size) for group, setting in planned] + \
-        [("compile", "bf16 sdp vae adamw compile", bench.TINY.reference_batch)]
+    assert [(s["group"], s["name"], s["batch_size"]) for s in saved["settings"]] == [
+        (group, setting.name, setting.batch_size) for group, setting in planned
+    ] + [("compile", "bf16 sdp vae adamw compile", bench.TINY.reference_batch)]
     for setting in saved["settings"]:
         if setting["status"] == "ok":
             assert setting["images_per_second"] > 0 and setting["mfu"] > 0, setting
@@ -45,8 +44,9 @@ def test_tiny_sweep_runs_end_to_end(model_cache, tmp_path, capsys, one_thread):
             assert setting["reason"]
     assert {s["group"] for s in saved["settings"] if s["status"] == "ok"} == {"batch", "variant", "memory"}
     channels_last = [s for s in saved["settings"] if s["channels_last"]]
-    assert [(s["group"], s["name"], s["batch_size"], s["status"]) for s in channels_last] == \
-        [("variant", "bf16 sdp vae adamw channels_last", bench.TINY.reference_batch, "ok")]
+    assert [(s["group"], s["name"], s["batch_size"], s["status"]) for s in channels_last] == [
+        ("variant", "bf16 sdp vae adamw channels_last", bench.TINY.reference_batch, "ok")
+    ]
     assert saved["memory_fit"] == []  # no CUDA memory statistics on a CPU
 
     printed = capsys.readouterr().out
@@ -73,8 +73,7 @@ def test_sd15_flops_match_the_issue():
 
 
 def measured(batch_size: int, peak_gib: float, **setting) -> bench.Result:
-    return bench.Result("memory", bench.Setting(batch_size, **setting), "ok",
-                        measured={"peak_reserved_gib": peak_gib})
+    return bench.Result("memory", bench.Setting(batch_size, **setting), "ok", measured={"peak_reserved_gib": peak_gib})
 
 
 def test_memory_fit_predicts_the_largest_batch_per_card():
@@ -92,16 +91,26 @@ def test_memory_fit_predicts_the_largest_batch_per_card():
     assert fits["all three"]["largest_batch"] == {"12": 6, "24": 30, "80": 142}
 
     plan = bench.verification_plan(list(fits.values()), device_gib=40.0)  # an 80 GB card cannot be emulated
-    assert [(fit["recipe"], card, setting.batch_size) for fit, card, setting in plan] == \
-        [("default", 24, 4), ("all three", 24, 30)]
+    assert [(fit["recipe"], card, setting.batch_size) for fit, card, setting in plan] == [
+        ("default", 24, 4),
+        ("all three", 24, 30),
+    ]
     assert plan[1][2] == bench.Setting(30, **bench.ALL_MEMORY_SAVERS)
 
 
 def test_markdown_renders_every_kind_of_row():
     """The rows a GPU run produces and a CPU run cannot: compile, capped verification, memory fits."""
-    timing = {"first_step_seconds": 95.0, "timed_steps": 8, "seconds": 2.0, "skipped_updates": 0,
-              "peak_allocated_gib": 20.5, "peak_reserved_gib": 22.0, "images_per_second": 64.0,
-              "achieved_tflops": 226.0, "mfu": 0.228}
+    timing = {
+        "first_step_seconds": 95.0,
+        "timed_steps": 8,
+        "seconds": 2.0,
+        "skipped_updates": 0,
+        "peak_allocated_gib": 20.5,
+        "peak_reserved_gib": 22.0,
+        "images_per_second": 64.0,
+        "achieved_tflops": 226.0,
+        "mfu": 0.228,
+    }
     results = [
         bench.Result("compile", bench.Setting(16, compile=True), "ok", measured=timing),
         bench.Result("verify", bench.Setting(4), "ok", card_gib=24, measured=timing | {"skipped_updates": 2}),
@@ -109,27 +118,42 @@ def test_markdown_renders_every_kind_of_row():
     ]
     fits = bench.memory_fits([measured(b, 14.0 + 2.0 * b) for b in (1, 4, 16)], bench.CARDS_GIB)
     fits[0]["verified"]["24"] = "ok"
-    report = {"device": {"name": "NVIDIA H200", "torch": "2.13.0"}, "model": "sd1", "resolution": 512,
-              "flops_per_image": FlopsPerImage(512, 0.803e12, 2.407e12, 1.117e12, 0.013e12).as_dict(),
-              "peak": {"tflops": 989.4, "source": "datasheet", "matmul_tflops": 790.0},
-              "sweep": asdict(bench.FULL), "settings": [r.as_dict() for r in results], "memory_fit": fits}
+    report = {
+        "device": {"name": "NVIDIA H200", "torch": "2.13.0"},
+        "model": "sd1",
+        "resolution": 512,
+        "flops_per_image": FlopsPerImage(512, 0.803e12, 2.407e12, 1.117e12, 0.013e12).as_dict(),
+        "peak": {"tflops": 989.4, "source": "datasheet", "matmul_tflops": 790.0},
+        "sweep": asdict(bench.FULL),
+        "settings": [r.as_dict() for r in results],
+        "memory_fit": fits,
+    }
 
     text = bench.markdown(report)
 
     assert "unet forward 0.803 TFLOP" in text and "text encoder forward 0.013 TFLOP" in text
     assert "MFU against 989.4 TFLOP/s (datasheet); a large matmul reached 790.0 TFLOP/s" in text
     assert "| compile | bf16 sdp vae adamw compile | 16 | 64.00 | 20.5 | 22.8% | compiled in 95 s |" in text
-    assert "| verify | bf16 sdp vae adamw | 4 | 64.00 | 20.5 | 22.8% | 2 fp16 updates skipped; capped at 24 GB |" \
-        in text
+    assert (
+        "| verify | bf16 sdp vae adamw | 4 | 64.00 | 20.5 | 22.8% | 2 fp16 updates skipped; capped at 24 GB |" in text
+    )
     assert "| variant | bf16 xformers vae adamw | 16 | | | | skipped: xformers needs CUDA |" in text
     assert "| default | 14.0 | 2.00 | 0 | 4 (ok) | 32 |" in text
 
 
-@pytest.mark.parametrize("name, tflops", [
-    ("NVIDIA H200", 989.4), ("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.5),
-    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.1), ("NVIDIA L4", 121.0),
-    ("NVIDIA GeForce RTX 4090", 165.2), ("Some Future GPU", None),
-])
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H200", 989.4),
+        ("NVIDIA H100 80GB HBM3", 989.4),
+        ("NVIDIA H100 PCIe", 756.5),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.1),
+        ("NVIDIA L4", 121.0),
+        ("NVIDIA GeForce RTX 4090", 165.2),
+        ("Some Future GPU", None),
+    ],
+)
 def test_peak_table_prefers_the_more_specific_name(name, tflops):
     assert bench.datasheet_peak_tflops(name) == tflops
 
@@ -180,8 +204,10 @@ def test_a_setting_sets_up_the_model_as_the_trainer_does(tiny_bench, monkeypatch
     def configured(model, config):
         configure(model, config)
         convs = [m.weight for m in model.unet.modules() if isinstance(m, torch.nn.Conv2d)]
-        calls.append(("configure", config.channels_last,
-                      all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)))
+        calls.append(
+            ("configure", config.channels_last, all(w.is_contiguous(memory_format=torch.channels_last) for w in convs))
+        )
+
     monkeypatch.setattr(bench, "configure_for_training", configured)
 
     result = bench.run_setting(tiny_bench, "variant", bench.Setting(2, channels_last=True), bench.Deadline(60), 1.0)

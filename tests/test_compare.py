@@ -20,12 +20,27 @@ from utils.metrics import METRIC_COLUMNS
 
 CHROMIUM = Path("/usr/bin/chromium")
 POST_SAMPLES = ROOT / "configs" / "post_samples.json"
-PROMPT = {"prompt": "a red circle", "negative_prompt": "", "seed": 555, "size": [64, 64], "cfgs": [7.0, 1.0],
-          "scheduler": "ddim", "num_inference_steps": 30}
+PROMPT = {
+    "prompt": "a red circle",
+    "negative_prompt": "",
+    "seed": 555,
+    "size": [64, 64],
+    "cfgs": [7.0, 1.0],
+    "scheduler": "ddim",
+    "num_inference_steps": 30,
+}
 
 
-def make_run(root: Path, name: str, lrs: list[float], val: dict[int, float], sample_steps=(), seconds=12.0,
-             finished=True, **config) -> Path:
+def make_run(
+    root: Path,
+    name: str,
+    lrs: list[float],
+    val: dict[int, float],
+    sample_steps=(),
+    seconds=12.0,
+    finished=True,
+    **config,
+) -> Path:
     """A run folder as the trainer leaves it: metrics.csv, config.json, run_summary.json, samples/."""
     run = root / name
     (run / "samples").mkdir(parents=True)
@@ -39,8 +54,9 @@ def make_run(root: Path, name: str, lrs: list[float], val: dict[int, float], sam
                 writer.writerow({"step": step, "epoch": step / 4, "loss_val": val[step]})
     (run / "config.json").write_text(json.dumps({"project_name": name, "lr": max(lrs), **config}))
     if finished:
-        (run / "run_summary.json").write_text(json.dumps({"steps": len(lrs), "epochs": len(lrs) / 4,
-                                                          "seconds": seconds}))
+        (run / "run_summary.json").write_text(
+            json.dumps({"steps": len(lrs), "epochs": len(lrs) / 4, "seconds": seconds})
+        )
     for step in sample_steps:
         grid = np.full((64, 128, 3), (step * 7) % 255, dtype=np.uint8)  # a different grey at every step
         Image.fromarray(grid).save(run / "samples" / f"gs{step:05d}-p0.png")
@@ -51,10 +67,24 @@ def make_run(root: Path, name: str, lrs: list[float], val: dict[int, float], sam
 @pytest.fixture
 def runs(tmp_path) -> list[Path]:
     return [
-        make_run(tmp_path, "constant", [5e-4] * 8, {0: 0.5, 4: 0.3, 8: 0.35}, sample_steps=(4, 8), seconds=75,
-                 lr_scheduler="constant"),
-        make_run(tmp_path, "cyclic", [1e-4, 5e-4, 1e-3, 5e-4, 1e-4, 5e-4], {0: 0.5, 2: 0.28, 6: 0.29},
-                 sample_steps=(3, 6), seconds=3725, lr_scheduler="cyclic"),
+        make_run(
+            tmp_path,
+            "constant",
+            [5e-4] * 8,
+            {0: 0.5, 4: 0.3, 8: 0.35},
+            sample_steps=(4, 8),
+            seconds=75,
+            lr_scheduler="constant",
+        ),
+        make_run(
+            tmp_path,
+            "cyclic",
+            [1e-4, 5e-4, 1e-3, 5e-4, 1e-4, 5e-4],
+            {0: 0.5, 2: 0.28, 6: 0.29},
+            sample_steps=(3, 6),
+            seconds=3725,
+            lr_scheduler="cyclic",
+        ),
         make_run(tmp_path, "no-validation", [1e-3] * 5, {}, finished=False, lr_scheduler="cyclic"),
     ]
 
@@ -65,8 +95,12 @@ def test_table_from_metrics_and_summary(runs, tmp_path):
     assert [row["run"] for row in rows] == ["constant", "cyclic", "no-validation"]
     constant, cyclic, no_val = rows
     assert (constant["min val loss"], constant["at step"], constant["final val loss"]) == ("0.30000", "4", "0.35000")
-    assert (cyclic["min val loss"], cyclic["at step"], cyclic["steps"], cyclic["time"]) == ("0.28000", "2", "6",
-                                                                                          "1:02:05")
+    assert (cyclic["min val loss"], cyclic["at step"], cyclic["steps"], cyclic["time"]) == (
+        "0.28000",
+        "2",
+        "6",
+        "1:02:05",
+    )
     assert (constant["epochs"], constant["time"], constant["lr range"]) == ("2", "1:15", "0.0005 – 0.0005")
     assert (no_val["min val loss"], no_val["steps"], no_val["time"]) == ("", "5", "unfinished")
 
@@ -115,16 +149,28 @@ def test_the_page_renders_in_headless_chromium(runs, tmp_path):
             pytest.fail(message)  # CI must render the page, not skip it
         pytest.skip(message)
     report = compare.compare(runs, tmp_path / "out", ["final"])
-    flags = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2000"]
-    dom = subprocess.run(flags + ["--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120,
-                         check=True).stdout
+    flags = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1200,2000",
+    ]
+    dom = subprocess.run(
+        flags + ["--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
     assert all(f">{run.name}<" in dom for run in runs)
     assert dom.count("<img") == 3
     screenshot = tmp_path / "page.png"
-    subprocess.run(flags + [f"--screenshot={screenshot}", report.as_uri()], capture_output=True, timeout=120,
-                   check=True)
+    subprocess.run(
+        flags + [f"--screenshot={screenshot}", report.as_uri()], capture_output=True, timeout=120, check=True
+    )
     pixels = np.asarray(Image.open(screenshot).convert("L"))
     assert pixels.shape == (2000, 1200) and pixels.std() > 10  # text, tables and graphs, not a blank page
 
@@ -136,10 +182,28 @@ def test_reproduce_post_script_on_the_demo_images(tmp_path):
     quick_samples = tmp_path / "quick.json"  # the script's own sample file, at 2 denoising steps
     quick_samples.write_text(json.dumps({**json.loads(POST_SAMPLES.read_text()), "num_inference_steps": 2}))
     result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "reproduce_post.sh"), str(DEMO_DATA), str(out), "--demo",
-         "--runs", "cyclic_x10", "--shorten", "2", "--max_steps", "2", "--sample_prompts", str(quick_samples),
-         "--steps", "final"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+        [
+            "bash",
+            str(ROOT / "scripts" / "reproduce_post.sh"),
+            str(DEMO_DATA),
+            str(out),
+            "--demo",
+            "--runs",
+            "cyclic_x10",
+            "--shorten",
+            "2",
+            "--max_steps",
+            "2",
+            "--sample_prompts",
+            str(quick_samples),
+            "--steps",
+            "final",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHON": sys.executable},
+    )
     assert result.returncode == 0, result.stderr + result.stdout
     x10 = json.loads((out / "configs" / "post_cyclic_x10.json").read_text())
     assert x10["lr"] == 1e-3 and Path(x10["validation_config"]).is_absolute()  # 1.13e-6 x 885, to 3 digits
@@ -151,9 +215,13 @@ def test_reproduce_post_script_on_the_demo_images(tmp_path):
 
 def test_reproduce_post_refuses_what_it_cannot_do_before_any_training(tmp_path):
     def script(*options):
-        return subprocess.run(["bash", str(ROOT / "scripts" / "reproduce_post.sh"), str(DEMO_DATA), str(tmp_path),
-                               *options], capture_output=True, text=True, timeout=60,
-                              env={**os.environ, "PYTHON": sys.executable})
+        return subprocess.run(
+            ["bash", str(ROOT / "scripts" / "reproduce_post.sh"), str(DEMO_DATA), str(tmp_path), *options],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHON": sys.executable},
+        )
 
     uneven = script("--shorten", "3", "--runs", "cyclic_x10")
     assert uneven.returncode != 0 and "max_epochs 200 of post_cyclic_x10.json is not a multiple" in uneven.stderr

@@ -7,8 +7,18 @@ from pathlib import Path
 import pytest
 
 import train
-from utils.config import (FOREIGN_NAMES, MAX_STEPS, PATH_KEYS, ConfigError, TrainConfig, find_last_checkpoint,
-                          key_table_markdown, load_config, parse_overrides, resolve_config_paths)
+from utils.config import (
+    FOREIGN_NAMES,
+    MAX_STEPS,
+    PATH_KEYS,
+    ConfigError,
+    TrainConfig,
+    find_last_checkpoint,
+    key_table_markdown,
+    load_config,
+    parse_overrides,
+    resolve_config_paths,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,12 +118,14 @@ def test_every_path_key_is_found_beside_the_config(tmp_path, monkeypatch):
 def test_load_config_takes_paths_from_beside_the_config(tmp_path, data_dir, monkeypatch):
     (tmp_path / "sd15_configs").mkdir()
     (tmp_path / "state").mkdir()
-    path = write_config(tmp_path, {"data_root": "images", "single_file_config": "sd15_configs",
-                                   "resume_from": "state"})
+    path = write_config(tmp_path, {"data_root": "images", "single_file_config": "sd15_configs", "resume_from": "state"})
     monkeypatch.chdir(data_dir)
     config = load_config(path)
     assert (config.data_root, config.single_file_config, config.resume_from) == (
-        str(data_dir), str(tmp_path / "sd15_configs"), str(tmp_path / "state"))
+        str(data_dir),
+        str(tmp_path / "sd15_configs"),
+        str(tmp_path / "state"),
+    )
 
 
 def test_validation_config_unknown_key(tmp_path, data_dir):
@@ -131,8 +143,9 @@ def test_lr_min_above_lr_refused(tmp_path, data_dir):
 
 def test_cli_user_error_exits_nonzero_without_traceback(tmp_path, data_dir):
     path = write_config(tmp_path, {"data_root": str(data_dir), "batch_size": 0})
-    result = subprocess.run([sys.executable, "train.py", "--config", str(path)], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", str(path)], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "key 'batch_size' = 0" in result.stderr
     assert "Traceback" not in result.stderr
@@ -149,15 +162,28 @@ def test_docs_config_keys_lists_every_key():
 
 # --- issue 14: wrong values accepted ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, problem", [
-    ("../../x", "it contains '/'"), ("runs\\x", "it contains '\\\\'"), ("..", "'..' is a path"),
-    (".", "'.' is a path"), ("", "it is empty"), ("a:b", "it contains ':'"), ("-x", "it starts with '-'"),
-    ("a\tb", "it contains a control character"), (" x", "it starts or ends with a space"),
-])
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("../../x", "it contains '/'"),
+        ("runs\\x", "it contains '\\\\'"),
+        ("..", "'..' is a path"),
+        (".", "'.' is a path"),
+        ("", "it is empty"),
+        ("a:b", "it contains ':'"),
+        ("-x", "it starts with '-'"),
+        ("a\tb", "it contains a control character"),
+        (" x", "it starts or ends with a space"),
+    ],
+)
 def test_project_name_must_be_a_plain_folder_name(data_dir, name, problem):
     """A path as project_name wrote the run outside logdir, where resume_from 'latest' never looked."""
-    with pytest.raises(ConfigError, match=rf"key 'project_name' = .*must be a plain folder name \({problem}.*"
-                                          r"such as 'my_style_v2'"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"key 'project_name' = .*must be a plain folder name \({problem}.*"
+        r"such as 'my_style_v2'",
+    ):
         load_config(None, {"data_root": str(data_dir), "project_name": name})
 
 
@@ -178,13 +204,15 @@ def test_findlast_finds_a_project_whose_name_holds_glob_brackets(tmp_path, data_
     checkpoint = tmp_path / "logs" / "style [v2]-20240101-000000" / "ckpts" / "gs100"
     checkpoint.mkdir(parents=True)
     (checkpoint / "model_index.json").write_text("{}")
-    config = load_config(None, {"data_root": str(data_dir), "logdir": str(tmp_path / "logs"),
-                                "project_name": "style [v2]"})
+    config = load_config(
+        None, {"data_root": str(data_dir), "logdir": str(tmp_path / "logs"), "project_name": "style [v2]"}
+    )
     assert find_last_checkpoint(config) == str(checkpoint)
 
 
-@pytest.mark.parametrize("tokens", [["--lr"], ["--max_epochs", "--lr", "2e-6"], ["--project_name"],
-                                    ["--validation_config"]])
+@pytest.mark.parametrize(
+    "tokens", [["--lr"], ["--max_epochs", "--lr", "2e-6"], ["--project_name"], ["--validation_config"]]
+)
 def test_only_true_false_keys_may_stand_alone_on_the_command_line(tokens):
     """A bare --lr became True, that is 1: training at LR 1.0, with exit status 0."""
     key = tokens[0][2:]
@@ -201,12 +229,38 @@ def test_a_bare_key_the_schema_does_not_know_passes_for_load_config_to_judge(tmp
 
 def test_the_schema_types_command_line_values(data_dir):
     """Text keys take the text as written (a project named 2024 was refused as a number)."""
-    overrides = parse_overrides(["--project_name", "2024", "--data_root=1e5", "--sample_prompts", "null", "--lr",
-                                 "2e-6", "--betas", "[0.8, 0.9]", "--cache_latents", "false", "--seed", "-1",
-                                 "--prediction_type", "null", "--optimizer_args", '{"d0": 1e-6}'])
-    assert overrides == {"project_name": "2024", "data_root": "1e5", "sample_prompts": None, "lr": 2e-6,
-                         "betas": [0.8, 0.9], "cache_latents": False, "seed": -1, "prediction_type": None,
-                         "optimizer_args": {"d0": 1e-6}}
+    overrides = parse_overrides(
+        [
+            "--project_name",
+            "2024",
+            "--data_root=1e5",
+            "--sample_prompts",
+            "null",
+            "--lr",
+            "2e-6",
+            "--betas",
+            "[0.8, 0.9]",
+            "--cache_latents",
+            "false",
+            "--seed",
+            "-1",
+            "--prediction_type",
+            "null",
+            "--optimizer_args",
+            '{"d0": 1e-6}',
+        ]
+    )
+    assert overrides == {
+        "project_name": "2024",
+        "data_root": "1e5",
+        "sample_prompts": None,
+        "lr": 2e-6,
+        "betas": [0.8, 0.9],
+        "cache_latents": False,
+        "seed": -1,
+        "prediction_type": None,
+        "optimizer_args": {"d0": 1e-6},
+    }
     config = load_config(None, {**overrides, "data_root": str(data_dir)})
     assert (config.project_name, config.lr, config.betas) == ("2024", 2e-6, (0.8, 0.9))
 
@@ -227,15 +281,21 @@ def test_values_from_the_command_line_are_blamed_on_it_not_on_the_config_file(tm
     assert "Invalid config (command line): key 'project_name' = \"a/b\": must be a plain" in message
     assert "; key 'lr' = -1: " in message
     path = write_config(tmp_path, {"data_root": str(data_dir)})
-    with pytest.raises(ConfigError, match=rf"Invalid config \(config file '{re.escape(str(path))}' and the command "
-                                          r"line\): lr_min \(1\) must not exceed lr"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"Invalid config \(config file '{re.escape(str(path))}' and the command "
+        r"line\): lr_min \(1\) must not exceed lr",
+    ):
         load_config(path, {"lr_min": 1, "lr": 0.5})
 
 
 def test_a_folder_given_as_config_is_named_as_a_folder(tmp_path):
     (tmp_path / "train.json").write_text("{}")
-    with pytest.raises(ConfigError, match=rf"config file '{re.escape(str(tmp_path))}' is a folder, not a file: give "
-                                          rf"the path of the file itself, such as '{re.escape(str(tmp_path))}/train"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"config file '{re.escape(str(tmp_path))}' is a folder, not a file: give "
+        rf"the path of the file itself, such as '{re.escape(str(tmp_path))}/train",
+    ):
         load_config(tmp_path)
 
 
@@ -244,25 +304,40 @@ def test_configs_with_a_byte_order_mark_are_read(tmp_path, data_dir, encoding):
     """Windows Notepad writes UTF-8 with a BOM, and UTF-16 with a BOM as "Unicode"."""
     (tmp_path / "val.json").write_text('{"seed": 7}', encoding=encoding)
     path = tmp_path / "train.json"
-    path.write_text(json.dumps({"data_root": str(data_dir), "project_name": "café", "validation_config": "val.json"},
-                               ensure_ascii=False), encoding=encoding)
+    path.write_text(
+        json.dumps(
+            {"data_root": str(data_dir), "project_name": "café", "validation_config": "val.json"}, ensure_ascii=False
+        ),
+        encoding=encoding,
+    )
     config = load_config(path)
     assert (config.project_name, config.validation.seed) == ("café", 7)
 
 
-@pytest.mark.parametrize("content, problem", [
-    ('{\n  "project_name": "café"\n}'.encode("latin-1"),
-     r"the byte 0xe9 at line 2, column 23 is not UTF-8 \(perhaps the file is Latin-1"),
-    ('{"project_name": "x"}'.encode("utf-16-le"), "it holds NUL bytes: it looks like UTF-16 written without a byte"),
-    (b"\xef\xbb\xbf{\xff}", "it starts with a UTF-8 byte-order mark, but byte 1 after it is not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (
+            '{\n  "project_name": "café"\n}'.encode("latin-1"),
+            r"the byte 0xe9 at line 2, column 23 is not UTF-8 \(perhaps the file is Latin-1",
+        ),
+        (
+            '{"project_name": "x"}'.encode("utf-16-le"),
+            "it holds NUL bytes: it looks like UTF-16 written without a byte",
+        ),
+        (b"\xef\xbb\xbf{\xff}", "it starts with a UTF-8 byte-order mark, but byte 1 after it is not UTF-8"),
+    ],
+)
 @pytest.mark.parametrize("what", ["config", "validation_config"])
 def test_a_file_that_is_not_text_is_named_with_its_problem(tmp_path, data_dir, content, problem, what):
     (tmp_path / "bad.json").write_bytes(content)
     config = {"data_root": str(data_dir), "validation_config": "bad.json"}
     path = tmp_path / "bad.json" if what == "config" else write_config(tmp_path, config)
-    with pytest.raises(ConfigError, match=rf"{what} file '.*bad.json' is not readable text: {problem}.*Save it as "
-                                          r"UTF-8"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"{what} file '.*bad.json' is not readable text: {problem}.*Save it as "
+        r"UTF-8",
+    ):
         load_config(path)
 
 
@@ -274,19 +349,25 @@ def test_run_lengths_beyond_max_steps_are_refused(data_dir):
         assert getattr(load_config(None, {"data_root": str(data_dir), key: MAX_STEPS}), key) == MAX_STEPS
 
 
-@pytest.mark.parametrize("written, suggested, whose", [
-    ("learning_rate", "'lr'", "learning_rate is diffusers'/kohya's/OneTrainer's name for it"),
-    ("learning_rat", "'lr'", "learning_rate is diffusers'/kohya's/OneTrainer's name for it"),
-    ("train_batch_size", "'batch_size'", "train_batch_size is diffusers'/kohya's name for it"),
-    ("num_train_epochs", "'max_epochs'", "num_train_epochs is diffusers' name for it"),
-    ("max_train_epochs", "'max_epochs'", "max_train_epochs is kohya's name for it"),
-    ("max_train_steps", "'max_steps'", "max_train_steps is diffusers'/kohya's name for it"),
-    ("epochs", "'max_epochs'", "epochs is OneTrainer's name for it"),
-    ("gradient_accumulation_steps", "'grad_accum'",
-     "gradient_accumulation_steps is diffusers'/kohya's/OneTrainer's name for it"),
-    ("adam_beta2", "'betas'", 'adam_beta2 is diffusers\' name for it; write "betas": [beta1, beta2]'),
-    ("lr_warmup", "'lr_warmup_steps'", None),
-])
+@pytest.mark.parametrize(
+    "written, suggested, whose",
+    [
+        ("learning_rate", "'lr'", "learning_rate is diffusers'/kohya's/OneTrainer's name for it"),
+        ("learning_rat", "'lr'", "learning_rate is diffusers'/kohya's/OneTrainer's name for it"),
+        ("train_batch_size", "'batch_size'", "train_batch_size is diffusers'/kohya's name for it"),
+        ("num_train_epochs", "'max_epochs'", "num_train_epochs is diffusers' name for it"),
+        ("max_train_epochs", "'max_epochs'", "max_train_epochs is kohya's name for it"),
+        ("max_train_steps", "'max_steps'", "max_train_steps is diffusers'/kohya's name for it"),
+        ("epochs", "'max_epochs'", "epochs is OneTrainer's name for it"),
+        (
+            "gradient_accumulation_steps",
+            "'grad_accum'",
+            "gradient_accumulation_steps is diffusers'/kohya's/OneTrainer's name for it",
+        ),
+        ("adam_beta2", "'betas'", 'adam_beta2 is diffusers\' name for it; write "betas": [beta1, beta2]'),
+        ("lr_warmup", "'lr_warmup_steps'", None),
+    ],
+)
 def test_unknown_keys_suggest_our_key_for_other_trainers_names(tmp_path, data_dir, written, suggested, whose):
     path = write_config(tmp_path, {"data_root": str(data_dir), written: 1})
     with pytest.raises(ConfigError) as raised:

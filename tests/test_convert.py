@@ -67,9 +67,7 @@ def sd2_like_folder(tiny_pipe: StableDiffusionPipeline, tmp_path_factory: pytest
         vae=tiny_pipe.vae,
         text_encoder=CLIPTextModel(config),
         tokenizer=tiny_pipe.tokenizer,
-        scheduler=type(tiny_pipe.scheduler).from_config(
-            tiny_pipe.scheduler.config, prediction_type="v_prediction"
-        ),
+        scheduler=type(tiny_pipe.scheduler).from_config(tiny_pipe.scheduler.config, prediction_type="v_prediction"),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -100,9 +98,7 @@ def fp16_file(tiny_pipe: StableDiffusionPipeline, tmp_path_factory: pytest.TempP
 
 def _diffusers_reload(path: Path, config_folder: Path) -> StableDiffusionPipeline:
     """Reload exactly as a user of diffusers would, offline."""
-    return StableDiffusionPipeline.from_single_file(
-        str(path), config=str(config_folder), local_files_only=True
-    )
+    return StableDiffusionPipeline.from_single_file(str(path), config=str(config_folder), local_files_only=True)
 
 
 def _assert_weights_match(
@@ -226,9 +222,7 @@ SD15_UNET = {"cross_attention_dim": 768, "attention_head_dim": 8}
 SD2_UNET = {"cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20], "use_linear_projection": True}
 
 
-@pytest.mark.parametrize(
-    ("unet_kwargs", "model_type"), [(SD15_UNET, "v1"), (SD2_UNET, "v2")], ids=["sd15", "sd2"]
-)
+@pytest.mark.parametrize(("unet_kwargs", "model_type"), [(SD15_UNET, "v1"), (SD2_UNET, "v2")], ids=["sd15", "sd2"])
 def test_unet_block_mapping_is_diffusers_inverse_at_full_sd_size(unet_kwargs, model_type):
     """SD 1.5 / 2.x sized UNets (layers_per_block 2, four blocks) on the meta device: names, no memory."""
     with torch.device("meta"):
@@ -263,7 +257,10 @@ def test_vae_mapping_is_diffusers_inverse_at_full_sd_size():
 
 def test_open_clip_mapping_is_diffusers_inverse_at_full_sd2_size():
     config = CLIPTextConfig(  # SD 2.x: OpenCLIP ViT-H minus its last layer
-        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_attention_heads=16,
+        num_hidden_layers=23,
         hidden_act="gelu",
     )
     with torch.device("meta"):
@@ -314,8 +311,7 @@ def test_sidecar_yaml_parameterization_marks_v_prediction(fp16_file, tiny_folder
 )
 def test_original_sd2_checkpoints_are_told_apart_by_global_step(context_dim, global_step, expected, tmp_path):
     """diffusers' rule for original SD 2.x .ckpt files, applied only when a global step is present."""
-    info = CheckpointInfo(tmp_path / "sd2.ckpt", frozenset(), global_step=global_step,
-                          context_dim=context_dim)
+    info = CheckpointInfo(tmp_path / "sd2.ckpt", frozenset(), global_step=global_step, context_dim=context_dim)
     assert detect_prediction_type(info) == expected
 
 

@@ -56,7 +56,7 @@ def rgb_at(pixels: torch.Tensor, x: int, y: int) -> tuple[int, ...]:
 
 
 def assert_color(actual: tuple[int, ...], expected: tuple[int, ...], tolerance: int = 3) -> None:
-    assert all(abs(a - e) <= tolerance for a, e in zip(actual, expected)), (actual, expected)
+    assert all(abs(a - e) <= tolerance for a, e in zip(actual, expected, strict=True)), (actual, expected)
 
 
 def only_item(root: Path) -> ImageItem:
@@ -472,7 +472,7 @@ def test_worker_processes_give_the_same_batches(demo_items):
     assert [b["paths"] for b in in_process] == [b["paths"] for b in with_workers]
     assert [b["captions"] for b in in_process] == [b["captions"] for b in with_workers]
     assert "" in {caption for b in in_process for caption in b["captions"]}
-    for a, b in zip(in_process, with_workers):
+    for a, b in zip(in_process, with_workers, strict=True):
         assert torch.equal(a["pixel_values"], b["pixel_values"])
     heights_and_widths = {tuple(batch["pixel_values"].shape[2:]) for batch in in_process}
     assert heights_and_widths == {(256, 256), (192, 320), (320, 192)}
@@ -494,7 +494,7 @@ def test_flips_are_reproducible_per_seed_epoch_and_item(demo_items):
 
     mirrored = load_epoch(demo_items, plan, epoch=0, flip_p=1.0)
     plain = load_epoch(demo_items, plan, epoch=0)
-    for flipped, unflipped in zip(mirrored, plain):
+    for flipped, unflipped in zip(mirrored, plain, strict=True):
         assert torch.equal(flipped["pixel_values"], unflipped["pixel_values"].flip(-1))
 
 

@@ -11,8 +11,19 @@ DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
 POST_URL = "https://followfox.ai/tpost/92hz3j62o1-cycling-learning-rates-for-stable-diffus"
 README_MAX_LINES = 320
 # Phrases that tell how the code came to be rather than what it does.
-HISTORY_PHRASES = ["used to", "the issue", "issue #", "no session", "this session", "we tried", "previously",
-                   "was fixed", "now fixed", "has been changed", "was changed"]
+HISTORY_PHRASES = [
+    "used to",
+    "the issue",
+    "issue #",
+    "no session",
+    "this session",
+    "we tried",
+    "previously",
+    "was fixed",
+    "now fixed",
+    "has been changed",
+    "was changed",
+]
 
 FENCE = re.compile(r"^\s*(```|~~~)")
 HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")

@@ -15,8 +15,8 @@ from data.images import ImageItem, scan_images
 from data.loader import BucketBatches, ImageBatchDataset, make_loader
 from data.multiply import draw_extra_copies, extra_copies_per_group, inclusion_chances
 from data.prepare import as_validation_item, prepare_data
-from data.split import split_items
 from data.sidecars import DataSettingsError
+from data.split import split_items
 from tests.conftest import ROOT
 from utils.config import ConfigError, load_config
 
@@ -44,8 +44,7 @@ def by_name(items: list[ImageItem]) -> dict[str, ImageItem]:
 
 
 def tagged_item(tags: int, **settings) -> ImageItem:
-    return ImageItem(Path("/fake/m.png"), "m", 64, 64, tags=tuple(Tag(f"t{n}") for n in range(1, tags + 1)),
-                     **settings)
+    return ImageItem(Path("/fake/m.png"), "m", 64, 64, tags=tuple(Tag(f"t{n}") for n in range(1, tags + 1)), **settings)
 
 
 def dataset_of(items: list[ImageItem], epoch: int = 0, seed: int = 5, **run_settings) -> ImageBatchDataset:
@@ -126,8 +125,15 @@ def plan_item(plan: BucketBatches, sample: int) -> int:
 
 
 def config_for(data_root: Path, tmp_path: Path, **overrides):
-    values = {"data_root": str(data_root), "logdir": str(tmp_path / "logs"), "resolution": 512, "batch_size": 2,
-              "max_epochs": 3, "validation_config": None, **overrides}
+    values = {
+        "data_root": str(data_root),
+        "logdir": str(tmp_path / "logs"),
+        "resolution": 512,
+        "batch_size": 2,
+        "max_epochs": 3,
+        "validation_config": None,
+        **overrides,
+    }
     return load_config(None, values)
 
 
@@ -143,8 +149,9 @@ def test_schedule_preview_counts_multiplied_batches(tmp_path):
 
 
 def test_validation_items_are_seen_once_and_plain(tmp_path):
-    held_out = as_validation_item(ImageItem(Path("x.png"), "x", 64, 64, multiply=3.0, flip_p=0.5,
-                                            cond_dropout=0.3, shuffle_tags=True))
+    held_out = as_validation_item(
+        ImageItem(Path("x.png"), "x", 64, 64, multiply=3.0, flip_p=0.5, cond_dropout=0.3, shuffle_tags=True)
+    )
     assert (held_out.multiply, held_out.flip_p, held_out.cond_dropout, held_out.shuffle_tags) == (1.0, 0.0, 0.0, False)
     config = config_for(ED2_DATA, tmp_path, validation_config={"auto_split_proportion": 0.3})
     data = prepare_data(config)
@@ -230,7 +237,7 @@ def test_batches_carry_built_captions_and_loss_scales():
     batches = list(make_loader(dataset, plan.epoch_batches(0, seed=1)))
     for batch in batches:
         assert batch["loss_scales"].shape == (len(batch["captions"]),)
-        for path, caption, scale in zip(batch["paths"], batch["captions"], batch["loss_scales"].tolist()):
+        for path, caption, scale in zip(batch["paths"], batch["captions"], batch["loss_scales"].tolist(), strict=True):
             in_preservation_folder = Path(path).parent.name == "preservation"
             assert scale == (0.5 if in_preservation_folder else 1.0)  # local.yaml: this folder only
             if in_preservation_folder:  # shuffled and capped, the main prompt first
@@ -509,8 +516,7 @@ def test_the_extra_copies_are_shared_among_buckets_in_a_fixed_way():
     assert extra_copies_per_group([[0.5], [0.5], [0.5]]) == [1, 0, 0]  # floor(1.5) = 1, to the first tie
     # floor(3.2) - 1 whole = 2 extra copies, to the largest remainders 0.7 and 0.6
     assert extra_copies_per_group([[0.2, 0.2], [0.7], [1.6], [0.5]]) == [0, 1, 1, 0]
-    tall_and_square = [ImageItem(Path(f"/fake/{n}.png"), "c", 64, 128 if n % 2 else 64, multiply=0.5)
-                       for n in range(4)]
+    tall_and_square = [ImageItem(Path(f"/fake/{n}.png"), "c", 64, 128 if n % 2 else 64, multiply=0.5) for n in range(4)]
     plan = BucketBatches(tall_and_square, 1, 128)
     assert (plan.samples_per_epoch, plan.num_batches) == (2, 2)
 
@@ -526,8 +532,11 @@ def test_a_windows_multiply_txt_and_its_fraction_count_as_in_ed2():
 def test_tags_are_ordered_by_weight_even_when_not_shuffled(tmp_path):
     """ED2 data/dataset.py, Dataset.image_train_items: the tags sorted by weight, heaviest first (ties keep their
     order); data/image_train_item.py ImageCaption.get_caption joins them so when shuffle_tags is off."""
-    write(tmp_path / "x.yaml", "main_prompt: a boat\ntags:\n  - light\n  - tag: heavy\n    weight: 3\n"
-                               "  - tag: middle\n    weight: 1.5\n  - also light\n")
+    write(
+        tmp_path / "x.yaml",
+        "main_prompt: a boat\ntags:\n  - light\n  - tag: heavy\n    weight: 3\n"
+        "  - tag: middle\n    weight: 1.5\n  - also light\n",
+    )
     image(tmp_path / "x.png")
     (item,) = scan_images(tmp_path).items
     assert item.caption == "a boat, heavy, middle, light, also light"
@@ -608,8 +617,10 @@ def test_the_automatic_split_holds_out_ed2s_ceiling_and_the_same_images(tmp_path
     """ED2 data/every_dream_validation.py, get_random_split: max(1, ceil(proportion x count)) items, after sorting by
     path and random.seed(seed); random.shuffle. ceil(1.2) = 2 where rounding half up held out 1; 0.1 x 30 holds out
     3 (ED2's float product 3.0000000000000004 made it 4: the one difference, docs/ed2.md)."""
-    items = [ImageItem(tmp_path / f"img-{n}" / "x.png" if n % 3 else tmp_path / f"img{n}.png", f"c{n}", 64, 64)
-             for n in range(num_items)]
+    items = [
+        ImageItem(tmp_path / f"img-{n}" / "x.png" if n % 3 else tmp_path / f"img{n}.png", f"c{n}", 64, 64)
+        for n in range(num_items)
+    ]
     train, val = split_items(items, "automatic", proportion, seed=555)
     assert len(val) == held_out and len(train) == num_items - held_out
     ed2_order = sorted(items, key=lambda item: str(item.path))
@@ -621,8 +632,14 @@ def test_an_ed2_config_is_told_where_its_data_is_read_differently(tmp_path):
     """docs/ed2.md, differences on purpose: ED2 data/data_loader.py get_shuffled_image_buckets fills a bucket's last
     batch with repeated images and lets the fractional copies fall into any bucket; here neither, and an ED2 config
     (it holds ED2-only keys such as gpuid) is told so, with the numbers."""
-    values = {"data_root": str(ED2_TRAINING_DATA), "logdir": str(tmp_path / "logs"), "resolution": 64,
-              "batch_size": 3, "grad_accum": 2, "validation_config": None}
+    values = {
+        "data_root": str(ED2_TRAINING_DATA),
+        "logdir": str(tmp_path / "logs"),
+        "resolution": 64,
+        "batch_size": 3,
+        "grad_accum": 2,
+        "validation_config": None,
+    }
     ed2 = tmp_path / "train.json"
     ed2.write_text(json.dumps({**values, "gpuid": 0}))
     notes = prepare_data(load_config(ed2)).notes

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from optimizer.optimizers import OPTIMIZERS, build_optimizer, model_param_groups
-from utils.config import ConfigError, load_config
 from tests.conftest import DEMO_DATA
+from utils.config import ConfigError, load_config
 
 
 def config_for(**values):
@@ -32,9 +32,12 @@ def test_each_optimizer_steps(name):
 
 def test_text_encoder_settings_go_to_its_group():
     unet, text_encoder = two_models()
-    config = config_for(optimizer="adamw", weight_decay=0.01, text_encoder_weight_decay=0.0,
-                        text_encoder_betas=[0.8, 0.99])
-    groups = {g["name"]: g for g in build_optimizer(config, model_param_groups(config, unet, text_encoder)).param_groups}
+    config = config_for(
+        optimizer="adamw", weight_decay=0.01, text_encoder_weight_decay=0.0, text_encoder_betas=[0.8, 0.99]
+    )
+    groups = {
+        g["name"]: g for g in build_optimizer(config, model_param_groups(config, unet, text_encoder)).param_groups
+    }
     assert groups["unet"]["weight_decay"] == 0.01 and groups["text_encoder"]["weight_decay"] == 0.0
     assert groups["unet"]["betas"] == (0.9, 0.999) and groups["text_encoder"]["betas"] == (0.8, 0.99)
 

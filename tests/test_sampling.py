@@ -18,8 +18,16 @@ from tests.conftest import DEMO_DATA, ROOT, tiny_config
 from trainer.loop import train
 from trainer.model import load_pretrained
 from trainer.sample_index import read_index
-from trainer.sampling import (SamplePrompts, SampleRequest, SampleSettings, build_scheduler, make_samples,
-                              read_prompts, samples_due, size_for_aspect_ratio)
+from trainer.sampling import (
+    SamplePrompts,
+    SampleRequest,
+    SampleSettings,
+    build_scheduler,
+    make_samples,
+    read_prompts,
+    samples_due,
+    size_for_aspect_ratio,
+)
 from utils.config import ConfigError, load_config
 from utils.ed2_compat import SAMPLE_SCHEDULERS
 
@@ -34,6 +42,7 @@ def write(tmp_path: Path, name: str, content) -> str:
 
 
 # --- prompt files ----------------------------------------------------------------------------------------
+
 
 def test_txt_gives_one_prompt_a_line(tmp_path):
     settings = read_prompts(write(tmp_path, "p.txt", "a cat\n\n  a dog  \n"), TRAIN_ITEMS)
@@ -50,17 +59,27 @@ def test_empty_file_samples_a_few_training_captions_the_same_every_time(tmp_path
 
 
 def test_ed2_json_keys(tmp_path):
-    path = write(tmp_path, "s.json", {
-        "batch_size": 3, "seed": 99, "cfgs": [7.5, 1], "scheduler": "euler_a", "num_inference_steps": 12,
-        "show_progress_bars": False, "generate_pretrain_samples": False, "generate_samples_every_n_steps": 40,
-        "resolution": 128,
-        "samples": [
-            {"prompt": "a cat", "negative_prompt": "blurry", "seed": 7, "size": [64, 128]},
-            {"prompt": "a dog"},
-            {"prompt": "a wide dog", "aspect_ratio": 2.0},
-            {"random_caption": True},
-        ],
-    })
+    path = write(
+        tmp_path,
+        "s.json",
+        {
+            "batch_size": 3,
+            "seed": 99,
+            "cfgs": [7.5, 1],
+            "scheduler": "euler_a",
+            "num_inference_steps": 12,
+            "show_progress_bars": False,
+            "generate_pretrain_samples": False,
+            "generate_samples_every_n_steps": 40,
+            "resolution": 128,
+            "samples": [
+                {"prompt": "a cat", "negative_prompt": "blurry", "seed": 7, "size": [64, 128]},
+                {"prompt": "a dog"},
+                {"prompt": "a wide dog", "aspect_ratio": 2.0},
+                {"random_caption": True},
+            ],
+        },
+    )
     settings = read_prompts(path, TRAIN_ITEMS)
     assert (settings.batch_size, settings.cfgs, settings.scheduler) == (3, (7.5, 1.0), "euler_a")
     assert (settings.num_inference_steps, settings.every_n_steps, settings.resolution) == (12, 40, 128)
@@ -85,22 +104,25 @@ def test_json_without_samples_uses_training_captions(tmp_path):
     assert len(settings.requests) == 4 and all(r.seed == 5 for r in settings.requests)
 
 
-@pytest.mark.parametrize("content, expected", [
-    ({"cfgs": "7"}, "key 'cfgs'"),
-    ({"cfgs": [7, -1]}, "key 'cfgs'"),
-    ({"scheduler": "eulr_a"}, "did you mean 'euler_a'"),
-    ({"num_inference_steps": 0}, "key 'num_inference_steps'"),
-    ({"batchsize": 2}, "unknown key 'batchsize' (did you mean 'batch_size'?)"),
-    ({"samples": [{"promt": "x"}]}, "unknown key 'samples[0].promt' (did you mean 'prompt'?)"),
-    ({"samples": [{"prompt": "x"}, {"prompt": "y", "size": [500, 512]}]}, "key 'samples[1].size'"),
-    ({"samples": [{"negative_prompt": "x"}]}, "give a prompt, or random_caption: true"),
-    ({"samples": [{"prompt": "x", "size": [64, 64], "aspect_ratio": 1}]}, "not both"),
-    ({"samples": [{"prompt": "x", "seed": -2}]}, "key 'samples[0].seed'"),
-    ({"samples": [{"prompt": "x", "cfgs": []}]}, "key 'samples[0].cfgs'"),
-    ({"scheduler": "dpm++", "generate_pretrain_samples": "sometimes"}, "key 'generate_pretrain_samples'"),
-    ("{\"cfgs\": [7, 4,]}", "not valid JSON"),
-    ([{"prompt": "x"}], "must hold a JSON object"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ({"cfgs": "7"}, "key 'cfgs'"),
+        ({"cfgs": [7, -1]}, "key 'cfgs'"),
+        ({"scheduler": "eulr_a"}, "did you mean 'euler_a'"),
+        ({"num_inference_steps": 0}, "key 'num_inference_steps'"),
+        ({"batchsize": 2}, "unknown key 'batchsize' (did you mean 'batch_size'?)"),
+        ({"samples": [{"promt": "x"}]}, "unknown key 'samples[0].promt' (did you mean 'prompt'?)"),
+        ({"samples": [{"prompt": "x"}, {"prompt": "y", "size": [500, 512]}]}, "key 'samples[1].size'"),
+        ({"samples": [{"negative_prompt": "x"}]}, "give a prompt, or random_caption: true"),
+        ({"samples": [{"prompt": "x", "size": [64, 64], "aspect_ratio": 1}]}, "not both"),
+        ({"samples": [{"prompt": "x", "seed": -2}]}, "key 'samples[0].seed'"),
+        ({"samples": [{"prompt": "x", "cfgs": []}]}, "key 'samples[0].cfgs'"),
+        ({"scheduler": "dpm++", "generate_pretrain_samples": "sometimes"}, "key 'generate_pretrain_samples'"),
+        ('{"cfgs": [7, 4,]}', "not valid JSON"),
+        ([{"prompt": "x"}], "must hold a JSON object"),
+    ],
+)
 def test_json_errors_name_the_key(tmp_path, content, expected):
     with pytest.raises(ConfigError) as error:
         read_prompts(write(tmp_path, "bad.json", content), TRAIN_ITEMS)
@@ -130,6 +152,7 @@ def test_every_ed2_scheduler_name_builds(tiny_model):
 
 # --- when ------------------------------------------------------------------------------------------------
 
+
 def test_samples_due_every_n_steps_or_epochs_and_never_on_the_last_step():
     plan = SimpleNamespace(steps_per_epoch=4, total_steps=20)
     txt = SampleSettings(requests=())
@@ -145,6 +168,7 @@ def test_samples_due_every_n_steps_or_epochs_and_never_on_the_last_step():
 
 
 # --- making samples --------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_model_dir):
@@ -162,12 +186,19 @@ def test_grids_index_and_fixed_seeds(tiny_model, tmp_path):
     assert [grid.shape for _, grid in results] == [(64, 64 * 3, 3), (128, 64 * 3, 3)]  # a column per cfg
     index = read_index(tmp_path)
     assert list(index) == [40] and index[40][1] == {
-        "file": "gs00040-p1.png", "prompt": "a tall square", "negative_prompt": "red", "seed": 7, "size": [64, 128],
-        "cfgs": [7.0, 4.0, 1.0], "scheduler": "ddim", "num_inference_steps": 3}
+        "file": "gs00040-p1.png",
+        "prompt": "a tall square",
+        "negative_prompt": "red",
+        "seed": 7,
+        "size": [64, 128],
+        "cfgs": [7.0, 4.0, 1.0],
+        "scheduler": "ddim",
+        "num_inference_steps": 3,
+    }
     assert index[40][0]["seed"] == 555  # the run's seed when the file gives none
 
     again = make_samples(tiny_model, settings, tmp_path, 80, 64, torch.device("cpu"), seed=555)
-    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(results, again))  # same prompt, same seed
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(results, again, strict=True))  # same prompt, same seed
     assert sorted(read_index(tmp_path)) == [40, 80]  # rounds accumulate
 
 
@@ -186,26 +217,33 @@ def test_sampling_leaves_every_rng_and_training_mode_alone(tiny_model, tmp_path)
 def test_batching_does_not_change_the_images(tiny_model, tmp_path):
     requests = [SampleRequest("a red circle", seed=1), SampleRequest("a green square", seed=2)]
     one = make_samples(tiny_model, fast_settings(*requests), tmp_path / "one", 1, 64, torch.device("cpu"), 0)
-    two = make_samples(tiny_model, fast_settings(*requests, batch_size=2), tmp_path / "two", 1, 64,
-                       torch.device("cpu"), 0)
-    for (_, alone), (_, batched) in zip(one, two):
+    two = make_samples(
+        tiny_model, fast_settings(*requests, batch_size=2), tmp_path / "two", 1, 64, torch.device("cpu"), 0
+    )
+    for (_, alone), (_, batched) in zip(one, two, strict=True):
         assert np.abs(alone.astype(int) - batched.astype(int)).max() <= 2  # float noise of a bigger batch only
 
 
 def test_a_samples_own_cfgs_are_its_columns(tiny_model, tmp_path):
     """ED2's shipped sample_prompts.json gives its third sample "cfgs": [1, 11]: that sample gets those two columns,
     the others the file's."""
-    settings = fast_settings(SampleRequest("a red circle", seed=1), SampleRequest("a blue square", seed=1,
-                                                                                cfgs=(1.0, 11.0, 3.0)),
-                             cfgs=(7.0,))
+    settings = fast_settings(
+        SampleRequest("a red circle", seed=1),
+        SampleRequest("a blue square", seed=1, cfgs=(1.0, 11.0, 3.0)),
+        cfgs=(7.0,),
+    )
     results = make_samples(tiny_model, settings, tmp_path, 5, 64, torch.device("cpu"), seed=0)
     assert [grid.shape[1] for _, grid in results] == [64, 64 * 3]
     assert [entry["cfgs"] for entry in read_index(tmp_path)[5].values()] == [[7.0], [1.0, 11.0, 3.0]]
 
 
 def test_seed_minus_one_draws_a_new_seed_every_round_and_the_index_says_so(tiny_model, tmp_path):
-    settings = fast_settings(SampleRequest("a red circle", seed=-1), SampleRequest("a blue square", seed=4),
-                             cfgs=(1.0,), num_inference_steps=1)
+    settings = fast_settings(
+        SampleRequest("a red circle", seed=-1),
+        SampleRequest("a blue square", seed=4),
+        cfgs=(1.0,),
+        num_inference_steps=1,
+    )
     for step in (1, 2):
         make_samples(tiny_model, settings, tmp_path, step, 64, torch.device("cpu"), seed=0)
     index = read_index(tmp_path)
@@ -219,12 +257,20 @@ def test_weighted_prompts_are_encoded_by_compel(tiny_model, tmp_path):
     pytest.importorskip("compel")
     prompts = ["a red circle", "a red++ circle", "a (red:1.21) circle", "a (red)1.21 circle"]
     settings = fast_settings(*(SampleRequest(prompt, seed=3) for prompt in prompts), cfgs=(7.0,))
-    plain, weighted, a1111, compel_syntax = (grid for _, grid in make_samples(
-        tiny_model, settings, tmp_path, 1, 64, torch.device("cpu"), seed=0))
+    plain, weighted, a1111, compel_syntax = (
+        grid for _, grid in make_samples(tiny_model, settings, tmp_path, 1, 64, torch.device("cpu"), seed=0)
+    )
     assert not np.array_equal(plain, weighted)
     assert np.array_equal(weighted, a1111) and np.array_equal(a1111, compel_syntax)  # 1.1 ** 2 = 1.21
-    alone = make_samples(tiny_model, fast_settings(SampleRequest("a red circle", seed=3), cfgs=(7.0,)), tmp_path / "b",
-                         1, 64, torch.device("cpu"), seed=0)
+    alone = make_samples(
+        tiny_model,
+        fast_settings(SampleRequest("a red circle", seed=3), cfgs=(7.0,)),
+        tmp_path / "b",
+        1,
+        64,
+        torch.device("cpu"),
+        seed=0,
+    )
     assert np.array_equal(alone[0][1], plain)  # plain prompts keep the pipeline's own encoding
 
 
@@ -245,8 +291,12 @@ def test_the_file_is_read_again_before_every_round_and_a_broken_edit_keeps_the_l
     assert any("changed in the file; this run keeps the interval it started with" in line for line in said)
     write(tmp_path, "s.json", '{"samples": [{"prompt": "a bird",}]}')
     assert [r.prompt for r in prompts.reread().requests] == ["a dog"]
-    assert any(line.startswith("warning: sample_prompts file") and "not valid JSON" in line and "previous sample "
-               "prompts are kept" in line for line in said)
+    assert any(
+        line.startswith("warning: sample_prompts file")
+        and "not valid JSON" in line
+        and "previous sample prompts are kept" in line
+        for line in said
+    )
 
 
 def test_an_ed2_configs_sample_interval_is_counted_in_batches(tmp_path):
@@ -269,18 +319,37 @@ def write_config(tmp_path: Path, values: dict) -> Path:
 
 # --- during training -------------------------------------------------------------------------------------
 
+
 def test_training_with_samples_trains_exactly_like_without(model_cache, tmp_path):
-    sample_file = write(tmp_path, "samples.json", {"num_inference_steps": 2, "cfgs": [4, 1],
-                                                   "generate_pretrain_samples": True, "samples": [
-        {"prompt": "a red circle on a blue background"}, {"random_caption": True, "seed": 3}]})
+    sample_file = write(
+        tmp_path,
+        "samples.json",
+        {
+            "num_inference_steps": 2,
+            "cfgs": [4, 1],
+            "generate_pretrain_samples": True,
+            "samples": [{"prompt": "a red circle on a blue background"}, {"random_caption": True, "seed": 3}],
+        },
+    )
     summaries = {}
     for name, samples in (("with", {"sample_prompts": sample_file, "sample_steps": 3}), ("without", {})):
-        config = tiny_config(model_cache, DEMO_DATA, tmp_path / name, max_epochs=2, no_save_ckpt=True, flip_p=0.5,
-                             cond_dropout=0.2, **samples)
+        config = tiny_config(
+            model_cache,
+            DEMO_DATA,
+            tmp_path / name,
+            max_epochs=2,
+            no_save_ckpt=True,
+            flip_p=0.5,
+            cond_dropout=0.2,
+            **samples,
+        )
         summaries[name] = train(config)
-    weights = {name: UNet2DConditionModel.from_pretrained(summary["final_checkpoint"]["diffusers"],
-                                                          subfolder="unet").state_dict()
-               for name, summary in summaries.items()}
+    weights = {
+        name: UNet2DConditionModel.from_pretrained(
+            summary["final_checkpoint"]["diffusers"], subfolder="unet"
+        ).state_dict()
+        for name, summary in summaries.items()
+    }
     assert all(torch.equal(weights["with"][key], weights["without"][key]) for key in weights["with"])
 
     run_dir = Path(summaries["with"]["run_dir"])

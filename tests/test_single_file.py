@@ -23,8 +23,14 @@ def tiny_pipeline(tiny_model_dir):
 @pytest.fixture(scope="module")
 def exported(tiny_pipeline, tmp_path_factory):
     path = tmp_path_factory.mktemp("single") / "tiny.safetensors"
-    save_single_file(tiny_pipeline.unet, tiny_pipeline.vae, tiny_pipeline.text_encoder, path, half=False,
-                     scheduler_config=dict(tiny_pipeline.scheduler.config))
+    save_single_file(
+        tiny_pipeline.unet,
+        tiny_pipeline.vae,
+        tiny_pipeline.text_encoder,
+        path,
+        half=False,
+        scheduler_config=dict(tiny_pipeline.scheduler.config),
+    )
     return path
 
 
@@ -36,8 +42,9 @@ def assert_same_weights(model, pipeline):
 
 
 def test_our_single_file_export_trains_as_resume_ckpt(model_cache, tiny_model_dir, tiny_pipeline, exported, tmp_path):
-    config = tiny_config(model_cache, DEMO_DATA, tmp_path, resume_ckpt=str(exported),
-                         single_file_config=str(tiny_model_dir))
+    config = tiny_config(
+        model_cache, DEMO_DATA, tmp_path, resume_ckpt=str(exported), single_file_config=str(tiny_model_dir)
+    )
     model = load_model(config)
     assert_same_weights(model, tiny_pipeline)
     assert model.prediction_type == "epsilon"
@@ -45,8 +52,9 @@ def test_our_single_file_export_trains_as_resume_ckpt(model_cache, tiny_model_di
     assert again.source == model.source
 
 
-def test_original_layout_ckpt_with_extra_keys_loads_safely(model_cache, tiny_model_dir, tiny_pipeline, exported,
-                                                           tmp_path):
+def test_original_layout_ckpt_with_extra_keys_loads_safely(
+    model_cache, tiny_model_dir, tiny_pipeline, exported, tmp_path
+):
     state = load_file(exported)
     # What CompVis / A1111 checkpoints carry besides the weights.
     state["alphas_cumprod"] = torch.linspace(0.99, 0.01, 1000)
@@ -54,13 +62,21 @@ def test_original_layout_ckpt_with_extra_keys_loads_safely(model_cache, tiny_mod
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     path = tmp_path / "original.ckpt"
     torch.save({"state_dict": state, "global_step": 470000}, path)
-    config = tiny_config(model_cache, DEMO_DATA, tmp_path, resume_ckpt=str(path), single_file_config=str(tiny_model_dir))
+    config = tiny_config(
+        model_cache, DEMO_DATA, tmp_path, resume_ckpt=str(path), single_file_config=str(tiny_model_dir)
+    )
     assert_same_weights(load_model(config), tiny_pipeline)
 
 
 def test_v_prediction_override_reaches_the_noise_scheduler(model_cache, tiny_model_dir, exported, tmp_path):
-    config = tiny_config(model_cache, DEMO_DATA, tmp_path, resume_ckpt=str(exported),
-                         single_file_config=str(tiny_model_dir), prediction_type="v_prediction")
+    config = tiny_config(
+        model_cache,
+        DEMO_DATA,
+        tmp_path,
+        resume_ckpt=str(exported),
+        single_file_config=str(tiny_model_dir),
+        prediction_type="v_prediction",
+    )
     assert load_model(config).prediction_type == "v_prediction"
 
 
@@ -81,8 +97,10 @@ def test_sd2_layout_is_detected(tiny_pipeline, tmp_path):
     assert architecture_of(inspect_checkpoint(path)) == "sd2"
 
 
-@pytest.mark.parametrize("name, cross_attention, text_width, prediction", [
-    ("sd1", 768, 768, "epsilon"), ("sd2_512", 1024, 1024, "epsilon"), ("sd2_768_v", 1024, 1024, "v_prediction")])
+@pytest.mark.parametrize(
+    "name, cross_attention, text_width, prediction",
+    [("sd1", 768, 768, "epsilon"), ("sd2_512", 1024, 1024, "epsilon"), ("sd2_768_v", 1024, 1024, "v_prediction")],
+)
 def test_bundled_configs_describe_the_real_architectures(tmp_path, name, cross_attention, text_width, prediction):
     folder = bundled_config_dir(name, tmp_path)
     with torch.device("meta"):

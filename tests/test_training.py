@@ -54,8 +54,9 @@ def test_checkpoints_load_with_equal_weights(short_run, tiny_model_dir):
     _, summary = short_run
     final = summary["final_checkpoint"]
     from_folder = StableDiffusionPipeline.from_pretrained(final["diffusers"])
-    from_file = StableDiffusionPipeline.from_single_file(final["single_file"], config=str(tiny_model_dir),
-                                                         local_files_only=True)
+    from_file = StableDiffusionPipeline.from_single_file(
+        final["single_file"], config=str(tiny_model_dir), local_files_only=True
+    )
     base = StableDiffusionPipeline.from_pretrained(str(tiny_model_dir))
     folder_sd, file_sd, base_sd = state_dicts(from_folder), state_dicts(from_file), state_dicts(base)
     for part in folder_sd:
@@ -80,8 +81,9 @@ def test_steps_per_epoch_follow_split_and_batch(model_cache, tmp_path):
 def test_corrupt_image_is_skipped_and_reported(model_cache, demo_copy, tmp_path):
     (demo_copy / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (demo_copy / "broken.txt").write_text("a broken image")
-    config = tiny_config(model_cache, demo_copy, tmp_path / "runs", max_epochs=1, validation_config=None,
-                         no_save_ckpt=True)
+    config = tiny_config(
+        model_cache, demo_copy, tmp_path / "runs", max_epochs=1, validation_config=None, no_save_ckpt=True
+    )
     summary = train(config)
     assert summary["images"] == {"found": 20, "skipped": 1, "train": 20, "validation": 0}
     report = (tmp_path / "runs").glob("*/skipped_images.txt")
@@ -92,15 +94,23 @@ def test_validation_does_not_change_the_training_trajectory(model_cache, tmp_pat
     """Validating every half epoch or only at the start and end gives bit-identical weights."""
     results = []
     for every in (0.5, 100):
-        config = tiny_config(model_cache, DEMO_DATA, tmp_path / f"v{every}", max_epochs=1, no_save_ckpt=True,
-                             flip_p=0.5, cond_dropout=0.1,
-                             validation_config={"auto_split_proportion": 0.2, "every_n_epochs": every,
-                                                "timesteps": 2})
+        config = tiny_config(
+            model_cache,
+            DEMO_DATA,
+            tmp_path / f"v{every}",
+            max_epochs=1,
+            no_save_ckpt=True,
+            flip_p=0.5,
+            cond_dropout=0.1,
+            validation_config={"auto_split_proportion": 0.2, "every_n_epochs": every, "timesteps": 2},
+        )
         summary = train(config)
         results.append(summary)
     assert len(results[0]["val_loss"]["history"]) > len(results[1]["val_loss"]["history"])
-    first, second = (UNet2DConditionModel.from_pretrained(r["final_checkpoint"]["diffusers"], subfolder="unet")
-                     .state_dict() for r in results)
+    first, second = (
+        UNet2DConditionModel.from_pretrained(r["final_checkpoint"]["diffusers"], subfolder="unet").state_dict()
+        for r in results
+    )
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -112,9 +122,19 @@ def test_extra_validation_sets_and_stabilized_train_loss_are_measured(model_cach
     extra.mkdir()
     for image in sorted(demo_copy.glob("scene0*.png"))[:3]:
         image.rename(extra / image.name)
-    config = tiny_config(model_cache, demo_copy, tmp_path / "runs", max_epochs=1, no_save_ckpt=True,
-                         validation_config={"auto_split_proportion": 0.2, "timesteps": 2, "stabilize_training_loss": True,
-                                            "extra_manual_datasets": {"holdout": str(extra)}})
+    config = tiny_config(
+        model_cache,
+        demo_copy,
+        tmp_path / "runs",
+        max_epochs=1,
+        no_save_ckpt=True,
+        validation_config={
+            "auto_split_proportion": 0.2,
+            "timesteps": 2,
+            "stabilize_training_loss": True,
+            "extra_manual_datasets": {"holdout": str(extra)},
+        },
+    )
     summary = train(config)
     events = EventAccumulator(summary["run_dir"]).Reload()
     for tag in ("loss/holdout", "loss/stabilize-train", "loss/val"):
@@ -130,12 +150,16 @@ def test_clip_skip_and_a_partly_frozen_text_encoder_use_the_transformers_5_layou
     model = load_pretrained(str(tiny_model_dir), "tiny")
     with torch.no_grad():
         last, second_last = (encode_prompts(model, ["a photo"], skip, "cpu") for skip in (1, 2))
-        ids = model.tokenizer(["a photo"], padding="max_length", max_length=model.tokenizer.model_max_length,
-                              return_tensors="pt").input_ids
+        ids = model.tokenizer(
+            ["a photo"], padding="max_length", max_length=model.tokenizer.model_max_length, return_tensors="pt"
+        ).input_ids
         hidden = model.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
         assert torch.equal(second_last, model.text_encoder.final_layer_norm(hidden))
     assert not torch.equal(last, second_last)
     freeze_text_encoder_front(model.text_encoder, 1)
-    trainable = {name.split(".")[0] + "." + name.split(".")[2] if name.startswith("encoder.") else name.split(".")[0]
-                 for name, p in model.text_encoder.named_parameters() if p.requires_grad}
+    trainable = {
+        name.split(".")[0] + "." + name.split(".")[2] if name.startswith("encoder.") else name.split(".")[0]
+        for name, p in model.text_encoder.named_parameters()
+        if p.requires_grad
+    }
     assert trainable == {f"encoder.{len(model.text_encoder.encoder.layers) - 1}", "final_layer_norm"}

@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from accelerate.utils import gather_object
@@ -50,6 +49,7 @@ LatentKey = tuple[str, Bucket, bool]  # (image path, bucket (width, height), fli
 
 
 # --- what to cache ----------------------------------------------------------------------------------------
+
 
 def possible_flips(item: ImageItem, run_flip_p: float) -> tuple[bool, ...]:
     """The flips an epoch can train item with: its own flip_p, else the run's."""
@@ -79,7 +79,7 @@ def latent_key(item: ImageItem, size: Bucket, flip: bool) -> LatentKey:
 def latent_jobs(items: Sequence[ImageItem], item_buckets: Sequence[Bucket], run_flip_p: float) -> list[LatentJob]:
     """Every (image, bucket, flip) training can ask for, once each; images with multiply 0 never train."""
     jobs = {}
-    for item, size in zip(items, item_buckets):
+    for item, size in zip(items, item_buckets, strict=True):
         if item.multiply > 0:
             for flip in possible_flips(item, run_flip_p):
                 job = LatentJob(item, (int(size[0]), int(size[1])), flip)
@@ -116,11 +116,13 @@ def possible_captions(items: Sequence[ImageItem], config: TrainConfig) -> list[s
             f"key 'cache_text_embeddings': {len(shuffled)} image(s) shuffle their tags through their own settings "
             f"(shuffle_tags in a sidecar, folder or manifest file), so their captions change every epoch: "
             f"{', '.join(shuffled[:3])}{', ...' if len(shuffled) > 3 else ''}. Turn cache_text_embeddings off, or "
-            f"shuffle_tags off for those images.")
+            f"shuffle_tags off for those images."
+        )
     return sorted(captions)
 
 
 # --- keys of the disk cache --------------------------------------------------------------------------------
+
 
 def vae_identity(vae, mixed_precision: str) -> str:
     """A short hash of the VAE: its config, the precision, and each weight's name, shape, dtype and the bytes of
@@ -128,8 +130,11 @@ def vae_identity(vae, mixed_precision: str) -> str:
     weight, so it changes the sampled ones too)."""
     digest = hashlib.sha256()
     config = {key: value for key, value in dict(vae.config).items() if not key.startswith("_")}
-    digest.update(json.dumps({"config": config, "precision": mixed_precision, "format": CACHE_FORMAT},
-                             sort_keys=True, default=str).encode())
+    digest.update(
+        json.dumps(
+            {"config": config, "precision": mixed_precision, "format": CACHE_FORMAT}, sort_keys=True, default=str
+        ).encode()
+    )
     for name, tensor in sorted(vae.state_dict().items()):
         flat = tensor.detach().reshape(-1)
         values = flat[:: max(1, flat.numel() // 1024)].cpu().contiguous()
@@ -145,21 +150,27 @@ def latent_file(cache_dir: Path, vae_id: str, image_sha: str, size: Bucket, flip
 
 
 def write_latent_file(path: Path, parameters: torch.Tensor, job: LatentJob) -> None:
-    metadata = {"source": str(job.item.path), "size": f"{job.size[0]}x{job.size[1]}", "flip": str(job.flip),
-                "format": str(CACHE_FORMAT)}
+    metadata = {
+        "source": str(job.item.path),
+        "size": f"{job.size[0]}x{job.size[1]}",
+        "flip": str(job.flip),
+        "format": str(CACHE_FORMAT),
+    }
     with atomic_path(path) as temporary:
         save_file({"parameters": parameters.contiguous()}, str(temporary), metadata=metadata)
 
 
 # --- the lookups the dataset uses --------------------------------------------------------------------------
 
+
 class LatentLookup:
     """(image, bucket, flip) -> its cached latent distribution parameters [2C, h, w] on the CPU: a tensor kept
     in memory or a file read on demand. An image that could not be loaded in the pass raises ImageLoadError, as
     a failed decode does, so the step leaves it out and reports it."""
 
-    def __init__(self, entries: dict[LatentKey, Union[torch.Tensor, str]], failures: dict[str, str],
-                 encoded: int = 0, reused: int = 0):
+    def __init__(
+        self, entries: dict[LatentKey, torch.Tensor | str], failures: dict[str, str], encoded: int = 0, reused: int = 0
+    ):
         self.entries = entries
         self.failures = failures
         self.encoded = encoded  # latents the VAE computed in the pass (all processes)
@@ -177,8 +188,10 @@ class LatentLookup:
         try:
             return load_file(entry)["parameters"]
         except Exception as error:
-            raise ImageLoadError(f"cached latent {entry} of {path} is unreadable ({type(error).__name__}: "
-                                 f"{error}); delete it to have it encoded again") from error
+            raise ImageLoadError(
+                f"cached latent {entry} of {path} is unreadable ({type(error).__name__}: "
+                f"{error}); delete it to have it encoded again"
+            ) from error
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -209,6 +222,7 @@ class TextEmbeddings:
 
 
 # --- the pass ----------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Share:
@@ -246,12 +260,24 @@ def chunks_of(jobs: Sequence[LatentJob], size: int) -> list[list[LatentJob]]:
     by_bucket: dict[Bucket, list[LatentJob]] = {}
     for job in jobs:
         by_bucket.setdefault(job.size, []).append(job)
-    return [group[start:start + size] for bucket in sorted(by_bucket) for group in [by_bucket[bucket]]
-            for start in range(0, len(group), size)]
+    return [
+        group[start : start + size]
+        for bucket in sorted(by_bucket)
+        for group in [by_bucket[bucket]]
+        for start in range(0, len(group), size)
+    ]
 
 
-def _encode_share(model: SDModel, images: list[list[LatentJob]], config: TrainConfig, accelerator,
-                  cache_dir: Optional[Path], vae_id: str, num_workers: int, show_progress: bool) -> _Share:
+def _encode_share(
+    model: SDModel,
+    images: list[list[LatentJob]],
+    config: TrainConfig,
+    accelerator,
+    cache_dir: Path | None,
+    vae_id: str,
+    num_workers: int,
+    show_progress: bool,
+) -> _Share:
     share = _Share()
     targets: dict[LatentKey, Path] = {}
     todo: list[LatentJob] = []
@@ -272,9 +298,12 @@ def _encode_share(model: SDModel, images: list[list[LatentJob]], config: TrainCo
                 share.reused += 1
             else:
                 todo.append(job)
-    loader = DataLoader(_PixelChunks(chunks_of(todo, config.batch_size)), batch_size=None,
-                        num_workers=num_workers,
-                        generator=torch.Generator())  # keeps the global RNG as it is
+    loader = DataLoader(
+        _PixelChunks(chunks_of(todo, config.batch_size)),
+        batch_size=None,
+        num_workers=num_workers,
+        generator=torch.Generator(),
+    )  # keeps the global RNG as it is
     with tqdm(total=len(todo), disable=not show_progress, desc="caching latents", unit="latent") as bar:
         for done, pixels, failed in loader:
             for job, reason in failed:
@@ -282,7 +311,7 @@ def _encode_share(model: SDModel, images: list[list[LatentJob]], config: TrainCo
             if pixels is not None:
                 with accelerator.autocast():
                     parameters = vae_distribution(model, pixels).parameters.cpu()  # mean, logvar
-                for job, row in zip(done, parameters):
+                for job, row in zip(done, parameters, strict=True):
                     row = row.clone()  # its own storage: a view would keep (and pickle) the whole batch
                     if cache_dir is None:
                         share.entries[job.key] = row
@@ -304,9 +333,15 @@ def _combined(shares: list[_Share]) -> _Share:
     return total
 
 
-def build_latent_cache(model: SDModel, items: Sequence[ImageItem], item_buckets: Sequence[Bucket],
-                       config: TrainConfig, accelerator, say: Callable[[str], None],
-                       num_workers: int = 0) -> LatentLookup:
+def build_latent_cache(
+    model: SDModel,
+    items: Sequence[ImageItem],
+    item_buckets: Sequence[Bucket],
+    config: TrainConfig,
+    accelerator,
+    say: Callable[[str], None],
+    num_workers: int = 0,
+) -> LatentLookup:
     """The pass: this process encodes its share of the images (all of them with one process; `num_workers`
     DataLoader workers decode them), then the shares are combined. Reports how many latents were reused from
     latent_cache_dir and how many encoded."""
@@ -319,54 +354,74 @@ def build_latent_cache(model: SDModel, items: Sequence[ImageItem], item_buckets:
         except OSError as error:
             raise ConfigError(f"key 'latent_cache_dir' = '{cache_dir}': cannot create the folder ({error}).") from None
     vae_id = vae_identity(model.vae, accelerator.mixed_precision) if cache_dir is not None else ""
-    share = _encode_share(model, images[accelerator.process_index::accelerator.num_processes], config,
-                          accelerator, cache_dir, vae_id, num_workers, show_progress=accelerator.is_main_process)
+    share = _encode_share(
+        model,
+        images[accelerator.process_index :: accelerator.num_processes],
+        config,
+        accelerator,
+        cache_dir,
+        vae_id,
+        num_workers,
+        show_progress=accelerator.is_main_process,
+    )
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()  # every process's files are written before any reads them
     total = _combined(gather_object([share]))
     lookup = LatentLookup(total.entries, total.failures, total.encoded, total.reused)
-    where = (f"in {cache_dir / f'vae-{vae_id}'}" if cache_dir is not None
-             else f"in memory ({lookup.memory_bytes / 2**20:.1f} MiB)")
-    say(f"latent cache: {len(lookup)} latents of {len(images)} images (per bucket and flip) {where}: "
+    where = (
+        f"in {cache_dir / f'vae-{vae_id}'}"
+        if cache_dir is not None
+        else f"in memory ({lookup.memory_bytes / 2**20:.1f} MiB)"
+    )
+    say(
+        f"latent cache: {len(lookup)} latents of {len(images)} images (per bucket and flip) {where}: "
         f"{lookup.reused} reused, {lookup.encoded} encoded in {time.monotonic() - started:.1f} s"
-        + (f"; {len(lookup.failures)} image(s) could not be loaded and are left out of every step"
-           if lookup.failures else ""))
+        + (
+            f"; {len(lookup.failures)} image(s) could not be loaded and are left out of every step"
+            if lookup.failures
+            else ""
+        )
+    )
     return lookup
 
 
 @torch.no_grad()
-def build_text_cache(model: SDModel, items: Sequence[ImageItem], config: TrainConfig, accelerator,
-                     say: Callable[[str], None]) -> TextEmbeddings:
+def build_text_cache(
+    model: SDModel, items: Sequence[ImageItem], config: TrainConfig, accelerator, say: Callable[[str], None]
+) -> TextEmbeddings:
     """The CLIP hidden states of every caption training can use (trainer/model.py encode_prompts, clip_skip
     applied), this process's share encoded in chunks of batch_size, then the shares combined."""
     started = time.monotonic()
     captions = possible_captions(items, config)
-    mine = captions[accelerator.process_index::accelerator.num_processes]
+    mine = captions[accelerator.process_index :: accelerator.num_processes]
     hidden: dict[str, torch.Tensor] = {}
     for start in range(0, len(mine), config.batch_size):
-        chunk = mine[start:start + config.batch_size]
+        chunk = mine[start : start + config.batch_size]
         with accelerator.autocast():
             states = encode_prompts(model, chunk, config.clip_skip, accelerator.device).cpu()
-        hidden.update({caption: row.clone() for caption, row in zip(chunk, states)})
+        hidden.update({caption: row.clone() for caption, row in zip(chunk, states, strict=True)})
     combined: dict[str, torch.Tensor] = {}
     for part in gather_object([hidden]):
         combined.update(part)
     embeddings = TextEmbeddings(combined)
-    say(f"text-embedding cache: {len(embeddings)} distinct captions encoded in {time.monotonic() - started:.1f} s "
-        f"({embeddings.memory_bytes / 2**20:.1f} MiB in memory)")
+    say(
+        f"text-embedding cache: {len(embeddings)} distinct captions encoded in {time.monotonic() - started:.1f} s "
+        f"({embeddings.memory_bytes / 2**20:.1f} MiB in memory)"
+    )
     return embeddings
 
 
 # --- what the trainer holds --------------------------------------------------------------------------------
 
+
 @dataclass
 class TrainingCaches:
     """The run's caches, and the model parts they let leave the accelerator device."""
 
-    latents: Optional[LatentLookup] = None
-    text_embeddings: Optional[TextEmbeddings] = None
-    model: Optional[SDModel] = None
-    device: Optional[torch.device] = None
+    latents: LatentLookup | None = None
+    text_embeddings: TextEmbeddings | None = None
+    model: SDModel | None = None
+    device: torch.device | None = None
     offloaded: tuple[str, ...] = ()  # model parts moved to the CPU after the pass
 
     def offload(self) -> None:
@@ -374,8 +429,9 @@ class TrainingCaches:
         the training steps have that GPU memory. Nothing moves when training runs on the CPU."""
         if self.model is None or self.device is None or self.device.type == "cpu":
             return
-        parts = (("vae",) if self.latents is not None else ()) + \
-            (("text_encoder",) if self.text_embeddings is not None else ())
+        parts = (("vae",) if self.latents is not None else ()) + (
+            ("text_encoder",) if self.text_embeddings is not None else ()
+        )
         for part in parts:
             getattr(self.model, part).to("cpu")
         self.offloaded = parts
@@ -396,8 +452,15 @@ class TrainingCaches:
                 module.to("cpu")
 
 
-def build_caches(config: TrainConfig, items: Sequence[ImageItem], item_buckets: Sequence[Bucket], model: SDModel,
-                 accelerator, say: Callable[[str], None], num_workers: int = 0) -> TrainingCaches:
+def build_caches(
+    config: TrainConfig,
+    items: Sequence[ImageItem],
+    item_buckets: Sequence[Bucket],
+    model: SDModel,
+    accelerator,
+    say: Callable[[str], None],
+    num_workers: int = 0,
+) -> TrainingCaches:
     """The first pass before training: text embeddings (cheap, and its data check fails fast), then latents;
     then the parts they replace leave the device."""
     caches = TrainingCaches(model=model, device=accelerator.device)

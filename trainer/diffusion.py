@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
-
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.training_utils import compute_snr
 
 from trainer.model import SDModel, encode_prompts
 
@@ -39,8 +36,12 @@ def sample_cached_latents(parameters: torch.Tensor, vae_scale: float, device) ->
     return dist.sample().float() * vae_scale
 
 
-def sample_noise(latents: torch.Tensor, offset_ratio: float, generator: Optional[torch.Generator] = None,
-                 pyramid_discount: Optional[float] = None):
+def sample_noise(
+    latents: torch.Tensor,
+    offset_ratio: float,
+    generator: torch.Generator | None = None,
+    pyramid_discount: float | None = None,
+):
     """Gaussian noise; plus pyramid noise (coarser noise levels, each `discount` times weaker) and offset noise
     (one value per image and channel) when asked."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
@@ -48,12 +49,13 @@ def sample_noise(latents: torch.Tensor, offset_ratio: float, generator: Optional
         noise = add_pyramid_noise(noise, pyramid_discount, generator)
     if offset_ratio > 0:
         b, c = latents.shape[:2]
-        noise = noise + offset_ratio * torch.randn((b, c, 1, 1), generator=generator, device=latents.device,
-                                                   dtype=latents.dtype)
+        noise = noise + offset_ratio * torch.randn(
+            (b, c, 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
     return noise
 
 
-def add_pyramid_noise(noise: torch.Tensor, discount: float, generator: Optional[torch.Generator]) -> torch.Tensor:
+def add_pyramid_noise(noise: torch.Tensor, discount: float, generator: torch.Generator | None) -> torch.Tensor:
     """Multi-resolution noise: upsampled noise of ever coarser grids (random 2-4x steps), weighted discount**i,
     then rescaled to unit variance, so low frequencies get noised too."""
     b, c, h, w = noise.shape
@@ -75,7 +77,7 @@ def denoising_loss(
     encoder_hidden_states: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
-    min_snr_gamma: Optional[float] = None,
+    min_snr_gamma: float | None = None,
     loss_type: str = "mse",
 ) -> torch.Tensor:
     """Per-image loss between the UNet's prediction and its target (epsilon or v): MSE unless `loss_type`."""
@@ -87,8 +89,9 @@ def denoising_loss(
         target = noise
     unet_dtype = next(model.unet.parameters()).dtype
     prediction = model.unet(noisy.to(unet_dtype), timesteps, encoder_hidden_states.to(unet_dtype)).sample
-    loss = per_image_loss(prediction.float(), target.float(), timesteps, loss_type,
-                          scheduler.config.num_train_timesteps)
+    loss = per_image_loss(
+        prediction.float(), target.float(), timesteps, loss_type, scheduler.config.num_train_timesteps
+    )
     if min_snr_gamma:
         loss = loss * min_snr_weights(scheduler, timesteps, min_snr_gamma, model.prediction_type)
     return loss

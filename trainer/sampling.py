@@ -19,9 +19,9 @@ import importlib.util
 import math
 import random
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -30,8 +30,14 @@ from PIL import Image
 from trainer.model import SDModel
 from trainer.sample_index import record_in_index
 from utils.config import ConfigError, TrainConfig, read_sample_prompts
-from utils.ed2_compat import (SAMPLE_GUIDANCE_SCALES, SAMPLE_INFERENCE_STEPS, SAMPLE_SCHEDULERS, SampleEntry,
-                              SampleFile, optimizer_steps)
+from utils.ed2_compat import (
+    SAMPLE_GUIDANCE_SCALES,
+    SAMPLE_INFERENCE_STEPS,
+    SAMPLE_SCHEDULERS,
+    SampleEntry,
+    SampleFile,
+    optimizer_steps,
+)
 
 RANDOM_CAPTIONS = 4  # prompts taken from the data's captions when the file gives none (as ED2)
 # A1111's weighting, "(red:1.3)", which compel would read as text: rewritten to compel's "(red)1.3".
@@ -44,14 +50,15 @@ MAYBE_WEIGHTED = re.compile(r"[()]|[+-](?=[\s,]|$)")
 # What to sample
 # ---------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SampleRequest:
     prompt: str
     negative_prompt: str = ""
-    seed: Optional[int] = None  # None: the run's seed; -1: a new random seed every round (as ED2)
-    size: Optional[tuple[int, int]] = None  # (width, height); None: from aspect_ratio, else square
-    aspect_ratio: Optional[float] = None  # width / height, at about resolution² pixels
-    cfgs: Optional[tuple[float, ...]] = None  # this sample's guidance scales; None: the file's
+    seed: int | None = None  # None: the run's seed; -1: a new random seed every round (as ED2)
+    size: tuple[int, int] | None = None  # (width, height); None: from aspect_ratio, else square
+    aspect_ratio: float | None = None  # width / height, at about resolution² pixels
+    cfgs: tuple[float, ...] | None = None  # this sample's guidance scales; None: the file's
     random_caption: bool = False  # the prompt is a caption of the data, drawn again every round
 
 
@@ -62,8 +69,8 @@ class SampleSettings:
     scheduler: str = "ddim"
     num_inference_steps: int = SAMPLE_INFERENCE_STEPS
     batch_size: int = 1
-    every_n_steps: Optional[int] = None  # the file's generate_samples_every_n_steps, which beats sample_steps
-    resolution: Optional[int] = None  # the file's default image side; None: the training resolution
+    every_n_steps: int | None = None  # the file's generate_samples_every_n_steps, which beats sample_steps
+    resolution: int | None = None  # the file's default image side; None: the training resolution
     show_progress_bars: bool = False
     pretrain: bool = False  # the file's generate_pretrain_samples: a round before the first step
     captions: tuple[str, ...] = ()  # the data's distinct captions, sorted: what random_caption draws from
@@ -96,18 +103,30 @@ def _settings_from_json(parsed: SampleFile, captions: tuple[str, ...]) -> Sample
     if not requests:  # no `samples`: a few training captions, as ED2
         chosen = spread_captions(captions, min(RANDOM_CAPTIONS, len(captions)))
         requests = [SampleRequest(caption, seed=parsed.seed) for caption in chosen]
-    return SampleSettings(requests=tuple(requests), cfgs=tuple(parsed.cfgs), scheduler=parsed.scheduler,
-                          num_inference_steps=parsed.num_inference_steps, batch_size=parsed.batch_size,
-                          every_n_steps=parsed.generate_samples_every_n_steps, resolution=parsed.resolution,
-                          show_progress_bars=parsed.show_progress_bars, pretrain=parsed.generate_pretrain_samples,
-                          captions=captions)
+    return SampleSettings(
+        requests=tuple(requests),
+        cfgs=tuple(parsed.cfgs),
+        scheduler=parsed.scheduler,
+        num_inference_steps=parsed.num_inference_steps,
+        batch_size=parsed.batch_size,
+        every_n_steps=parsed.generate_samples_every_n_steps,
+        resolution=parsed.resolution,
+        show_progress_bars=parsed.show_progress_bars,
+        pretrain=parsed.generate_pretrain_samples,
+        captions=captions,
+    )
 
 
 def _request_from_entry(entry: SampleEntry, parsed: SampleFile) -> SampleRequest:
-    return SampleRequest(prompt=entry.prompt, negative_prompt=entry.negative_prompt,
-                         seed=entry.seed if entry.seed is not None else parsed.seed, size=entry.size,
-                         aspect_ratio=entry.aspect_ratio, cfgs=tuple(entry.cfgs) if entry.cfgs else None,
-                         random_caption=entry.random_caption)
+    return SampleRequest(
+        prompt=entry.prompt,
+        negative_prompt=entry.negative_prompt,
+        seed=entry.seed if entry.seed is not None else parsed.seed,
+        size=entry.size,
+        aspect_ratio=entry.aspect_ratio,
+        cfgs=tuple(entry.cfgs) if entry.cfgs else None,
+        random_caption=entry.random_caption,
+    )
 
 
 class SamplePrompts:
@@ -129,12 +148,15 @@ class SamplePrompts:
         try:
             read = self._read()
         except ConfigError as error:
-            self.say(f"warning: {error} The previous sample prompts are kept; the file is read again at the next "
-                     f"round.")
+            self.say(
+                f"warning: {error} The previous sample prompts are kept; the file is read again at the next round."
+            )
             return self.settings
         if read.every_n_steps != self.read.every_n_steps:
-            self.say(f"sample_prompts: generate_samples_every_n_steps changed in the file; this run keeps the "
-                     f"interval it started with, {self.settings.every_n_steps or 'sample_steps'} (ED2 would switch)")
+            self.say(
+                f"sample_prompts: generate_samples_every_n_steps changed in the file; this run keeps the "
+                f"interval it started with, {self.settings.every_n_steps or 'sample_steps'} (ED2 would switch)"
+            )
         self.read = read
         self.settings = replace(read, every_n_steps=self.settings.every_n_steps)
         return self.settings
@@ -150,19 +172,24 @@ def _notes(settings: SampleSettings, batches_per_step: int) -> list[str]:
     """What this file gets that ED2 would do otherwise (docs/ed2.md lists each)."""
     notes = []
     if settings.every_n_steps and batches_per_step > 1:
-        notes.append(f"generate_samples_every_n_steps is counted in batches in ED2: every {settings.every_n_steps} "
-                     f"optimizer steps of {batches_per_step} batches here")
+        notes.append(
+            f"generate_samples_every_n_steps is counted in batches in ED2: every {settings.every_n_steps} "
+            f"optimizer steps of {batches_per_step} batches here"
+        )
     if any(request.cfgs for request in settings.requests):
         notes.append("a sample's own cfgs are its guidance scales (ED2's code used the file's cfgs for every sample)")
     if any(request.random_caption for request in settings.requests):
-        notes.append("random_caption draws a caption of the data each round, seeded by the run's seed and step (ED2 "
-                     "took one of the current batch's captions)")
+        notes.append(
+            "random_caption draws a caption of the data each round, seeded by the run's seed and step (ED2 "
+            "took one of the current batch's captions)"
+        )
     prompts = [text for request in settings.requests for text in (request.prompt, request.negative_prompt)]
     if any(A1111_WEIGHT.search(prompt) for prompt in prompts):
         notes.append("A1111 weighting (word:1.2) is read as compel's (word)1.2 (ED2 passed it to compel as text)")
     if importlib.util.find_spec("compel") is None and any(MAYBE_WEIGHTED.search(prompt) for prompt in prompts):
-        notes.append("the compel package is not installed, so prompt weighting is read as plain text: pip install "
-                     "compel")
+        notes.append(
+            "the compel package is not installed, so prompt weighting is read as plain text: pip install compel"
+        )
     return notes
 
 
@@ -184,6 +211,7 @@ def build_scheduler(name: str, model_scheduler_config):
 # When to sample
 # ---------------------------------------------------------------------------------------------------------
 
+
 def sample_interval(steps_per_epoch: int, config, settings: SampleSettings) -> int:
     """Optimizer steps between rounds: sample_every_n_epochs, else the file's generate_samples_every_n_steps,
     else sample_steps."""
@@ -202,15 +230,18 @@ def samples_due(step: int, plan, config, settings: SampleSettings) -> bool:
 # Sampling
 # ---------------------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def make_samples(model: SDModel, settings: SampleSettings, out_dir: Path, step: int, resolution: int, device,
-                 seed: int) -> list[tuple[Path, np.ndarray]]:
+def make_samples(
+    model: SDModel, settings: SampleSettings, out_dir: Path, step: int, resolution: int, device, seed: int
+) -> list[tuple[Path, np.ndarray]]:
     """One grid per request (one column per guidance scale), saved as samples/gs<step>-p<i>.png and listed
     in samples/index.json. Returns (path, grid as HWC uint8) per request, in request order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     captions = iter(_round_captions(settings, seed, step))
-    requests = [_concrete(request, settings, seed, captions, settings.resolution or resolution)
-                for request in settings.requests]
+    requests = [
+        _concrete(request, settings, seed, captions, settings.resolution or resolution) for request in settings.requests
+    ]
     pipeline = model.pipeline(scheduler=build_scheduler(settings.scheduler, model.noise_scheduler.config))
     pipeline.set_progress_bar_config(disable=not settings.show_progress_bars)
     grids: dict[int, np.ndarray] = {}
@@ -218,26 +249,40 @@ def make_samples(model: SDModel, settings: SampleSettings, out_dir: Path, step: 
         for batch in batches_of_alike(requests, settings.batch_size):
             alike = [requests[i] for i in batch]
             prompts = _prompt_arguments(pipeline, alike)
-            columns = [_generate(pipeline, alike, prompts, scale, settings.num_inference_steps)
-                       for scale in alike[0].cfgs]
+            columns = [
+                _generate(pipeline, alike, prompts, scale, settings.num_inference_steps) for scale in alike[0].cfgs
+            ]
             for position, index in enumerate(batch):
                 grids[index] = np.concatenate([column[position] for column in columns], axis=1)
     results = []
-    for index, request in enumerate(requests):
+    for index, _request in enumerate(requests):
         path = out_dir / f"gs{step:05d}-p{index}.png"
         Image.fromarray(grids[index]).save(path)
         results.append((path, grids[index]))
-    record_in_index(out_dir, step, [index_entry(path, asked, request, settings) for (path, _), asked, request
-                                    in zip(results, settings.requests, requests)])
+    record_in_index(
+        out_dir,
+        step,
+        [
+            index_entry(path, asked, request, settings)
+            for (path, _), asked, request in zip(results, settings.requests, requests, strict=True)
+        ],
+    )
     return results
 
 
 def index_entry(path: Path, asked: SampleRequest, request: SampleRequest, settings: SampleSettings) -> dict:
     """The index's record of one sample: what was made (`request`), and whether its seed or caption was drawn
     for this round (`asked` had seed -1, or random_caption)."""
-    entry = {"file": path.name, "prompt": request.prompt, "negative_prompt": request.negative_prompt,
-             "seed": request.seed, "size": list(request.size), "cfgs": list(request.cfgs),
-             "scheduler": settings.scheduler, "num_inference_steps": settings.num_inference_steps}
+    entry = {
+        "file": path.name,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "seed": request.seed,
+        "size": list(request.size),
+        "cfgs": list(request.cfgs),
+        "scheduler": settings.scheduler,
+        "num_inference_steps": settings.num_inference_steps,
+    }
     if asked.seed == -1:
         entry["random_seed"] = True
     if asked.random_caption:
@@ -254,8 +299,9 @@ def _round_captions(settings: SampleSettings, run_seed: int, step: int) -> list[
     return [captions[index % len(captions)] for index in range(count)] if captions else []
 
 
-def _concrete(request: SampleRequest, settings: SampleSettings, run_seed: int, captions: Iterator[str],
-              resolution: int) -> SampleRequest:
+def _concrete(
+    request: SampleRequest, settings: SampleSettings, run_seed: int, captions: Iterator[str], resolution: int
+) -> SampleRequest:
     """Fill in the run's defaults and this round's draws (a random caption: the next of `captions`). Seed -1 draws
     from the OS, so the training RNG is not consumed."""
     seed = run_seed if request.seed is None else request.seed
@@ -274,8 +320,7 @@ def batches_of_alike(requests: list[SampleRequest], batch_size: int) -> list[lis
     alike: dict[tuple, list[int]] = {}
     for index, request in enumerate(requests):
         alike.setdefault((request.size, request.cfgs), []).append(index)
-    return [group[start:start + batch_size] for group in alike.values()
-            for start in range(0, len(group), batch_size)]
+    return [group[start : start + batch_size] for group in alike.values() for start in range(0, len(group), batch_size)]
 
 
 def _generate(pipeline, requests: list[SampleRequest], prompts: dict, guidance_scale: float, steps: int) -> np.ndarray:
@@ -284,9 +329,15 @@ def _generate(pipeline, requests: list[SampleRequest], prompts: dict, guidance_s
     and in every batch."""
     width, height = requests[0].size
     generators = [torch.Generator(device="cpu").manual_seed(request.seed) for request in requests]
-    images = pipeline(**prompts, width=width, height=height,
-                      guidance_scale=guidance_scale, num_inference_steps=steps, generator=generators,
-                      output_type="np").images
+    images = pipeline(
+        **prompts,
+        width=width,
+        height=height,
+        guidance_scale=guidance_scale,
+        num_inference_steps=steps,
+        generator=generators,
+        output_type="np",
+    ).images
     return (np.nan_to_num(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
@@ -354,4 +405,3 @@ def _autocast_for(model: SDModel, device):
     weights; autocast lets the pipeline pass tensors between them."""
     dtype = model.vae.dtype
     return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
-

@@ -15,7 +15,6 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
 
 from trainer.tiny_model import bytes_to_unicode
 from utils.checkpoint import atomic_path
@@ -34,7 +33,7 @@ def architecture_of(info) -> str:
     return "sd1"
 
 
-def choose_prediction_type(info, architecture: str, override: Optional[str], notes: list[str]) -> str:
+def choose_prediction_type(info, architecture: str, override: str | None, notes: list[str]) -> str:
     if override:
         return override
     declared = detect_prediction_type(info)
@@ -44,8 +43,10 @@ def choose_prediction_type(info, architecture: str, override: Optional[str], not
         return "epsilon"
     # SD 2.x base (512) and 768-v share one architecture; without a hint in the file, assume the 768-v
     # model, as diffusers does, and say how to change it.
-    notes.append(f"{info.path.name}: SD 2.x without a prediction-type hint; assuming v_prediction (the 768-v "
-                 f"model). Set \"prediction_type\": \"epsilon\" for SD 2.x-base (512) models.")
+    notes.append(
+        f"{info.path.name}: SD 2.x without a prediction-type hint; assuming v_prediction (the 768-v "
+        f'model). Set "prediction_type": "epsilon" for SD 2.x-base (512) models.'
+    )
     return "v_prediction"
 
 
@@ -62,12 +63,13 @@ def bundled_config_dir(name: str, cache_dir: Path) -> Path:
 
 def write_clip_tokenizer_files(folder: Path) -> None:
     """vocab.json and merges.txt of the CLIP tokenizer, rebuilt from CLIP's BPE merges the way CLIP does."""
-    lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")[1:CLIP_MERGES + 1]
+    lines = gzip.open(CLIP_BPE, "rt", encoding="utf-8").read().split("\n")[1 : CLIP_MERGES + 1]
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(line.split()) for line in lines]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False),
-                                       encoding="utf-8")
+    (folder / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), encoding="utf-8"
+    )
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -77,8 +79,13 @@ def _cache_key(path: Path, config_dir: Path, prediction_type: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:12]
 
 
-def converted_model_path(path: Path, cache_dir: Path, config_override: Optional[str] = None,
-                         prediction_type: Optional[str] = None, notes: Optional[list[str]] = None) -> Path:
+def converted_model_path(
+    path: Path,
+    cache_dir: Path,
+    config_override: str | None = None,
+    prediction_type: str | None = None,
+    notes: list[str] | None = None,
+) -> Path:
     """The cached diffusers folder of a single-file checkpoint, converting it on first use."""
     notes = notes if notes is not None else []
     try:

@@ -34,24 +34,33 @@ def fixed_timesteps(count: int, num_train_timesteps: int) -> list[int]:
 def group_into_fixed_batches(items: list[ImageItem], resolution: int, batch_size: int):
     """Items grouped by bucket, in path order: a fixed composition for every pass."""
     by_bucket: dict[tuple[int, int], list[ImageItem]] = {}
-    for item, bucket in zip(items, assign_buckets(items, resolution)):
+    for item, bucket in zip(items, assign_buckets(items, resolution), strict=True):
         by_bucket.setdefault(bucket, []).append(item)
     for size in sorted(by_bucket):
         group = by_bucket[size]
         for start in range(0, len(group), batch_size):
-            yield size, group[start:start + batch_size]
+            yield size, group[start : start + batch_size]
 
 
 class StabilizedLoss:
-    def __init__(self, model: SDModel, items: list[ImageItem], resolution: int, batch_size: int,
-                 num_timesteps: int, seed: int, clip_skip: int):
+    def __init__(
+        self,
+        model: SDModel,
+        items: list[ImageItem],
+        resolution: int,
+        batch_size: int,
+        num_timesteps: int,
+        seed: int,
+        clip_skip: int,
+    ):
         self.clip_skip = clip_skip
         self.timesteps = fixed_timesteps(num_timesteps, model.noise_scheduler.config.num_train_timesteps)
         self.num_images = len(items)
         self.batches = [
             _FixedBatch(
-                latents=encode_latents(model, torch.stack([load_image(i, size, flip=False) for i in group]),
-                                       sample=False).cpu(),
+                latents=encode_latents(
+                    model, torch.stack([load_image(i, size, flip=False) for i in group]), sample=False
+                ).cpu(),
                 captions=[i.caption for i in group],
                 noise_seed=seed * 100_003 + index,
             )

@@ -11,11 +11,20 @@ import codecs
 import difflib
 import json
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from utils import ed2_compat
 
@@ -43,12 +52,12 @@ class ValidationSettings(_Strict):
         "automatic", description="automatic: hold out a share of data_root; manual: use manual_data_root; none"
     )
     auto_split_proportion: float = Field(0.15, ge=0.0, lt=1.0, description="share of images held out (automatic)")
-    manual_data_root: Optional[str] = Field(None, description="folder of validation images (manual mode)")
+    manual_data_root: str | None = Field(None, description="folder of validation images (manual mode)")
     seed: int = Field(555, description="seed of the split and of the fixed noise of every validation pass")
     every_n_epochs: float = Field(
         1.0, gt=0, description="validate every N epochs; below 1 (0.5, 0.25) several times per epoch"
     )
-    batch_size: Optional[int] = Field(None, ge=1, description="validation batch size (default: batch_size)")
+    batch_size: int | None = Field(None, ge=1, description="validation batch size (default: batch_size)")
     timesteps: int = Field(
         8, ge=1, le=1000, description="fixed timesteps, spread over the noise schedule, at which every image is scored"
     )
@@ -56,12 +65,13 @@ class ValidationSettings(_Strict):
         default_factory=dict, description='more validation sets {"name": "folder"}, each logged as loss/<name>'
     )
     stabilize_training_loss: bool = Field(
-        False, description="also score a fixed subset of the training images the same way, logged as loss/stabilize-train"
+        False,
+        description="also score a fixed subset of the training images the same way, logged as loss/stabilize-train",
     )
     stabilize_split_proportion: float = Field(0.15, gt=0, le=1, description="share of training images in that subset")
 
     @model_validator(mode="after")
-    def _manual_needs_folder(self) -> "ValidationSettings":
+    def _manual_needs_folder(self) -> ValidationSettings:
         if self.validate_training and self.val_split_mode == "manual" and not self.manual_data_root:
             raise ValueError("val_split_mode 'manual' needs manual_data_root: the folder of validation images")
         return self
@@ -81,8 +91,17 @@ DEFAULT_MAX_EPOCHS = 300  # ED2's
 # compute at the fastest step rates, so a longer run is a typo (a few zeros too many), and refusing it keeps the
 # per-step work outside the training loop, such as the schedule preview, bounded.
 MAX_STEPS = 10_000_000
-OPTIMIZER_NAMES = ("adamw", "adamw8bit", "lion", "lion8bit", "prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd",
-                   "coordinate_dowg")
+OPTIMIZER_NAMES = (
+    "adamw",
+    "adamw8bit",
+    "lion",
+    "lion8bit",
+    "prodigy",
+    "dadapt_adam",
+    "dadapt_lion",
+    "dadapt_sgd",
+    "coordinate_dowg",
+)
 
 
 class TrainConfig(_Strict):
@@ -96,72 +115,88 @@ class TrainConfig(_Strict):
         "tiny", description="base model: a local diffusers folder, a hub id, or 'tiny' (built-in demo model)"
     )
     data_root: str = Field(
-        "input", description="folder of training images (recursive; captions from .txt/.caption/.yaml sidecars or the "
-        "file name; ED2 per-folder files) or an ED2 JSON manifest"
+        "input",
+        description="folder of training images (recursive; captions from .txt/.caption/.yaml sidecars or the "
+        "file name; ED2 per-folder files) or an ED2 JSON manifest",
     )
     project_name: str = Field("myproj", description="names the run folder and checkpoints")
     logdir: str = Field("logs", description="root of the run folders")
-    save_ckpt_dir: Optional[str] = Field(
+    save_ckpt_dir: str | None = Field(
         None, description="also copy the final single-file .safetensors here (default: only inside the run folder)"
     )
-    model_cache_dir: Optional[str] = Field(
-        None, description="where the tiny model and converted single-file models are cached (default ~/.cache/everycycle)"
+    model_cache_dir: str | None = Field(
+        None,
+        description="where the tiny model and converted single-file models are cached (default ~/.cache/everycycle)",
     )
-    single_file_config: Optional[str] = Field(
-        None, description="diffusers folder whose configs describe a single-file resume_ckpt (default: detected SD 1.x / 2.x)"
+    single_file_config: str | None = Field(
+        None,
+        description="diffusers folder whose configs describe a single-file resume_ckpt (default: detected SD 1.x/2.x)",
     )
-    prediction_type: Optional[Literal["epsilon", "v_prediction"]] = Field(
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="override the model's prediction type (default: from the model; detected for single files)"
     )
 
     # --- run length and batches ------------------------------------------------------------------------
     batch_size: int = Field(2, ge=1, description="images per micro-batch, all from one aspect bucket")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    max_epochs: Optional[int] = Field(
-        None, ge=1, description="epochs to train (default 300, as ED2); with lr_cycle_stages and no max_epochs or "
-        "max_steps, the stages set the run length"
+    max_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="epochs to train (default 300, as ED2); with lr_cycle_stages and no max_epochs or "
+        "max_steps, the stages set the run length",
     )
-    max_steps: Optional[int] = Field(
+    max_steps: int | None = Field(
         None, ge=1, description=f"stop after this many optimizer steps (wins over max_epochs; at most {MAX_STEPS:,})"
     )
-    resolution: int = Field(512, ge=64, description="training resolution, a multiple of 64 (buckets keep about this area)")
+    resolution: int = Field(
+        512, ge=64, description="training resolution, a multiple of 64 (buckets keep about this area)"
+    )
     seed: int = Field(555, description="global seed (-1: pick one at random and record it)")
     num_workers: int = Field(
-        -1, ge=-1, description="DataLoader worker processes: 0 loads images in the main process; -1 (auto): on CUDA "
-        "min(8, CPUs per process - 1, batches per epoch), on the CPU 0 (the workers would take the training's cores)"
+        -1,
+        ge=-1,
+        description="DataLoader worker processes: 0 loads images in the main process; -1 (auto): on CUDA "
+        "min(8, CPUs per process - 1, batches per epoch), on the CPU 0 (the workers would take the training's cores)",
     )
-    prefetch_factor: int = Field(
-        2, ge=1, description="batches each DataLoader worker loads ahead (only with workers)"
-    )
+    prefetch_factor: int = Field(2, ge=1, description="batches each DataLoader worker loads ahead (only with workers)")
     cache_latents: bool = Field(
-        False, description="encode each image's VAE latent distribution once, before training (per bucket and per "
+        False,
+        description="encode each image's VAE latent distribution once, before training (per bucket and per "
         "flip that can occur), and reuse it every epoch: no image decoding or VAE encode per step, and the VAE "
-        "leaves the GPU while training"
+        "leaves the GPU while training",
     )
-    latent_cache_dir: Optional[str] = Field(
-        None, description="with cache_latents: keep the latents in this folder (safetensors, keyed by image content, "
-        "bucket, flip and VAE) and reuse them in later runs; null: in memory"
+    latent_cache_dir: str | None = Field(
+        None,
+        description="with cache_latents: keep the latents in this folder (safetensors, keyed by image content, "
+        "bucket, flip and VAE) and reuse them in later runs; null: in memory",
     )
     cache_text_embeddings: bool = Field(
-        False, description="with a frozen text encoder and fixed captions (no shuffle_tags): encode each distinct "
-        "caption once, before training, and reuse it; the text encoder leaves the GPU while training"
+        False,
+        description="with a frozen text encoder and fixed captions (no shuffle_tags): encode each distinct "
+        "caption once, before training, and reuse it; the text encoder leaves the GPU while training",
     )
 
     # --- learning rate ---------------------------------------------------------------------------------
     lr: float = Field(1e-6, gt=0, description="learning rate; the peak (upper bound) of cyclic schedules")
     lr_scheduler: str = Field("constant", description="constant, linear, cosine (ED2 semantics), cyclic, one_cycle")
-    lr_warmup_steps: Optional[int] = Field(
-        None, ge=0, description="linear warmup steps (null: ED2's automatic 2% of lr_decay_steps for linear/cosine, else 0)"
+    lr_warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="linear warmup steps (null: ED2's automatic 2% of lr_decay_steps for linear/cosine, else 0)",
     )
-    lr_decay_steps: Optional[int] = Field(
-        None, ge=0, description="linear/cosine: steps to reach 0 (null or 0: 1.5 x the run, as ED2); cyclic: the stepsize"
+    lr_decay_steps: int | None = Field(
+        None,
+        ge=0,
+        description="linear/cosine: steps to reach 0 (null or 0: 1.5 x the run, as ED2); cyclic: the stepsize",
     )
     lr_min: float = Field(0.0, ge=0, description="lower bound of the cyclic schedule")
-    lr_stepsize_epochs: Optional[float] = Field(
+    lr_stepsize_epochs: float | None = Field(
         None, gt=0, description="cyclic: stepsize as a multiple of the epoch size (Smith's 2-10 rule)"
     )
-    lr_cycles: Optional[float] = Field(None, gt=0, description="cyclic: number of cycles over the run (5.5 is exact)")
-    lr_cycle_shape: Literal["triangular", "cosine"] = Field("triangular", description="cyclic ramps: linear or half-cosine")
+    lr_cycles: float | None = Field(None, gt=0, description="cyclic: number of cycles over the run (5.5 is exact)")
+    lr_cycle_shape: Literal["triangular", "cosine"] = Field(
+        "triangular", description="cyclic ramps: linear or half-cosine"
+    )
     lr_cycle_start: Literal["low", "high"] = Field(
         "low", description="cyclic: begin at lr_min and rise (the paper) or at lr and fall (the post's ED2 runs)"
     )
@@ -169,26 +204,38 @@ class TrainConfig(_Strict):
         "none", description="cyclic amplitude policy: none, triangular2 (halves each cycle), exp_range, stages"
     )
     lr_gamma: float = Field(1.0, gt=0, le=1, description="exp_range: amplitude x lr_gamma ** step")
-    lr_cycle_stages: Optional[list[CycleStage]] = Field(
+    lr_cycle_stages: list[CycleStage] | None = Field(
         None, description='staged decay, e.g. [{"cycles": 3, "lr": 1.13e-6}, {"cycles": 1.5, "lr": 5.65e-7}]'
     )
-    lr_end_at_low: bool = Field(False, description="cyclic: shorten or lengthen the run to end on the nearest low point")
-    lr_cycle_momentum: bool = Field(False, description="cycle beta1 opposite to the LR (0.95 at the low, 0.85 at the peak)")
+    lr_end_at_low: bool = Field(
+        False, description="cyclic: shorten or lengthen the run to end on the nearest low point"
+    )
+    lr_cycle_momentum: bool = Field(
+        False, description="cycle beta1 opposite to the LR (0.95 at the low, 0.85 at the peak)"
+    )
     lr_pct_start: float = Field(0.3, gt=0, lt=1, description="one_cycle: share of the run spent rising")
     lr_div_factor: float = Field(25.0, gt=0, description="one_cycle: initial LR = lr / lr_div_factor")
     lr_final_div_factor: float = Field(1e4, gt=0, description="one_cycle: final LR = initial LR / lr_final_div_factor")
     lr_three_phase: bool = Field(False, description="one_cycle: torch's three_phase variant")
     lr_anneal_strategy: Literal["cos", "linear"] = Field("cos", description="one_cycle: cosine or linear ramps")
-    text_encoder_lr: Optional[float] = Field(None, gt=0, description="text encoder peak LR (default: lr x text_encoder_lr_scale)")
-    text_encoder_lr_min: Optional[float] = Field(
+    text_encoder_lr: float | None = Field(
+        None, gt=0, description="text encoder peak LR (default: lr x text_encoder_lr_scale)"
+    )
+    text_encoder_lr_min: float | None = Field(
         None, ge=0, description="text encoder lower bound (default: lr_min x text_encoder_lr_scale)"
     )
-    text_encoder_lr_scale: float = Field(1.0, gt=0, description="text encoder LRs relative to the UNet's when not given")
-    text_encoder_lr_scheduler: Optional[str] = Field(
+    text_encoder_lr_scale: float = Field(
+        1.0, gt=0, description="text encoder LRs relative to the UNet's when not given"
+    )
+    text_encoder_lr_scheduler: str | None = Field(
         None, description="a different schedule for the text encoder (ED2 names only; default: the UNet's, same phase)"
     )
-    text_encoder_lr_warmup_steps: Optional[int] = Field(None, ge=0, description="with text_encoder_lr_scheduler: its warmup")
-    text_encoder_lr_decay_steps: Optional[int] = Field(None, ge=0, description="with text_encoder_lr_scheduler: its decay steps")
+    text_encoder_lr_warmup_steps: int | None = Field(
+        None, ge=0, description="with text_encoder_lr_scheduler: its warmup"
+    )
+    text_encoder_lr_decay_steps: int | None = Field(
+        None, ge=0, description="with text_encoder_lr_scheduler: its decay steps"
+    )
 
     # --- LR range test (train.py --find_lr) --------------------------------------------------------------
     lr_find_start: float = Field(1e-8, gt=0, description="LR finder: LR of the first step of the sweep")
@@ -196,11 +243,11 @@ class TrainConfig(_Strict):
     lr_find_ramp: Literal["linear", "exponential"] = Field(
         "exponential", description="LR finder: the LR rises linearly (Smith, the post) or exponentially (fastai)"
     )
-    lr_find_steps: Optional[int] = Field(
+    lr_find_steps: int | None = Field(
         None, ge=2, description="LR finder: optimizer steps of the sweep (null: lr_find_epochs, else 200)"
     )
-    lr_find_epochs: Optional[float] = Field(None, gt=0, description="LR finder: length of the sweep in epochs")
-    lr_find_probe_every: Optional[int] = Field(
+    lr_find_epochs: float | None = Field(None, gt=0, description="LR finder: length of the sweep in epochs")
+    lr_find_probe_every: int | None = Field(
         None, ge=1, description="LR finder: measure the probe loss every N steps (null: about 40 probes per sweep)"
     )
     lr_find_probe_images: int = Field(
@@ -212,47 +259,56 @@ class TrainConfig(_Strict):
 
     # --- optimizer -------------------------------------------------------------------------------------
     optimizer: str = Field(
-        "adamw8bit", description="adamw (torch), adamw8bit and lion8bit (bitsandbytes), lion (lion-pytorch), prodigy, "
-        "dadapt_adam, dadapt_lion, dadapt_sgd, coordinate_dowg"
+        "adamw8bit",
+        description="adamw (torch), adamw8bit and lion8bit (bitsandbytes), lion (lion-pytorch), prodigy, "
+        "dadapt_adam, dadapt_lion, dadapt_sgd, coordinate_dowg",
     )
     weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (Lion: its two betas)")
     epsilon: float = Field(1e-8, gt=0, description="Adam epsilon")
-    clip_grad_norm: Optional[float] = Field(None, gt=0, description="clip the gradient norm of each model to this")
+    clip_grad_norm: float | None = Field(None, gt=0, description="clip the gradient norm of each model to this")
     max_nan_steps: int = Field(
         5, ge=1, description="stop after this many steps in a row with a NaN/inf loss (each one's update is skipped)"
     )
-    optimizer_config: Optional[str] = Field(
+    optimizer_config: str | None = Field(
         None, description="ED2's optimizer.json (base, text_encoder_overrides, text_encoder_freezing); see ED2 section"
     )
     optimizer_args: dict[str, Any] = Field(
-        default_factory=dict, description="extra arguments of adaptive optimizers (prodigy, dadapt_*: d0, growth_rate ...)"
+        default_factory=dict,
+        description="extra arguments of adaptive optimizers (prodigy, dadapt_*: d0, growth_rate ...)",
     )
-    text_encoder_weight_decay: Optional[float] = Field(None, ge=0, description="text encoder weight decay (default: weight_decay)")
-    text_encoder_betas: Optional[tuple[float, float]] = Field(None, description="text encoder betas (default: betas)")
-    text_encoder_epsilon: Optional[float] = Field(None, gt=0, description="text encoder epsilon (default: epsilon)")
-    text_encoder_unfreeze_last_n_layers: Optional[int] = Field(
+    text_encoder_weight_decay: float | None = Field(
+        None, ge=0, description="text encoder weight decay (default: weight_decay)"
+    )
+    text_encoder_betas: tuple[float, float] | None = Field(None, description="text encoder betas (default: betas)")
+    text_encoder_epsilon: float | None = Field(None, gt=0, description="text encoder epsilon (default: epsilon)")
+    text_encoder_unfreeze_last_n_layers: int | None = Field(
         None, ge=0, description="train only the last N text encoder layers (and its final norm); null: all"
     )
 
     # --- what trains, how --------------------------------------------------------------------------------
     disable_textenc_training: bool = Field(False, description="freeze the text encoder")
-    disable_unet_training: bool = Field(False, description="freeze the UNet (train the text encoder only; not recommended)")
+    disable_unet_training: bool = Field(
+        False, description="freeze the UNet (train the text encoder only; not recommended)"
+    )
     gradient_checkpointing: bool = Field(False, description="trade compute for memory (UNet and text encoder)")
     attn_type: Literal["sdp", "xformers", "slice"] = Field(
         "sdp", description="attention kernel: torch SDPA, xformers (CUDA), or slice (sliced attention, least memory)"
     )
     channels_last: bool = Field(
-        False, description="UNet (and the VAE when it encodes every step) in channels_last memory format: faster "
-        "convolutions on tensor-core GPUs; no effect on results beyond rounding"
+        False,
+        description="UNet (and the VAE when it encodes every step) in channels_last memory format: faster "
+        "convolutions on tensor-core GPUs; no effect on results beyond rounding",
     )
     torch_compile: bool = Field(
-        False, description="torch.compile the UNet: faster steps after a first step that compiles for minutes; "
-        "checkpoints and states keep plain keys"
+        False,
+        description="torch.compile the UNet: faster steps after a first step that compiles for minutes; "
+        "checkpoints and states keep plain keys",
     )
     allow_tf32: bool = Field(
-        True, description="on CUDA, fp32 matmuls and convolutions (those outside autocast) use TF32 tensor cores; "
-        "false: full fp32"
+        True,
+        description="on CUDA, fp32 matmuls and convolutions (those outside autocast) use TF32 tensor cores; "
+        "false: full fp32",
     )
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, else fp16 on CUDA, no on the CPU"
@@ -260,46 +316,58 @@ class TrainConfig(_Strict):
     clip_skip: int = Field(0, ge=0, le=4, description="use the text encoder's n-th last layer (0/1: the last)")
     cond_dropout: float = Field(0.04, ge=0, le=1, description="chance of training a caption as the empty prompt")
     flip_p: float = Field(0.0, ge=0, le=1, description="chance of flipping an image horizontally")
-    min_snr_gamma: Optional[float] = Field(None, gt=0, description="Min-SNR loss weighting gamma (5 is usual); null: off")
+    min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5 is usual); null: off")
     zero_frequency_noise_ratio: float = Field(0.02, ge=0, le=1, description="offset noise strength (0: off)")
-    pyramid_noise_discount: Optional[float] = Field(
-        None, gt=0, lt=1, description="multi-resolution (pyramid) noise with this discount per level (ED2 uses 0.03); null: off"
+    pyramid_noise_discount: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="multi-resolution (pyramid) noise with this discount per level (ED2 uses 0.03); null: off",
     )
     enable_zero_terminal_snr: bool = Field(False, description="rescale the noise schedule to zero terminal SNR")
     loss_type: Literal["mse", "huber", "mse_huber", "huber_mse"] = Field(
-        "mse", description="mse; huber; mse_huber: Huber at t=0 blending to MSE at t=999 (ED2's code); huber_mse: the reverse"
+        "mse",
+        description="mse; huber; mse_huber: Huber at t=0 blending to MSE at t=999 (ED2's code); huber_mse: the reverse",
     )
     timestep_start: int = Field(0, ge=0, le=999, description="lowest training timestep")
-    timestep_end: int = Field(1000, ge=1, le=1000, description="training timesteps are drawn from [timestep_start, timestep_end)")
-    embedding_perturbation: float = Field(0.0, ge=0, description="Gaussian noise on the text embeddings, std gamma/sqrt(dim)")
-    shuffle_tags: bool = Field(False, description="shuffle the comma-separated tags after the first chunk of each caption")
+    timestep_end: int = Field(
+        1000, ge=1, le=1000, description="training timesteps are drawn from [timestep_start, timestep_end)"
+    )
+    embedding_perturbation: float = Field(
+        0.0, ge=0, description="Gaussian noise on the text embeddings, std gamma/sqrt(dim)"
+    )
+    shuffle_tags: bool = Field(
+        False, description="shuffle the comma-separated tags after the first chunk of each caption"
+    )
     keep_tags: int = Field(0, ge=0, description="with shuffle_tags: keep the first N tags in place")
 
     # --- logging, samples, validation, checkpoints ---------------------------------------------------
     log_step: int = Field(25, ge=1, description="log scalars every N optimizer steps")
-    sample_prompts: Optional[str] = Field(
-        None, description="a .txt (one prompt a line; empty: a few training captions) or an ED2 sample .json "
-        "(prompts, negative prompts, seeds, sizes, cfgs, scheduler, steps); null: no samples"
+    sample_prompts: str | None = Field(
+        None,
+        description="a .txt (one prompt a line; empty: a few training captions) or an ED2 sample .json "
+        "(prompts, negative prompts, seeds, sizes, cfgs, scheduler, steps); null: no samples",
     )
     sample_steps: int = Field(250, ge=1, description="make samples every N optimizer steps")
-    sample_every_n_epochs: Optional[float] = Field(
+    sample_every_n_epochs: float | None = Field(
         None, gt=0, description="make samples every N epochs instead (0.5: twice per epoch); wins over sample_steps"
     )
-    validation_config: Optional[ValidationSettings] = Field(
+    validation_config: ValidationSettings | None = Field(
         None, description="validation JSON file (ED2 keys) or an inline object; null: validation off"
     )
-    save_every_n_epochs: Optional[int] = Field(None, ge=1, description="save a checkpoint every N epochs")
-    ckpt_every_n_minutes: Optional[float] = Field(None, gt=0, description="save a checkpoint every N minutes")
+    save_every_n_epochs: int | None = Field(None, ge=1, description="save a checkpoint every N epochs")
+    ckpt_every_n_minutes: float | None = Field(None, gt=0, description="save a checkpoint every N minutes")
     save_ckpts_from_n_epochs: int = Field(0, ge=0, description="no epoch-based checkpoints before this epoch")
     save_full_precision: bool = Field(False, description="single-file checkpoints in fp32 instead of fp16")
     no_save_ckpt: bool = Field(False, description="skip the single-file .safetensors (diffusers folder only)")
-    save_state_every_n_minutes: Optional[float] = Field(
+    save_state_every_n_minutes: float | None = Field(
         None, gt=0, description="also save a resumable state every N minutes (one is saved with every checkpoint)"
     )
     save_state_keep: int = Field(2, ge=1, description="keep the newest N resumable states of the run")
-    resume_from: Optional[str] = Field(
-        None, description="continue a run exactly: 'latest' (newest complete state of this project under logdir) "
-        "or a state / run folder"
+    resume_from: str | None = Field(
+        None,
+        description="continue a run exactly: 'latest' (newest complete state of this project under logdir) "
+        "or a state / run folder",
     )
 
     @field_validator("project_name")
@@ -323,11 +391,13 @@ class TrainConfig(_Strict):
 
     @field_validator("max_steps", "max_epochs")
     @classmethod
-    def _possible_length(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+    def _possible_length(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and value > MAX_STEPS:
             unit = "steps" if info.field_name == "max_steps" else "epochs (an epoch is one optimizer step or more)"
-            raise ValueError(f"must be at most {MAX_STEPS:,} {unit}: the longest run accepted is {MAX_STEPS:,} "
-                             f"optimizer steps, weeks to months of nonstop compute, so a longer one is a typo")
+            raise ValueError(
+                f"must be at most {MAX_STEPS:,} {unit}: the longest run accepted is {MAX_STEPS:,} "
+                f"optimizer steps, weeks to months of nonstop compute, so a longer one is a typo"
+            )
         return value
 
     @field_validator("resolution")
@@ -346,20 +416,24 @@ class TrainConfig(_Strict):
     @classmethod
     def _known_optimizer(cls, value: str) -> str:
         if value.lower() == "adacoor":
-            raise ValueError("adacoor is EveryDream2's own optimizer and exists only there; use adamw8bit, prodigy "
-                             "or dadapt_adam for an LR-free alternative")
+            raise ValueError(
+                "adacoor is EveryDream2's own optimizer and exists only there; use adamw8bit, prodigy "
+                "or dadapt_adam for an LR-free alternative"
+            )
         if value.lower() == "scalar_dowg":
-            raise ValueError("scalar_dowg: the dowg package's ScalarDoWG (0.3.1) updates no weights unless the "
-                             "loss is passed as a closure, which training does not do; use coordinate_dowg")
+            raise ValueError(
+                "scalar_dowg: the dowg package's ScalarDoWG (0.3.1) updates no weights unless the "
+                "loss is passed as a closure, which training does not do; use coordinate_dowg"
+            )
         return _one_of(value.lower(), OPTIMIZER_NAMES)
 
     @field_validator("text_encoder_lr_scheduler")
     @classmethod
-    def _known_text_encoder_scheduler(cls, value: Optional[str]) -> Optional[str]:
+    def _known_text_encoder_scheduler(cls, value: str | None) -> str | None:
         return None if value is None else _one_of(value, SCHEDULE_NAMES)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self) -> TrainConfig:
         if self.lr_min > self.lr:
             raise ValueError(f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g}), the peak of the cycle")
         if self.max_epochs is None and self.max_steps is None and not self.lr_cycle_stages:
@@ -376,15 +450,21 @@ class TrainConfig(_Strict):
     def _check_caches(self) -> None:
         """The config-level conditions of the caches (per-image shuffle_tags is checked when the cache is built)."""
         if self.latent_cache_dir and not self.cache_latents:
-            raise ValueError("key 'latent_cache_dir': it is used only with cache_latents true; set cache_latents "
-                             "true, or leave latent_cache_dir out")
+            raise ValueError(
+                "key 'latent_cache_dir': it is used only with cache_latents true; set cache_latents "
+                "true, or leave latent_cache_dir out"
+            )
         if self.cache_text_embeddings and self.train_text_encoder:
-            raise ValueError("key 'cache_text_embeddings': the text encoder trains (disable_textenc_training is "
-                             "false), so its embeddings change every step; set disable_textenc_training true or "
-                             "turn cache_text_embeddings off")
+            raise ValueError(
+                "key 'cache_text_embeddings': the text encoder trains (disable_textenc_training is "
+                "false), so its embeddings change every step; set disable_textenc_training true or "
+                "turn cache_text_embeddings off"
+            )
         if self.cache_text_embeddings and self.shuffle_tags:
-            raise ValueError("key 'cache_text_embeddings': shuffle_tags is on, so the captions change every epoch "
-                             "and cannot be encoded once; turn one of them off")
+            raise ValueError(
+                "key 'cache_text_embeddings': shuffle_tags is on, so the captions change every epoch "
+                "and cannot be encoded once; turn one of them off"
+            )
 
     # --- derived values -------------------------------------------------------------------------------
     @property
@@ -411,7 +491,7 @@ class TrainConfig(_Strict):
 NOT_IN_FOLDER_NAMES = '/\\:*?"<>|'
 
 
-def folder_name_problem(name: str) -> Optional[str]:
+def folder_name_problem(name: str) -> str | None:
     """What keeps `name` from being a plain folder name, or None when it is one."""
     if not name.strip():
         return "it is empty"
@@ -446,9 +526,13 @@ def _did_you_mean(name: str, choices) -> str:
 
 # Byte-order marks and the encodings they name, UTF-32's before UTF-16's (a UTF-32 LE mark begins with the UTF-16 LE
 # one). Windows editors write them: Notepad's "UTF-8 with BOM", and its "Unicode", which is UTF-16.
-BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "utf-32", "UTF-32"), (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
-                    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"), (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
-                    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"))
+BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF32_BE, "utf-32", "UTF-32"),
+    (codecs.BOM_UTF8, "utf-8-sig", "UTF-8"),
+    (codecs.BOM_UTF16_LE, "utf-16", "UTF-16"),
+    (codecs.BOM_UTF16_BE, "utf-16", "UTF-16"),
+)
 
 
 def read_text_file(path: Path, what: str) -> str:
@@ -457,16 +541,18 @@ def read_text_file(path: Path, what: str) -> str:
     text, never a traceback."""
     path = Path(path)
     if path.is_dir():
-        raise ConfigError(f"{what} file '{path}' is a folder, not a file: give the path of the file itself"
-                          f"{_text_files_in(path)}.")
+        raise ConfigError(
+            f"{what} file '{path}' is a folder, not a file: give the path of the file itself{_text_files_in(path)}."
+        )
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{what} file '{path}' does not exist.") from None
     except OSError as error:
         raise ConfigError(f"{what} file '{path}' cannot be read: {error.strerror}.") from None
-    encoding, marked = next(((codec, name) for mark, codec, name in BYTE_ORDER_MARKS if data.startswith(mark)),
-                            ("utf-8", None))
+    encoding, marked = next(
+        ((codec, name) for mark, codec, name in BYTE_ORDER_MARKS if data.startswith(mark)), ("utf-8", None)
+    )
     if marked is None and b"\x00" in data:  # valid UTF-8, but no text holds NUL bytes; UTF-16 does
         raise _unreadable(path, what, "it holds NUL bytes: it looks like UTF-16 written without a byte-order mark")
     try:
@@ -476,12 +562,14 @@ def read_text_file(path: Path, what: str) -> str:
 
 
 def _unreadable(path: Path, what: str, problem: str) -> ConfigError:
-    return ConfigError(f"{what} file '{path}' is not readable text: {problem}. Save it as UTF-8 (in most editors: "
-                       f"Save as, encoding UTF-8) and run again.")
+    return ConfigError(
+        f"{what} file '{path}' is not readable text: {problem}. Save it as UTF-8 (in most editors: "
+        f"Save as, encoding UTF-8) and run again."
+    )
 
 
 def _text_files_in(folder: Path) -> str:
-    """", such as 'folder/a.json' or 'folder/b.txt'": the files a user most likely meant, when a folder was given."""
+    """ ", such as 'folder/a.json' or 'folder/b.txt'": the files a user most likely meant, when a folder was given."""
     try:
         names = sorted(item.name for item in folder.iterdir() if item.suffix.lower() in (".json", ".txt"))
     except OSError:
@@ -489,15 +577,17 @@ def _text_files_in(folder: Path) -> str:
     return f", such as {' or '.join(repr(str(folder / name)) for name in names[:3])}" if names else ""
 
 
-def _decoding_problem(data: bytes, error: UnicodeDecodeError, marked: Optional[str]) -> str:
+def _decoding_problem(data: bytes, error: UnicodeDecodeError, marked: str | None) -> str:
     """Where decoding failed; without a byte-order mark, UTF-8 was expected, and bytes that are not UTF-8 most
     likely come from the Latin-1 / Windows-1252 of older editors."""
     if marked:
         return f"it starts with a {marked} byte-order mark, but byte {error.start} after it is not {marked}"
     line = data.count(b"\n", 0, error.start) + 1
     column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
-    return (f"the byte 0x{data[error.start]:02x} at line {line}, column {column} is not UTF-8 (perhaps the file is "
-            f"Latin-1 or Windows-1252)")
+    return (
+        f"the byte 0x{data[error.start]:02x} at line {line}, column {column} is not UTF-8 (perhaps the file is "
+        f"Latin-1 or Windows-1252)"
+    )
 
 
 def read_json_file(path: Path, what: str) -> dict:
@@ -520,6 +610,7 @@ def read_json_file(path: Path, what: str) -> dict:
 # The command line
 # ---------------------------------------------------------------------------------------------------------
 
+
 def parse_overrides(tokens: list[str]) -> dict:
     """`--lr 2e-6 --gradient_checkpointing --data_root x` -> {"lr": 2e-6, "gradient_checkpointing": True, ...}.
 
@@ -539,7 +630,7 @@ def parse_overrides(tokens: list[str]) -> dict:
     return overrides
 
 
-def _command_line_value(key: str, text: Optional[str]) -> Any:
+def _command_line_value(key: str, text: str | None) -> Any:
     """The value of `--key text` (`text` None: the key stood alone).
 
     A text key takes the text as written: `--project_name 2024` is the name "2024", not a number pydantic would
@@ -551,8 +642,10 @@ def _command_line_value(key: str, text: Optional[str]) -> Any:
     kinds = _value_types(field.annotation) if field else None
     if text is None:
         if kinds is not None and kinds - {type(None)} != {bool}:
-            raise ConfigError(f"key '{key}' on the command line has no value: write --{key} VALUE. Only true/false "
-                              f"keys, such as --gradient_checkpointing, may be given without one.")
+            raise ConfigError(
+                f"key '{key}' on the command line has no value: write --{key} VALUE. Only true/false "
+                f"keys, such as --gradient_checkpointing, may be given without one."
+            )
         return True
     if kinds is not None and kinds <= {str, type(None)}:
         return None if text == "null" and type(None) in kinds else text
@@ -574,8 +667,19 @@ def _value_types(annotation: Any) -> set:
 # The config keys that hold a path. load_config looks for a relative one from the working directory, else beside
 # the config file (resolve_config_paths); a config written into another folder must rebase them. A
 # validation_config file's own paths are taken from its folder (load_validation_settings).
-PATH_KEYS = ("data_root", "save_ckpt_dir", "logdir", "sample_prompts", "model_cache_dir", "latent_cache_dir",
-             "resume_ckpt", "resume_from", "single_file_config", "optimizer_config", "validation_config")
+PATH_KEYS = (
+    "data_root",
+    "save_ckpt_dir",
+    "logdir",
+    "sample_prompts",
+    "model_cache_dir",
+    "latent_cache_dir",
+    "resume_ckpt",
+    "resume_from",
+    "single_file_config",
+    "optimizer_config",
+    "validation_config",
+)
 # The value a path key may hold that is a name, not a path: the built-in demo model, the project's newest state.
 PATH_KEY_NAMES = {"resume_ckpt": "tiny", "resume_from": "latest"}
 
@@ -586,13 +690,13 @@ def holds_path(key: str, value: Any) -> bool:
     return key in PATH_KEYS and isinstance(value, str) and bool(value.strip()) and value != PATH_KEY_NAMES.get(key)
 
 
-def resolve_config_paths(data: dict, base_dir: Optional[Path]) -> dict:
+def resolve_config_paths(data: dict, base_dir: Path | None) -> dict:
     """`data` with every path in it (see holds_path) taken from the working directory, else from `base_dir`,
     the config file's folder. A hub id in resume_ckpt exists in neither, so it stays as it is."""
     return {key: _resolve_path(value, base_dir) if holds_path(key, value) else value for key, value in data.items()}
 
 
-def _resolve_path(value: str, base_dir: Optional[Path]) -> str:
+def _resolve_path(value: str, base_dir: Path | None) -> str:
     """Relative paths are taken from the working directory, else from the config file's folder."""
     path = Path(value).expanduser()
     if path.is_absolute() or path.exists() or base_dir is None:
@@ -610,48 +714,95 @@ def _check_known_keys(data: dict, model: type[BaseModel], where: str) -> None:
 # Other trainers' names of our keys, for the unknown-key message: a user coming from diffusers' training
 # examples, kohya's sd-scripts or OneTrainer writes their names. Only names whose meaning matches are listed.
 DIFFUSERS_NAMES = {
-    "pretrained_model_name_or_path": "resume_ckpt", "train_data_dir": "data_root", "output_dir": "logdir",
-    "logging_dir": "logdir", "train_batch_size": "batch_size", "num_train_epochs": "max_epochs",
-    "max_train_steps": "max_steps", "gradient_accumulation_steps": "grad_accum", "learning_rate": "lr",
-    "adam_beta1": "betas", "adam_beta2": "betas", "adam_weight_decay": "weight_decay", "adam_epsilon": "epsilon",
-    "use_8bit_adam": "optimizer", "max_grad_norm": "clip_grad_norm", "dataloader_num_workers": "num_workers",
-    "enable_xformers_memory_efficient_attention": "attn_type", "random_flip": "flip_p",
-    "noise_offset": "zero_frequency_noise_ratio", "snr_gamma": "min_snr_gamma", "train_text_encoder":
-    "disable_textenc_training", "validation_prompt": "sample_prompts", "validation_prompts": "sample_prompts",
-    "validation_epochs": "sample_every_n_epochs", "checkpoints_total_limit": "save_state_keep",
+    "pretrained_model_name_or_path": "resume_ckpt",
+    "train_data_dir": "data_root",
+    "output_dir": "logdir",
+    "logging_dir": "logdir",
+    "train_batch_size": "batch_size",
+    "num_train_epochs": "max_epochs",
+    "max_train_steps": "max_steps",
+    "gradient_accumulation_steps": "grad_accum",
+    "learning_rate": "lr",
+    "adam_beta1": "betas",
+    "adam_beta2": "betas",
+    "adam_weight_decay": "weight_decay",
+    "adam_epsilon": "epsilon",
+    "use_8bit_adam": "optimizer",
+    "max_grad_norm": "clip_grad_norm",
+    "dataloader_num_workers": "num_workers",
+    "enable_xformers_memory_efficient_attention": "attn_type",
+    "random_flip": "flip_p",
+    "noise_offset": "zero_frequency_noise_ratio",
+    "snr_gamma": "min_snr_gamma",
+    "train_text_encoder": "disable_textenc_training",
+    "validation_prompt": "sample_prompts",
+    "validation_prompts": "sample_prompts",
+    "validation_epochs": "sample_every_n_epochs",
+    "checkpoints_total_limit": "save_state_keep",
     "resume_from_checkpoint": "resume_from",
 }
 KOHYA_NAMES = {
-    "pretrained_model_name_or_path": "resume_ckpt", "train_data_dir": "data_root", "output_dir": "logdir",
-    "logging_dir": "logdir", "output_name": "project_name", "train_batch_size": "batch_size",
-    "max_train_epochs": "max_epochs", "max_train_steps": "max_steps", "gradient_accumulation_steps": "grad_accum",
-    "learning_rate": "lr", "optimizer_type": "optimizer", "use_8bit_adam": "optimizer",
-    "max_grad_norm": "clip_grad_norm", "max_data_loader_n_workers": "num_workers", "xformers": "attn_type",
-    "sdpa": "attn_type", "flip_aug": "flip_p", "noise_offset": "zero_frequency_noise_ratio",
-    "multires_noise_discount": "pyramid_noise_discount", "zero_terminal_snr": "enable_zero_terminal_snr",
-    "v_parameterization": "prediction_type", "shuffle_caption": "shuffle_tags", "keep_tokens": "keep_tags",
-    "caption_dropout_rate": "cond_dropout", "min_timestep": "timestep_start", "max_timestep": "timestep_end",
-    "cache_text_encoder_outputs": "cache_text_embeddings", "sample_every_n_steps": "sample_steps",
-    "train_text_encoder": "disable_textenc_training", "resume": "resume_from",
+    "pretrained_model_name_or_path": "resume_ckpt",
+    "train_data_dir": "data_root",
+    "output_dir": "logdir",
+    "logging_dir": "logdir",
+    "output_name": "project_name",
+    "train_batch_size": "batch_size",
+    "max_train_epochs": "max_epochs",
+    "max_train_steps": "max_steps",
+    "gradient_accumulation_steps": "grad_accum",
+    "learning_rate": "lr",
+    "optimizer_type": "optimizer",
+    "use_8bit_adam": "optimizer",
+    "max_grad_norm": "clip_grad_norm",
+    "max_data_loader_n_workers": "num_workers",
+    "xformers": "attn_type",
+    "sdpa": "attn_type",
+    "flip_aug": "flip_p",
+    "noise_offset": "zero_frequency_noise_ratio",
+    "multires_noise_discount": "pyramid_noise_discount",
+    "zero_terminal_snr": "enable_zero_terminal_snr",
+    "v_parameterization": "prediction_type",
+    "shuffle_caption": "shuffle_tags",
+    "keep_tokens": "keep_tags",
+    "caption_dropout_rate": "cond_dropout",
+    "min_timestep": "timestep_start",
+    "max_timestep": "timestep_end",
+    "cache_text_encoder_outputs": "cache_text_embeddings",
+    "sample_every_n_steps": "sample_steps",
+    "train_text_encoder": "disable_textenc_training",
+    "resume": "resume_from",
 }
 ONETRAINER_NAMES = {
-    "base_model_name": "resume_ckpt", "workspace_dir": "logdir", "learning_rate": "lr", "epochs": "max_epochs",
-    "gradient_accumulation_steps": "grad_accum", "learning_rate_scheduler": "lr_scheduler",
-    "learning_rate_warmup_steps": "lr_warmup_steps", "text_encoder_layer_skip": "clip_skip",
-    "offset_noise_weight": "zero_frequency_noise_ratio", "latent_caching": "cache_latents",
-    "dataloader_threads": "num_workers", "sample_definition_file_name": "sample_prompts",
+    "base_model_name": "resume_ckpt",
+    "workspace_dir": "logdir",
+    "learning_rate": "lr",
+    "epochs": "max_epochs",
+    "gradient_accumulation_steps": "grad_accum",
+    "learning_rate_scheduler": "lr_scheduler",
+    "learning_rate_warmup_steps": "lr_warmup_steps",
+    "text_encoder_layer_skip": "clip_skip",
+    "offset_noise_weight": "zero_frequency_noise_ratio",
+    "latent_caching": "cache_latents",
+    "dataloader_threads": "num_workers",
+    "sample_definition_file_name": "sample_prompts",
 }
 # What to write instead, where the other name is a switch or holds another kind of value than ours.
 WRITE_BETAS = 'write "betas": [beta1, beta2]'
 WRITE_FLIP = "flip_p is a chance: 0.5 flips half the images"
 WRITE_PROMPTS = "sample_prompts is a .txt file, one prompt a line"
 FOREIGN_NAME_HINTS = {
-    "adam_beta1": WRITE_BETAS, "adam_beta2": WRITE_BETAS, "random_flip": WRITE_FLIP, "flip_aug": WRITE_FLIP,
-    "validation_prompt": WRITE_PROMPTS, "validation_prompts": WRITE_PROMPTS,
+    "adam_beta1": WRITE_BETAS,
+    "adam_beta2": WRITE_BETAS,
+    "random_flip": WRITE_FLIP,
+    "flip_aug": WRITE_FLIP,
+    "validation_prompt": WRITE_PROMPTS,
+    "validation_prompts": WRITE_PROMPTS,
     "sample_definition_file_name": "sample_prompts is a .txt file or an ED2 sample .json",
     "use_8bit_adam": 'write "optimizer": "adamw8bit"',
     "enable_xformers_memory_efficient_attention": 'write "attn_type": "xformers"',
-    "xformers": 'write "attn_type": "xformers"', "sdpa": 'write "attn_type": "sdp"',
+    "xformers": 'write "attn_type": "xformers"',
+    "sdpa": 'write "attn_type": "sdp"',
     "v_parameterization": 'write "prediction_type": "v_prediction"',
     "train_text_encoder": 'the other way round: "disable_textenc_training": false trains it',
     "output_dir": "each run gets its own folder under logdir",
@@ -672,12 +823,13 @@ FOREIGN_NAMES = _foreign_names()
 
 
 def _unknown_key(key: str, known: list, where: str) -> None:
-    raise ConfigError(f"Unknown key '{key}' ({where}){_suggestion(key, known)} Run `python train.py --help_keys` "
-                      f"for every valid key.")
+    raise ConfigError(
+        f"Unknown key '{key}' ({where}){_suggestion(key, known)} Run `python train.py --help_keys` for every valid key."
+    )
 
 
 def _suggestion(key: str, known: list) -> str:
-    """": did you mean 'lr'? (learning_rate is diffusers'/kohya's/OneTrainer's name for it.)", or ".".
+    """ ": did you mean 'lr'? (learning_rate is diffusers'/kohya's/OneTrainer's name for it.)", or ".".
 
     Close matches are looked for among our keys and the other trainers' names of them, so that a typo of
     `learning_rate` still finds `lr`; only keys of `known` are suggested (a validation config has other keys)."""
@@ -696,7 +848,7 @@ def _other_trainers_name(name: str, whose: str) -> str:
     return f"{name} is {whose} name for it" + (f"; {hint}" if hint else "")
 
 
-def _format_validation_error(error: ValidationError, data: dict, origin: Callable[[Optional[str]], str]) -> str:
+def _format_validation_error(error: ValidationError, data: dict, origin: Callable[[str | None], str]) -> str:
     """One paragraph: the problems grouped by where their values came from (`origin` of the key; None for a
     rule between keys), each naming the key and the value."""
     problems: dict[str, list[str]] = {}
@@ -714,7 +866,7 @@ def _describe_issue(issue: dict, data: dict) -> str:
     return f"key '{'.'.join(str(part) for part in issue['loc'])}' = {json.dumps(value, default=str)}: {message}"
 
 
-def _value_origin(config_path: Optional[Path], overrides: dict) -> Callable[[Optional[str]], str]:
+def _value_origin(config_path: Path | None, overrides: dict) -> Callable[[str | None], str]:
     """Where a key's value came from, for error messages: a value given on the command line is blamed on it, not
     on the config file it overrode; a rule between keys (key None) on both, when both gave values."""
     if config_path is None:
@@ -724,7 +876,7 @@ def _value_origin(config_path: Optional[Path], overrides: dict) -> Callable[[Opt
     return lambda key: "command line" if key in overrides else both if key is None else in_file
 
 
-def load_validation_settings(value: Any, base_dir: Optional[Path], notes: list[str]) -> Optional[dict]:
+def load_validation_settings(value: Any, base_dir: Path | None, notes: list[str]) -> dict | None:
     """`validation_config` may be a path to a JSON file (as in ED2) or an inline object."""
     if value is None or isinstance(value, dict):
         data, where = value, "validation_config"
@@ -734,21 +886,23 @@ def load_validation_settings(value: Any, base_dir: Optional[Path], notes: list[s
         base_dir = path.parent
     if data is None:
         return None
-    data = {key: value for key, value in ed2_compat.rename_validation_keys(data, notes, where).items()
-            if value is not None}
+    data = {
+        key: value for key, value in ed2_compat.rename_validation_keys(data, notes, where).items() if value is not None
+    }
     _check_known_keys(data, ValidationSettings, where)
     if data.get("manual_data_root"):
         data["manual_data_root"] = _resolve_path(data["manual_data_root"], base_dir)
     if data.get("extra_manual_datasets"):
-        data["extra_manual_datasets"] = {name: _resolve_path(folder, base_dir)
-                                         for name, folder in data["extra_manual_datasets"].items()}
+        data["extra_manual_datasets"] = {
+            name: _resolve_path(folder, base_dir) for name, folder in data["extra_manual_datasets"].items()
+        }
     try:
         return ValidationSettings(**data).model_dump()
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, data, lambda key: where)) from None
 
 
-def load_config(config_path: Optional[Path] = None, overrides: Optional[dict] = None) -> TrainConfig:
+def load_config(config_path: Path | None = None, overrides: dict | None = None) -> TrainConfig:
     """The effective config: JSON file, then command-line overrides, validated as a whole."""
     data: dict = {}
     notes: list[str] = []
@@ -780,16 +934,19 @@ def load_config(config_path: Optional[Path] = None, overrides: Optional[dict] = 
         raise ConfigError(_format_validation_error(error, data, _value_origin(config_path, overrides))) from None
     if config.resume_ckpt == "findlast":
         config.resume_ckpt = find_last_checkpoint(config)
-        notes.append(f"resume_ckpt 'findlast': the newest checkpoint under logdir '{config.logdir}' is "
-                     f"{config.resume_ckpt} (as ED2: whichever project saved it)")
+        notes.append(
+            f"resume_ckpt 'findlast': the newest checkpoint under logdir '{config.logdir}' is "
+            f"{config.resume_ckpt} (as ED2: whichever project saved it)"
+        )
     check_paths(config)
     config._from_ed2 = from_ed2
     config._notes = notes + (ed2_compat.difference_notes(config) if from_ed2 else [])
     return config
 
 
-def _optimizer_file(data: dict, overrides: dict, from_ed2: bool, base_dir: Optional[Path],
-                    notes: list[str]) -> Optional[Path]:
+def _optimizer_file(
+    data: dict, overrides: dict, from_ed2: bool, base_dir: Path | None, notes: list[str]
+) -> Path | None:
     """The optimizer.json to read: the one named; else, for an ED2 config, ./optimizer.json when the working folder
     has one (ED2's train.py reads it by default, from the working folder)."""
     named = overrides.get("optimizer_config", data.get("optimizer_config"))
@@ -809,7 +966,9 @@ def _merge_optimizer_json(data: dict, path: Path, notes: list[str]) -> dict:
     merged = dict(data)
     for key, value in settings.items():
         if key == "lr" and "lr" in data:
-            notes.append(f"'lr' {data['lr']:g} from the config wins over optimizer_config's base lr {value:g} (as ED2).")
+            notes.append(
+                f"'lr' {data['lr']:g} from the config wins over optimizer_config's base lr {value:g} (as ED2)."
+            )
         elif key == "optimizer_args":
             merged[key] = {**data.get(key, {}), **value}
         else:
@@ -831,8 +990,10 @@ def find_last_checkpoint(config: TrainConfig) -> str:
         )
     newest = max(candidates, key=lambda folder: (folder / "model_index.json").stat().st_mtime)
     if "errored" in newest.name:
-        raise ConfigError(f"key 'resume_ckpt' = 'findlast': the newest checkpoint, {newest}, was saved after a crash "
-                          f"(as ED2 does, it is not resumed). Give the checkpoint to resume as resume_ckpt.")
+        raise ConfigError(
+            f"key 'resume_ckpt' = 'findlast': the newest checkpoint, {newest}, was saved after a crash "
+            f"(as ED2 does, it is not resumed). Give the checkpoint to resume as resume_ckpt."
+        )
     return str(newest)
 
 
@@ -861,7 +1022,7 @@ def check_paths(config: TrainConfig) -> None:
         read_sample_prompts(config.sample_prompts)
 
 
-def read_sample_prompts(path: str) -> Union[list[str], ed2_compat.SampleFile]:
+def read_sample_prompts(path: str) -> list[str] | ed2_compat.SampleFile:
     """A sample prompt file, checked: a .txt gives its prompts (one a line, blank lines skipped), an ED2 .json its
     settings. Read when the config loads, and again before every sample round (ED2 lets prompts change mid-run)."""
     suffix = Path(path).suffix.lower()

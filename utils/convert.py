@@ -141,29 +141,41 @@ def _unet_rules(unet_config: Mapping[str, Any]) -> list[Rule]:
 
     top_level = "|".join(re.escape(name) for name in _UNET_TOP_LEVEL)
     return [
-        (re.compile(rf"(?P<name>{top_level})\.(?P<rest>weight|bias)"),
-         lambda m: f"{_UNET_TOP_LEVEL[m['name']]}.{m['rest']}"),
-        (re.compile(r"down_blocks\.(?P<block>\d+)\.resnets\.(?P<layer>\d+)\.(?P<rest>.+)"),
-         lambda m: f"input_blocks.{down_slot(m)}.0.{resnet(m['rest'])}"),
-        (re.compile(r"down_blocks\.(?P<block>\d+)\.attentions\.(?P<layer>\d+)\.(?P<rest>.+)"),
-         lambda m: f"input_blocks.{down_slot(m)}.1.{m['rest']}"),
-        (re.compile(r"down_blocks\.(?P<block>\d+)\.downsamplers\.0\.conv\.(?P<rest>.+)"),
-         lambda m: f"input_blocks.{down_slot(m, layer=layers)}.0.op.{m['rest']}"),
+        (
+            re.compile(rf"(?P<name>{top_level})\.(?P<rest>weight|bias)"),
+            lambda m: f"{_UNET_TOP_LEVEL[m['name']]}.{m['rest']}",
+        ),
+        (
+            re.compile(r"down_blocks\.(?P<block>\d+)\.resnets\.(?P<layer>\d+)\.(?P<rest>.+)"),
+            lambda m: f"input_blocks.{down_slot(m)}.0.{resnet(m['rest'])}",
+        ),
+        (
+            re.compile(r"down_blocks\.(?P<block>\d+)\.attentions\.(?P<layer>\d+)\.(?P<rest>.+)"),
+            lambda m: f"input_blocks.{down_slot(m)}.1.{m['rest']}",
+        ),
+        (
+            re.compile(r"down_blocks\.(?P<block>\d+)\.downsamplers\.0\.conv\.(?P<rest>.+)"),
+            lambda m: f"input_blocks.{down_slot(m, layer=layers)}.0.op.{m['rest']}",
+        ),
         # The mid block is resnet, attention, resnet: LDM slots 0, 1, 2.
-        (re.compile(r"mid_block\.resnets\.(?P<layer>[01])\.(?P<rest>.+)"),
-         lambda m: f"middle_block.{2 * int(m['layer'])}.{resnet(m['rest'])}"),
+        (
+            re.compile(r"mid_block\.resnets\.(?P<layer>[01])\.(?P<rest>.+)"),
+            lambda m: f"middle_block.{2 * int(m['layer'])}.{resnet(m['rest'])}",
+        ),
         (re.compile(r"mid_block\.attentions\.0\.(?P<rest>.+)"), lambda m: f"middle_block.1.{m['rest']}"),
-        (re.compile(r"up_blocks\.(?P<block>\d+)\.resnets\.(?P<layer>\d+)\.(?P<rest>.+)"),
-         lambda m: f"output_blocks.{up_slot(m)}.0.{resnet(m['rest'])}"),
-        (re.compile(r"up_blocks\.(?P<block>\d+)\.attentions\.(?P<layer>\d+)\.(?P<rest>.+)"),
-         lambda m: f"output_blocks.{up_slot(m)}.1.{m['rest']}"),
+        (
+            re.compile(r"up_blocks\.(?P<block>\d+)\.resnets\.(?P<layer>\d+)\.(?P<rest>.+)"),
+            lambda m: f"output_blocks.{up_slot(m)}.0.{resnet(m['rest'])}",
+        ),
+        (
+            re.compile(r"up_blocks\.(?P<block>\d+)\.attentions\.(?P<layer>\d+)\.(?P<rest>.+)"),
+            lambda m: f"output_blocks.{up_slot(m)}.1.{m['rest']}",
+        ),
         (re.compile(r"up_blocks\.(?P<block>\d+)\.upsamplers\.0\.conv\.(?P<rest>.+)"), upsampler),
     ]
 
 
-def unet_to_ldm(
-    unet_sd: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any]
-) -> dict[str, torch.Tensor]:
+def unet_to_ldm(unet_sd: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The UNet weights under their `model.diffusion_model.*` names; attention internals keep theirs."""
     rules = _unet_rules(unet_config)
     return {LDM_UNET_PREFIX + _apply_rules(key, rules, "UNet"): tensor for key, tensor in unet_sd.items()}
@@ -173,9 +185,7 @@ def unet_to_ldm(
 # VAE
 # --------------------------------------------------------------------------------------------------
 
-_VAE_RESNET_MODULES = {name: name for name in ("norm1", "conv1", "norm2", "conv2")} | {
-    "conv_shortcut": "nin_shortcut"
-}
+_VAE_RESNET_MODULES = {name: name for name in ("norm1", "conv1", "norm2", "conv2")} | {"conv_shortcut": "nin_shortcut"}
 _VAE_ATTENTION_MODULES = {
     "group_norm": "norm",
     "to_q": "q",
@@ -201,23 +211,39 @@ def _vae_rules(vae_config: Mapping[str, Any]) -> list[Rule]:
         return num_up_blocks - 1 - int(m["block"])
 
     return [
-        (re.compile(r"(?P<part>encoder|decoder)\.(?P<name>conv_in|conv_out)\.(?P<rest>weight|bias)"),
-         lambda m: m.string),
-        (re.compile(r"(?P<part>encoder|decoder)\.conv_norm_out\.(?P<rest>weight|bias)"),
-         lambda m: f"{m['part']}.norm_out.{m['rest']}"),
+        (
+            re.compile(r"(?P<part>encoder|decoder)\.(?P<name>conv_in|conv_out)\.(?P<rest>weight|bias)"),
+            lambda m: m.string,
+        ),
+        (
+            re.compile(r"(?P<part>encoder|decoder)\.conv_norm_out\.(?P<rest>weight|bias)"),
+            lambda m: f"{m['part']}.norm_out.{m['rest']}",
+        ),
         (re.compile(r"(?:post_)?quant_conv\.(?:weight|bias)"), lambda m: m.string),
-        (re.compile(r"encoder\.down_blocks\.(?P<block>\d+)\.resnets\.(?P<layer>\d+)\.(?P<rest>.+)"),
-         lambda m: f"encoder.down.{m['block']}.block.{m['layer']}.{resnet(m['rest'])}"),
-        (re.compile(r"encoder\.down_blocks\.(?P<block>\d+)\.downsamplers\.0\.conv\.(?P<rest>.+)"),
-         lambda m: f"encoder.down.{m['block']}.downsample.conv.{m['rest']}"),
-        (re.compile(r"(?P<part>encoder|decoder)\.mid_block\.resnets\.(?P<layer>[01])\.(?P<rest>.+)"),
-         lambda m: f"{m['part']}.mid.block_{int(m['layer']) + 1}.{resnet(m['rest'])}"),
-        (re.compile(r"(?P<part>encoder|decoder)\.mid_block\.attentions\.0\.(?P<rest>.+)"),
-         lambda m: f"{m['part']}.mid.attn_1.{_vae_attention_name(m['rest'])}"),
-        (re.compile(r"decoder\.up_blocks\.(?P<block>\d+)\.resnets\.(?P<layer>\d+)\.(?P<rest>.+)"),
-         lambda m: f"decoder.up.{ldm_up(m)}.block.{m['layer']}.{resnet(m['rest'])}"),
-        (re.compile(r"decoder\.up_blocks\.(?P<block>\d+)\.upsamplers\.0\.conv\.(?P<rest>.+)"),
-         lambda m: f"decoder.up.{ldm_up(m)}.upsample.conv.{m['rest']}"),
+        (
+            re.compile(r"encoder\.down_blocks\.(?P<block>\d+)\.resnets\.(?P<layer>\d+)\.(?P<rest>.+)"),
+            lambda m: f"encoder.down.{m['block']}.block.{m['layer']}.{resnet(m['rest'])}",
+        ),
+        (
+            re.compile(r"encoder\.down_blocks\.(?P<block>\d+)\.downsamplers\.0\.conv\.(?P<rest>.+)"),
+            lambda m: f"encoder.down.{m['block']}.downsample.conv.{m['rest']}",
+        ),
+        (
+            re.compile(r"(?P<part>encoder|decoder)\.mid_block\.resnets\.(?P<layer>[01])\.(?P<rest>.+)"),
+            lambda m: f"{m['part']}.mid.block_{int(m['layer']) + 1}.{resnet(m['rest'])}",
+        ),
+        (
+            re.compile(r"(?P<part>encoder|decoder)\.mid_block\.attentions\.0\.(?P<rest>.+)"),
+            lambda m: f"{m['part']}.mid.attn_1.{_vae_attention_name(m['rest'])}",
+        ),
+        (
+            re.compile(r"decoder\.up_blocks\.(?P<block>\d+)\.resnets\.(?P<layer>\d+)\.(?P<rest>.+)"),
+            lambda m: f"decoder.up.{ldm_up(m)}.block.{m['layer']}.{resnet(m['rest'])}",
+        ),
+        (
+            re.compile(r"decoder\.up_blocks\.(?P<block>\d+)\.upsamplers\.0\.conv\.(?P<rest>.+)"),
+            lambda m: f"decoder.up.{ldm_up(m)}.upsample.conv.{m['rest']}",
+        ),
     ]
 
 
@@ -495,8 +521,11 @@ def _require_stable_diffusion(info: CheckpointInfo) -> None:
         "VAE": LDM_VAE_PREFIX,
         "text encoder": LDM_TEXT_ENCODER_PREFIX,
     }
-    missing = [f"{part} ({prefix}*)" for part, prefix in expected.items()
-               if not any(key.startswith(prefix) for key in info.keys)]
+    missing = [
+        f"{part} ({prefix}*)"
+        for part, prefix in expected.items()
+        if not any(key.startswith(prefix) for key in info.keys)
+    ]
     if missing:
         raise ConversionError(
             f"{info.path} is not a Stable Diffusion single-file checkpoint: it has no "

@@ -15,8 +15,8 @@ import difflib
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 NOTED_KEYS: dict[str, str] = {
     "config": "ignored inside a config file: the file given with --config is the config",
     "amp": "ED2 legacy key, ignored (derived from disable_amp there); use mixed_precision",
-    "useadam8bit": "ED2 legacy key, ignored; use \"optimizer\": \"adamw8bit\"",
+    "useadam8bit": 'ED2 legacy key, ignored; use "optimizer": "adamw8bit"',
     "lowvram": "ED2 legacy key, ignored; use gradient_checkpointing and a smaller batch_size",
     "disable_xformers": "ED2 legacy key, ignored; attn_type chooses the attention kernel (sdp by default)",
     "ed1_mode": "ED2 legacy key, ignored",
@@ -53,18 +53,30 @@ NOTED_KEYS: dict[str, str] = {
 # Validation config: ED2's old names and keys it reads but never used.
 VALIDATION_RENAMED = {"val_split_proportion": "auto_split_proportion", "val_data_root": "manual_data_root"}
 # None: documentation only, read past silently (ED2's validation files carry a "documentation" block).
-VALIDATION_NOTED = {"use_relative_loss": "ignored: ED2 reads it but never used it; the loss is absolute",
-                    "documentation": None}
+VALIDATION_NOTED = {
+    "use_relative_loss": "ignored: ED2 reads it but never used it; the loss is absolute",
+    "documentation": None,
+}
 
 # optimizer.json section keys -> TrainConfig keys, for the UNet (base) and the text encoder (overrides).
 BASE_KEYS = {
-    "optimizer": "optimizer", "lr": "lr", "lr_scheduler": "lr_scheduler", "lr_warmup_steps": "lr_warmup_steps",
-    "lr_decay_steps": "lr_decay_steps", "betas": "betas", "epsilon": "epsilon", "weight_decay": "weight_decay",
+    "optimizer": "optimizer",
+    "lr": "lr",
+    "lr_scheduler": "lr_scheduler",
+    "lr_warmup_steps": "lr_warmup_steps",
+    "lr_decay_steps": "lr_decay_steps",
+    "betas": "betas",
+    "epsilon": "epsilon",
+    "weight_decay": "weight_decay",
 }
 TEXT_ENCODER_KEYS = {
-    "lr": "text_encoder_lr", "lr_scheduler": "text_encoder_lr_scheduler",
-    "lr_warmup_steps": "text_encoder_lr_warmup_steps", "lr_decay_steps": "text_encoder_lr_decay_steps",
-    "betas": "text_encoder_betas", "epsilon": "text_encoder_epsilon", "weight_decay": "text_encoder_weight_decay",
+    "lr": "text_encoder_lr",
+    "lr_scheduler": "text_encoder_lr_scheduler",
+    "lr_warmup_steps": "text_encoder_lr_warmup_steps",
+    "lr_decay_steps": "text_encoder_lr_decay_steps",
+    "betas": "text_encoder_betas",
+    "epsilon": "text_encoder_epsilon",
+    "weight_decay": "text_encoder_weight_decay",
 }
 FREEZING_KEYS = {"unfreeze_last_n_layers": "text_encoder_unfreeze_last_n_layers"}
 # Keys of ED2's adaptive optimizers (dadapt, prodigy): passed to those optimizers, noted for the others.
@@ -74,7 +86,7 @@ OPTIMIZER_NOTED = {
     "apply_grad_scaler_step_tweaks": "ignored: fp16 runs use accelerate's standard dynamic grad scaler",
     "log_grad_norm": "ignored: gradient norms are not logged",
     "text_encoder_lr_scale": "ignored: ED2 documents it but never implemented it; EveryCycle's key of that "
-                             "name in train.json does work",
+    "name in train.json does work",
 }
 FREEZING_NOTED = {
     "freeze_embeddings": "ignored: as in ED2, the embeddings train only when every layer is unfrozen",
@@ -112,8 +124,9 @@ def rename_validation_keys(data: dict, notes: list[str], where: str) -> dict:
     return renamed
 
 
-def read_optimizer_json(path: Path, read_json: Callable[[Path, str], dict], notes: list[str],
-                        unknown_key: Callable[[str, list, str], None]) -> dict:
+def read_optimizer_json(
+    path: Path, read_json: Callable[[Path, str], dict], notes: list[str], unknown_key: Callable[[str, list, str], None]
+) -> dict:
     """optimizer.json -> TrainConfig keys. Nulls mean "use the default" and are left out; 0 means 0."""
     where = f"optimizer_config '{path}'"
     data = read_json(path, "optimizer_config")
@@ -125,13 +138,24 @@ def read_optimizer_json(path: Path, read_json: Callable[[Path, str], dict], note
             overrides = dict(value or {})
             te_optimizer = overrides.pop("optimizer", None)
             if te_optimizer is not None:
-                notes.append(f"{where}: text_encoder_overrides.optimizer '{te_optimizer}' is not used: both models "
-                             f"share one optimizer (its settings per model still apply).")
-            settings.update(_section(overrides, TEXT_ENCODER_KEYS, where + " text_encoder_overrides", notes,
-                                     unknown_key))
+                notes.append(
+                    f"{where}: text_encoder_overrides.optimizer '{te_optimizer}' is not used: both models "
+                    f"share one optimizer (its settings per model still apply)."
+                )
+            settings.update(
+                _section(overrides, TEXT_ENCODER_KEYS, where + " text_encoder_overrides", notes, unknown_key)
+            )
         elif key == "text_encoder_freezing":
-            settings.update(_section(value or {}, FREEZING_KEYS, where + " text_encoder_freezing", notes,
-                                     unknown_key, noted=FREEZING_NOTED))
+            settings.update(
+                _section(
+                    value or {},
+                    FREEZING_KEYS,
+                    where + " text_encoder_freezing",
+                    notes,
+                    unknown_key,
+                    noted=FREEZING_NOTED,
+                )
+            )
         elif key in OPTIMIZER_NOTED:
             if OPTIMIZER_NOTED[key]:
                 notes.append(f"{where}: '{key}' {OPTIMIZER_NOTED[key]}.")
@@ -164,8 +188,14 @@ def _section(section: dict, mapping: dict, where: str, notes: list[str], unknown
 DEFAULT_OPTIMIZER_FILE = "optimizer.json"
 # The keys ED2 counts in batches: its global_step grows by one per batch, and its LR schedulers step once per batch
 # (optimizer/optimizers.py EveryDreamOptimizer.step). EveryCycle counts optimizer steps of grad_accum batches each.
-BATCH_COUNTED_KEYS = ("sample_steps", "log_step", "lr_warmup_steps", "lr_decay_steps", "text_encoder_lr_warmup_steps",
-                      "text_encoder_lr_decay_steps")
+BATCH_COUNTED_KEYS = (
+    "sample_steps",
+    "log_step",
+    "lr_warmup_steps",
+    "lr_decay_steps",
+    "text_encoder_lr_warmup_steps",
+    "text_encoder_lr_decay_steps",
+)
 
 
 def is_ed2_config(data: dict) -> bool:
@@ -192,8 +222,10 @@ def convert_batch_counts(data: dict, ed2_keys: set, notes: list[str]) -> dict:
             converted[key] = optimizer_steps(data[key], grad_accum)
             changes.append(f"{key} {data[key]} -> {converted[key]}")
     if changes:
-        notes.append(f"ED2 config with grad_accum {grad_accum}: ED2 counts these in batches, EveryCycle in optimizer "
-                     f"steps of {grad_accum} batches, so they were converted: {', '.join(changes)}.")
+        notes.append(
+            f"ED2 config with grad_accum {grad_accum}: ED2 counts these in batches, EveryCycle in optimizer "
+            f"steps of {grad_accum} batches, so they were converted: {', '.join(changes)}."
+        )
     return converted
 
 
@@ -202,16 +234,20 @@ def _is_count(value) -> bool:
 
 
 def default_optimizer_note(path: Path) -> str:
-    return (f"'optimizer_config' not given: {path} in the working folder is read, as ED2 does by default; name another "
-            f"file with optimizer_config to use that one instead.")
+    return (
+        f"'optimizer_config' not given: {path} in the working folder is read, as ED2 does by default; name another "
+        f"file with optimizer_config to use that one instead."
+    )
 
 
 def difference_notes(config) -> list[str]:
     """Notes for an ED2 config whose settings EveryCycle reads differently on purpose (docs/ed2.md lists each)."""
     notes = []
     if config.keep_tags and config.shuffle_tags:
-        notes.append(f"'keep_tags' {config.keep_tags}: the first {config.keep_tags} tags stay in place when tags are "
-                     f"shuffled. ED2's keep_tags had no effect (it always kept 0), so captions differ from ED2's.")
+        notes.append(
+            f"'keep_tags' {config.keep_tags}: the first {config.keep_tags} tags stay in place when tags are "
+            f"shuffled. ED2's keep_tags had no effect (it always kept 0), so captions differ from ED2's."
+        )
     return notes
 
 
@@ -236,14 +272,13 @@ SAMPLE_SCHEDULERS: dict[str, tuple[str, dict]] = {
     "dpm++_sde": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}),
     "dpm++_sde_k": ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0, "use_karras_sigmas": True}),
     "dpm++_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "dpm++_2m_sde_k": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
-                                                       "use_karras_sigmas": True}),
+    "dpm++_2m_sde_k": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
 }
 # Schedulers that need a package diffusers does not install.
 SCHEDULER_PACKAGES = {"LMSDiscreteScheduler": "scipy", "DPMSolverSDEScheduler": "torchsde"}
 
 
-def _guidance_scales(cfgs: Optional[list[float]]) -> Optional[list[float]]:
+def _guidance_scales(cfgs: list[float] | None) -> list[float] | None:
     if cfgs is not None and any(scale < 0 for scale in cfgs):
         raise ValueError("guidance scales must be >= 0 (1 or less: no classifier-free guidance)")
     return cfgs
@@ -255,11 +290,11 @@ class SampleEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str = ""
     negative_prompt: str = ""
-    seed: Optional[int] = Field(None, ge=-1)  # -1: a new random seed every round
-    size: Optional[tuple[int, int]] = None
-    aspect_ratio: Optional[float] = Field(None, gt=0)
+    seed: int | None = Field(None, ge=-1)  # -1: a new random seed every round
+    size: tuple[int, int] | None = None
+    aspect_ratio: float | None = Field(None, gt=0)
     random_caption: bool = False  # a training caption, drawn again every round
-    cfgs: Optional[list[float]] = Field(None, min_length=1)  # this sample's guidance scales
+    cfgs: list[float] | None = Field(None, min_length=1)  # this sample's guidance scales
 
     _check_cfgs = field_validator("cfgs")(_guidance_scales)
 
@@ -284,15 +319,15 @@ class SampleFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     batch_size: int = Field(1, ge=1)
-    seed: Optional[int] = Field(None, ge=-1)
+    seed: int | None = Field(None, ge=-1)
     cfgs: list[float] = Field(list(SAMPLE_GUIDANCE_SCALES), min_length=1)
     scheduler: str = "ddim"
     num_inference_steps: int = Field(SAMPLE_INFERENCE_STEPS, ge=1, le=1000)
     show_progress_bars: bool = False
     generate_pretrain_samples: bool = False  # a round before the first step
-    generate_samples_every_n_steps: Optional[int] = Field(None, ge=1)
-    resolution: Optional[int] = Field(None, ge=8)
-    samples: Optional[list[SampleEntry]] = None
+    generate_samples_every_n_steps: int | None = Field(None, ge=1)
+    resolution: int | None = Field(None, ge=8)
+    samples: list[SampleEntry] | None = None
 
     _check_cfgs = field_validator("cfgs")(_guidance_scales)
 
@@ -305,8 +340,10 @@ class SampleFile(BaseModel):
             raise ValueError(f"must be one of {', '.join(SAMPLE_SCHEDULERS)}{hint}")
         package = SCHEDULER_PACKAGES.get(SAMPLE_SCHEDULERS[name][0])
         if package and importlib.util.find_spec(package) is None:
-            raise ValueError(f"needs the {package} package, which is not installed: pip install {package}, or choose "
-                             f"another scheduler")
+            raise ValueError(
+                f"needs the {package} package, which is not installed: pip install {package}, or choose "
+                f"another scheduler"
+            )
         return name
 
     @field_validator("resolution")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Optional
 
 METRIC_COLUMNS = ("step", "epoch", "lr_unet", "lr_text_encoder", "loss_train", "loss_val", "images_per_second")
 TENSORBOARD_TAGS = {
@@ -18,7 +17,7 @@ TENSORBOARD_TAGS = {
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, purge_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, enabled: bool = True, purge_step: int | None = None):
         """`purge_step`: a resumed run hides the TensorBoard events its interrupted run wrote from that step on."""
         self.enabled = enabled
         self.csv_path = Path(run_dir) / "metrics.csv"
@@ -34,7 +33,7 @@ class RunLogger:
             if is_new:
                 self._rows.writeheader()
 
-    def log(self, step: int, epoch: float, to_tensorboard: bool = True, **values: Optional[float]) -> None:
+    def log(self, step: int, epoch: float, to_tensorboard: bool = True, **values: float | None) -> None:
         """One metrics.csv row; TensorBoard too when `to_tensorboard` (it is given fewer, averaged points)."""
         if not self.enabled:
             return
@@ -61,7 +60,7 @@ class RunLogger:
             self._csv.close()
 
 
-def _fmt(value: Optional[float]) -> str:
+def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.8g}"
 
 
