@@ -104,6 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the disk (full, read-only) refused a write the trainer does not handle itself
+        print(
+            f"error: {error}. Saved states and checkpoints are intact (every save is atomic): free some space or "
+            f"choose another logdir, then run the same command with --resume_from latest.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:  # Ctrl-C before training started: there is nothing to save yet
         print("interrupted before training started; nothing was saved", file=sys.stderr)
         return 130

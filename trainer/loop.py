@@ -166,17 +166,26 @@ class Trainer:
 
         # The run can start: its folder is created (or, resumed, taken over) and locked, and written from here on.
         self.run_dir, self.run_lock = claim_run_dir(config, self.resume_state, run_dir, run_name, accelerator)
+        try:
+            self._write_run_start()
+        except OSError:  # a full disk: a new folder is removed, a resumed one keeps what it had
+            if self.run_lock:
+                self.run_lock.release()
+            if self.is_main and not self.resume_state:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+        self.started = time.monotonic()
+        self.first_step = self.saved["step"] if self.saved else 0  # where this process's share of the run starts
+
+    def _write_run_start(self) -> None:
+        """config.json, the data report, the disk note and the opened logs: the first writes into the run folder."""
+        config = self.config
         if self.is_main:
             write_json(self.run_dir / "config.json", {**config.model_dump(mode="json"), "seed": self.seed})
         report_data_problems(self.data, config.resolution, self.run_dir, self.is_main, self.say)
-        self.say(
-            disk_space_note(
-                save_sizes(self.unwrapped_model(), self.trained_models(), config, self.plan.epochs), self.run_dir
-            )
-        )
+        sizes = save_sizes(self.unwrapped_model(), self.trained_models(), config, self.plan.epochs)
+        self.say(disk_space_note(sizes, self.run_dir))
         self.logger = open_logs(self.run_dir, self.is_main, self.saved["step"] if self.saved else None, self.say)
-        self.started = time.monotonic()
-        self.first_step = self.saved["step"] if self.saved else 0  # where this process's share of the run starts
 
     def _stop_if_asked(self) -> None:
         """Between the units of set-up: a signal stops the run here, before any folder was written."""
@@ -253,6 +262,7 @@ class Trainer:
         if step == self.stop_at_step:
             self.stop_request(Stop("stop_at_step", 0, save=True))
 
+        self._stop_on_failed_writes()
         agreement = agree_after_step(
             accelerator, loss, self.stop_request.stop, timed_saves_due(config, progress, time.monotonic())
         )
@@ -315,7 +325,14 @@ class Trainer:
     def check_for_stop(self) -> None:
         """A stop asked while a unit of work ran (validation, samples, a save) takes effect now, not after one more
         step. Every process calls this at the same points: it is a collective."""
+        self._stop_on_failed_writes()
         self.stop = self.stop or agree_on_stop(self.accelerator, self.stop_request.stop)
+
+    def _stop_on_failed_writes(self) -> None:
+        """metrics.csv could not be written (a full disk): the run stops as after a failed save (the main process
+        asks; the agreement that follows makes every process stop after the same step)."""
+        if self.logger.error:
+            self.stop_request(save_failed("metrics.csv", self.logger.error, self.progress))
 
     # --- the data -------------------------------------------------------------------------------------
     def epoch_iterators(self, first_epoch: int, first_step: int):
@@ -426,16 +443,21 @@ class Trainer:
         if not self.is_main:
             return
         step = self.progress.global_step
-        with self.caches.parts_on_device("vae", "text_encoder"):  # back from the CPU if a cache moved them there
-            paths = make_samples(
-                self.unwrapped_model(),
-                self.sample_prompts.reread(),
-                self.run_dir / "samples",
-                step,
-                self.config.resolution,
-                self.accelerator.device,
-                self.seed,
-            )
+        try:
+            with self.caches.parts_on_device("vae", "text_encoder"):  # back from the CPU if a cache moved them
+                paths = make_samples(
+                    self.unwrapped_model(),
+                    self.sample_prompts.reread(),
+                    self.run_dir / "samples",
+                    step,
+                    self.config.resolution,
+                    self.accelerator.device,
+                    self.seed,
+                )
+        except OSError as error:  # a full disk: the run stops as after a failed save (after its end: said only)
+            self.say(f"error: writing the samples of step {step} failed: {error}")
+            self.stop_request(save_failed("samples", error, self.progress))
+            return
         for index, (_, image) in enumerate(paths):
             self.logger.image(f"samples/prompt_{index}", image, step)
 
@@ -504,8 +526,7 @@ class Trainer:
         return True
 
     def _save_failed(self, what: str, error: OSError) -> None:
-        self.say(f"error: saving the {what} at step {self.progress.global_step} failed: {error}")
-        self.stop = self.stop or save_failed(what, error, self.progress)
+        self.stop = self.stop or save_failed(what, error, self.progress)  # said when the run ends
 
     def _agree_on_save(self, saved: bool) -> bool:
         """Only the main process writes: whether it managed to (a failed save stops the run) is news to the

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -18,7 +17,6 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from trainer.random_model import is_random_model, random_model_path
 from trainer.tiny_model import DEFAULT_CACHE_DIR, TINY_MODEL_NAME, tiny_model_path
 from utils.config import ConfigError
-
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -54,8 +52,13 @@ class SDModel:
         )
 
 
-def resolve_model_source(resume_ckpt: str, cache_dir: Optional[str], single_file_config: Optional[str] = None,
-                         prediction_type: Optional[str] = None, notes: Optional[list[str]] = None) -> str:
+def resolve_model_source(
+    resume_ckpt: str,
+    cache_dir: str | None,
+    single_file_config: str | None = None,
+    prediction_type: str | None = None,
+    notes: list[str] | None = None,
+) -> str:
     """A diffusers folder path or hub id for `resume_ckpt` ('tiny' and 'random:sd15' / 'random:sd21' are built
     locally on first use; a single .safetensors / .ckpt file is converted once into a cached diffusers folder)."""
     if resume_ckpt == TINY_MODEL_NAME:
@@ -76,17 +79,23 @@ def resolve_model_source(resume_ckpt: str, cache_dir: Optional[str], single_file
             raise ConfigError(f"key 'resume_ckpt' = '{resume_ckpt}': no such file.")
         from trainer.single_file import converted_model_path
 
-        return str(converted_model_path(path, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR,
-                                        single_file_config, prediction_type, notes))
+        return str(
+            converted_model_path(
+                path, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR, single_file_config, prediction_type, notes
+            )
+        )
     return resume_ckpt  # a hub id: diffusers downloads it when the machine is online
 
 
-def load_model(config, notes: Optional[list[str]] = None) -> SDModel:
+def load_model(config, notes: list[str] | None = None) -> SDModel:
     """The model a config trains: `resume_ckpt`, with the config's noise-schedule options applied.
     What loading noticed (a guessed prediction type, say) is appended to `notes`."""
-    model = load_pretrained(resolve_model_source(config.resume_ckpt, config.model_cache_dir,
-                                                 config.single_file_config, config.prediction_type, notes),
-                            config.resume_ckpt)
+    model = load_pretrained(
+        resolve_model_source(
+            config.resume_ckpt, config.model_cache_dir, config.single_file_config, config.prediction_type, notes
+        ),
+        config.resume_ckpt,
+    )
     overrides = {}
     if config.prediction_type:
         overrides["prediction_type"] = config.prediction_type
@@ -171,7 +180,7 @@ def freeze_text_encoder_front(text_encoder: CLIPTextModel, unfrozen_layers: int)
     their gradients)."""
     layers = text_encoder.encoder.layers
     text_encoder.requires_grad_(False)
-    for layer in layers[len(layers) - min(unfrozen_layers, len(layers)):] if unfrozen_layers else []:
+    for layer in layers[len(layers) - min(unfrozen_layers, len(layers)) :] if unfrozen_layers else []:
         layer.requires_grad_(True)
     text_encoder.final_layer_norm.requires_grad_(unfrozen_layers > 0)
     text_encoder.embeddings.requires_grad_(unfrozen_layers >= len(layers))
@@ -189,7 +198,10 @@ def enable_xformers(model: SDModel) -> None:
 def encode_prompts(model: SDModel, captions: list[str], clip_skip: int, device) -> torch.Tensor:
     """CLIP hidden states for the UNet's cross-attention; clip_skip n uses the n-th last layer (ED2 semantics)."""
     ids = model.tokenizer(
-        captions, padding="max_length", truncation=True, max_length=model.tokenizer.model_max_length,
+        captions,
+        padding="max_length",
+        truncation=True,
+        max_length=model.tokenizer.model_max_length,
         return_tensors="pt",
     ).input_ids.to(device)
     if clip_skip <= 1:

@@ -14,9 +14,8 @@ from pathlib import Path
 
 from trainer.single_file import bundled_config_dir
 from utils.checkpoint import atomic_path
-from utils.config import ConfigError
+from utils.config import RANDOM_MODEL_PREFIX, ConfigError
 
-RANDOM_PREFIX = "random:"
 # name -> the bundled config folder of its architecture. SD 2.1 is the 768 px v-prediction model.
 RANDOM_MODELS = {"sd15": "sd1", "sd21": "sd2_768_v"}
 RANDOM_SEED = 1234
@@ -24,14 +23,14 @@ RANDOM_VERSION = "1"  # bump when the build below changes, so that cached copies
 
 
 def is_random_model(resume_ckpt: str) -> bool:
-    return resume_ckpt.startswith(RANDOM_PREFIX)
+    return resume_ckpt.startswith(RANDOM_MODEL_PREFIX)
 
 
 def random_model_path(resume_ckpt: str, cache_dir: Path) -> Path:
     """The diffusers folder of `random:<name>`, built on first use."""
-    name = resume_ckpt.removeprefix(RANDOM_PREFIX)
+    name = resume_ckpt.removeprefix(RANDOM_MODEL_PREFIX)
     if name not in RANDOM_MODELS:
-        valid = ", ".join(f"'{RANDOM_PREFIX}{known}'" for known in RANDOM_MODELS)
+        valid = ", ".join(f"'{RANDOM_MODEL_PREFIX}{known}'" for known in RANDOM_MODELS)
         raise ConfigError(f"key 'resume_ckpt' = '{resume_ckpt}': no such random model. Use one of: {valid}.")
     target = Path(cache_dir) / f"random-{name}-v{RANDOM_VERSION}"
     if (target / "model_index.json").exists():
@@ -58,5 +57,12 @@ def build_random_pipeline(config_dir: Path):
         text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir / "text_encoder"))
     # The tokenizer and the scheduler (of the class model_index.json names) come from the folder itself.
     return StableDiffusionPipeline.from_pretrained(
-        str(config_dir), unet=unet, vae=vae, text_encoder=text_encoder, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False, local_files_only=True)
+        str(config_dir),
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=True,
+    )

@@ -233,7 +233,7 @@ def resume_notes(
     what changed, for the log."""
     step = saved["step"]
     notes = refuse_incompatible(state_folder, saved["fingerprint"], fingerprint)
-    if step >= total_steps and not checkpoint_missing(state_folder, saved, not config.no_save_ckpt):
+    if step >= total_steps and run_finished(state_folder, saved, not config.no_save_ckpt):
         raise ConfigError(
             f"key 'resume_from': the state {state_folder} is at step {step} and this config trains "
             f"{total_steps} steps: nothing is left to train. Raise max_epochs or max_steps to go on."
@@ -322,6 +322,17 @@ def find_state_to_resume(config: TrainConfig, is_main: bool, say) -> tuple[Path 
     for note in notes:
         say(note)
     return (state, read_trainer_state(state)) if state else (None, None)
+
+
+def run_finished(state_folder: Path, info: dict, single_file: bool) -> bool:
+    """Whether the run of a state at its last step wrote its end: the final checkpoint and run_summary.json (a kill
+    after the final save, during the last samples, leaves a run whose resume only writes what its end writes)."""
+    run_dir = run_dir_of(state_folder)
+    summary = run_dir / "run_summary.json" if run_dir else None
+    ended = summary is None or (
+        summary.is_file() and json.loads(summary.read_text())["steps"] >= state_step(state_folder)
+    )
+    return ended and not checkpoint_missing(state_folder, info, single_file)
 
 
 def checkpoint_missing(state_folder: Path, info: dict, single_file: bool) -> bool:

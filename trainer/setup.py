@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from data.prepare import PreparedData, as_validation_item
 from optimizer.lr import Schedules, build_lr_scheduler
 from optimizer.optimizers import build_optimizer, model_param_groups
 from trainer.model import SDModel, compile_unet, configure_for_training, load_model, use_tf32
-from trainer.resume import images_fingerprint, model_layout, run_dir_of, trained_parameters
+from trainer.resume import images_fingerprint, model_layout, project_run_dirs, run_dir_of, trained_parameters
 from trainer.step import agreed
 from trainer.validation import StabilizedLoss
 from utils.config import ConfigError, TrainConfig
@@ -63,6 +64,9 @@ def refuse_sharded_training() -> None:
 
 def make_accelerator(config: TrainConfig) -> Accelerator:
     refuse_sharded_training()
+    if config.deterministic:  # before CUDA starts: cuBLAS reads its workspace setting then
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # ops without a deterministic kernel warn, not fail
     return Accelerator(mixed_precision=resolve_mixed_precision(config.mixed_precision), cpu=launched_on_cpus())
 
 
@@ -99,20 +103,55 @@ def create_new_run_dir(logdir: Path, name: str) -> Path:
 def claim_run_dir(
     config: TrainConfig, resume_state: Path | None, run_dir: Path | None, run_name: str | None, accelerator: Accelerator
 ) -> tuple[Path, RunLock | None]:
-    """The run folder, created and locked by the main process (told to the others): a resumed run's own folder
-    (where what a killed save left is removed once the lock is held), the folder asked for, or a new one."""
-    if not accelerator.is_main_process:
-        return agreed(None), None
+    """The run folder, created and locked by the main process: a resumed run's own folder (where what a killed
+    save left is removed once the lock is held), the folder asked for, or a new one. The outcome, a folder or the
+    error that refused it (in use, a full disk), is told to every process, so all of them go on or raise alike."""
+    folder, lock, error = None, None, None
+    if accelerator.is_main_process:
+        try:
+            folder, lock = lock_run_dir(config, resume_state, run_dir, run_name)
+        except (ConfigError, OSError) as refused:
+            error = refused
+    folder, error = agreed((folder, error))
+    if error:
+        raise error
+    return folder, lock
+
+
+def lock_run_dir(
+    config: TrainConfig, resume_state: Path | None, run_dir: Path | None, run_name: str | None
+) -> tuple[Path, RunLock]:
     continued = run_dir_of(resume_state) if resume_state else None
     if continued or run_dir:
         folder = Path(continued or run_dir)
         folder.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(folder, shlex.join(sys.argv)).acquire()
     else:
+        remove_abandoned_leftovers(config)
         folder = create_new_run_dir(Path(config.logdir), run_name or config.project_name)
-    lock = RunLock(folder, shlex.join(sys.argv)).acquire()
+        try:
+            lock = RunLock(folder, shlex.join(sys.argv)).acquire()
+        except OSError:  # a full disk: the new, empty folder goes too
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
     for leftover in remove_leftovers(folder) if continued else []:
         tqdm.write(f"removed {leftover}, left by a save that was killed")
-    return agreed(folder), lock
+    return folder, lock
+
+
+def remove_abandoned_leftovers(config: TrainConfig) -> None:
+    """A run killed during its first state write leaves a temporary folder in a run folder that `latest` never
+    continues (it holds no complete state): a new run of the project removes it, from every folder no run holds."""
+    for folder in project_run_dirs(config.logdir, config.project_name):
+        try:
+            lock = RunLock(folder, "cleaning up").acquire()
+        except (ConfigError, OSError):
+            continue  # in use by a running run, or unwritable: left as it is
+        try:
+            for leftover in remove_leftovers(folder):
+                tqdm.write(f"removed {leftover}, left by a save that was killed")
+        finally:
+            lock.release()
 
 
 def trained_part_names(config: TrainConfig) -> list[str]:

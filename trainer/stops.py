@@ -117,7 +117,8 @@ def diverged(config: TrainConfig, progress: Progress) -> Stop:
 
 
 def save_failed(what: str, error: OSError, progress: Progress) -> Stop:
-    """A save failed: nothing half-written was left (atomic writes) and the previous saves are intact."""
+    """A save (or a log, or samples) failed: nothing half-written was left (atomic writes) and the previous saves
+    are intact."""
     step, checkpoints = progress.global_step, progress.checkpoints
     disk_full = " (the disk is full)" if error.errno == errno.ENOSPC else ""
     return Stop.failed(

@@ -112,7 +112,10 @@ class TrainConfig(_Strict):
 
     # --- what to train, where to write ---------------------------------------------------------------
     resume_ckpt: str = Field(
-        "tiny", description="base model: a local diffusers folder, a hub id, or 'tiny' (built-in demo model)"
+        "tiny",
+        description="base model: a local diffusers folder, a single .safetensors/.ckpt file, a hub id, 'tiny' "
+        "(built-in demo model), or 'random:sd15' / 'random:sd21' (the real architecture with random weights, nothing "
+        "downloaded)",
     )
     data_root: str = Field(
         "input",
@@ -304,6 +307,11 @@ class TrainConfig(_Strict):
         False,
         description="torch.compile the UNet: faster steps after a first step that compiles for minutes; "
         "checkpoints and states keep plain keys",
+    )
+    deterministic: bool = Field(
+        False,
+        description="deterministic algorithms (torch.use_deterministic_algorithms, cuBLAS's fixed workspace): a "
+        "resumed run ends bit-equal to the run left alone on a GPU too; slower",
     )
     allow_tf32: bool = Field(
         True,
@@ -682,12 +690,18 @@ PATH_KEYS = (
 )
 # The value a path key may hold that is a name, not a path: the built-in demo model, the project's newest state.
 PATH_KEY_NAMES = {"resume_ckpt": "tiny", "resume_from": "latest"}
+# resume_ckpt values that name an architecture built with random weights (trainer/random_model.py), not a path.
+RANDOM_MODEL_PREFIX = "random:"
 
 
 def holds_path(key: str, value: Any) -> bool:
     """True when `value`, given for config key `key`, is a path (a string under PATH_KEYS that is not a name).
     An empty string is no path: resolved, it would become '.', the working directory, and pass as a folder."""
-    return key in PATH_KEYS and isinstance(value, str) and bool(value.strip()) and value != PATH_KEY_NAMES.get(key)
+    if not (key in PATH_KEYS and isinstance(value, str) and value.strip()):
+        return False
+    if key == "resume_ckpt" and value.startswith(RANDOM_MODEL_PREFIX):
+        return False  # random:sd15 and the like name a built architecture
+    return value != PATH_KEY_NAMES.get(key)
 
 
 def resolve_config_paths(data: dict, base_dir: Path | None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 from pathlib import Path
@@ -20,6 +21,7 @@ class RunLogger:
     def __init__(self, run_dir: Path, enabled: bool = True, purge_step: int | None = None):
         """`purge_step`: a resumed run hides the TensorBoard events its interrupted run wrote from that step on."""
         self.enabled = enabled
+        self.error: OSError | None = None  # the first metrics.csv write that failed (a full disk); none after it
         self.csv_path = Path(run_dir) / "metrics.csv"
         self._writer = None
         self._csv = None
@@ -35,10 +37,14 @@ class RunLogger:
 
     def log(self, step: int, epoch: float, to_tensorboard: bool = True, **values: float | None) -> None:
         """One metrics.csv row; TensorBoard too when `to_tensorboard` (it is given fewer, averaged points)."""
-        if not self.enabled:
+        if not self.enabled or self.error:
             return
-        self._rows.writerow({"step": step, "epoch": f"{epoch:.4f}", **{k: _fmt(v) for k, v in values.items()}})
-        self._csv.flush()
+        try:
+            self._rows.writerow({"step": step, "epoch": f"{epoch:.4f}", **{k: _fmt(v) for k, v in values.items()}})
+            self._csv.flush()
+        except OSError as error:  # the run stops on it (Trainer); a row cut short is dropped on resume
+            self.error = error
+            return
         if not to_tensorboard:
             return
         for key, value in values.items():
@@ -57,7 +63,8 @@ class RunLogger:
     def close(self) -> None:
         if self.enabled:
             self._writer.close()
-            self._csv.close()
+            with contextlib.suppress(OSError):  # a full disk was reported when it happened
+                self._csv.close()
 
 
 def _fmt(value: float | None) -> str:
