@@ -3,6 +3,8 @@ covered): bf16 autocast through accelerate with the frozen parts in bf16, the gr
 state, the CUDA generator states' shapes through the state files, the precision and launcher choices a GPU makes,
 and the refusal of xformers without one."""
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -10,8 +12,7 @@ import torch
 
 import trainer.setup as setup
 import utils.state as state
-from tests.conftest import DEMO_DATA, tiny_config
-from trainer.loop import Trainer
+from tests.conftest import ROOT
 from trainer.model import enable_xformers
 from utils.config import ConfigError
 
@@ -45,39 +46,42 @@ def test_a_launch_trains_on_the_cpus_only_without_a_gpu(monkeypatch, processes, 
     assert setup.launched_on_cpus() is on_cpus
 
 
+# accelerate keeps one AcceleratorState per process, and the tests before this one set it up without mixed
+# precision: the bf16 run gets a process of its own.
+BF16_RUN = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.conftest import DEMO_DATA, ROOT, tiny_config
+from trainer.loop import Trainer
+
+run = Trainer(tiny_config({model_cache!r}, DEMO_DATA, {logdir!r}, mixed_precision="bf16", validation_config=None,
+                          max_steps=2, disable_textenc_training=True, sample_prompts={prompts!r}))
+model = run.unwrapped_model()
+assert (model.vae.dtype, model.text_encoder.dtype, model.unet.dtype) == (torch.bfloat16, torch.bfloat16, torch.float32)
+before = model.unet.conv_in.weight.detach().clone()
+with run.accelerator.autocast():
+    assert model.unet.conv_in(torch.zeros(1, 4, 8, 8)).dtype == torch.bfloat16
+run.train()
+run.sample()
+run.close()
+losses = [loss for _, loss in run.progress.train_losses]
+assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+assert model.unet.conv_in.weight.dtype == torch.float32 and not torch.equal(model.unet.conv_in.weight, before)
+assert list((run.run_dir / "samples").glob("gs00002-*.png"))
+print("bf16 run ok")
+"""
+
+
 def test_bf16_autocast_through_accelerate_on_the_cpu(model_cache, tmp_path):
     """The GPU's default recipe on the CPU: the frozen VAE and text encoder in bf16, the trained UNet in fp32
     master weights under accelerate's autocast, a finite loss every step, and samples taken under autocast."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n")
-    run = Trainer(
-        tiny_config(
-            model_cache,
-            DEMO_DATA,
-            tmp_path,
-            mixed_precision="bf16",
-            validation_config=None,
-            max_steps=2,
-            disable_textenc_training=True,
-            sample_prompts=str(prompts),
-        )
+    script = BF16_RUN.format(
+        root=str(ROOT), model_cache=str(model_cache), logdir=str(tmp_path / "logs"), prompts=str(prompts)
     )
-    model = run.unwrapped_model()
-    assert (model.vae.dtype, model.text_encoder.dtype, model.unet.dtype) == (
-        torch.bfloat16,
-        torch.bfloat16,
-        torch.float32,
-    )
-    before = model.unet.conv_in.weight.detach().clone()
-    with run.accelerator.autocast():
-        assert model.unet.conv_in(torch.zeros(1, 4, 8, 8)).dtype == torch.bfloat16
-    run.train()
-    run.sample()
-    run.close()
-    losses = [loss for _, loss in run.progress.train_losses]
-    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
-    assert model.unet.conv_in.weight.dtype == torch.float32 and not torch.equal(model.unet.conv_in.weight, before)
-    assert list((run.run_dir / "samples").glob("gs00002-*.png"))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "bf16 run ok" in result.stdout, result.stdout + result.stderr
 
 
 def test_a_grad_scalers_state_survives_a_resumable_state(tmp_path):
