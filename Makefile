@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+EXTRAS := $(VENV)/.extras-installed
 
 .PHONY: demo test lint
 
@@ -11,10 +12,14 @@ $(STAMP): requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+$(EXTRAS): $(STAMP) requirements-extras.txt
+	$(VENV)/bin/pip install --quiet -r requirements-extras.txt
+	touch $(EXTRAS)
+
 demo: $(STAMP)
 	$(VENV)/bin/python train.py --config configs/demo.json
 
-test: $(STAMP)
+test: $(EXTRAS)
 	$(VENV)/bin/python -m pytest -q tests
 
 lint: $(STAMP)

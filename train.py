@@ -1,7 +1,7 @@
 """EveryCycle: fine-tune Stable Diffusion 1.x / 2.x.
 
 python train.py --config damon.json [--key value ...]      train (any config key can be overridden)
-python train.py --config damon.json --plot_schedule [DIR]  preview the LR schedule, no model loaded
+python train.py --config damon.json --plot_schedule [DIR]  preview the LR schedule and memory, no weights loaded
 python train.py --config damon.json --find_lr [--find_lr_write new.json]   LR range test, suggests lr_min and lr
 python train.py --help_keys                                 every config key, its default and meaning
 accelerate launch --multi_gpu --num_processes 4 train.py --config damon.json    the same run on 4 GPUs (DDP)
@@ -33,7 +33,7 @@ def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         const="",
         default=None,
         metavar="OUT_DIR",
-        help="write lr_schedule.csv/.png and print the schedule summary, then exit",
+        help="write lr_schedule.csv/.png, print the schedule summary and the memory forecast, then exit",
     )
     parser.add_argument(
         "--num_processes",
@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, overrides)
         if args.plot_schedule is not None:
             from optimizer.preview import preview_schedule
+            from trainer.memory_forecast import forecast_report
 
             preview_schedule(config, Path(args.plot_schedule or "."), preview_processes(args.num_processes))
+            for line in forecast_report(config):  # weights and activations on meta tensors: nothing is loaded
+                print(line)
             return 0
         if args.num_processes is not None:
             raise ConfigError(

@@ -42,8 +42,8 @@ MARK = "STARTUP_TIMES "
 PHASES = (
     ("trainer.loop", "make_accelerator", "accelerator"),
     ("trainer.loop", "find_state_to_resume", "resume lookup"),
-    ("trainer.loop", "prepare_data", "data scan"),
-    ("trainer.loop", "plan_schedule", "LR schedule plan"),
+    ("trainer.setup", "prepare_data", "data scan"),
+    ("trainer.setup", "plan_schedule", "LR schedule plan"),
     ("trainer.setup", "load_model", "model load (from_pretrained)"),
     ("trainer.loop", "build_model_and_optimizer", "placement, optimizer (after the model load)"),
     ("trainer.loop", "run_fingerprint", "run fingerprint"),

@@ -111,10 +111,10 @@ class BareBlocks:
         self.model, self.config, self.device = trainer.model, trainer.config, trainer.accelerator.device
         self.optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # under accelerate's wrapper
         if preloaded:
-            epoch = list(trainer.epoch_loader(0))
+            epoch = list(trainer.feed.epoch_loader(0))
             self.batches = (epoch[k % len(epoch)] for k in count())
         else:  # the trainer's loader factory: the same dataset, batch order and DataLoader settings
-            self.batches = (batch for epoch in count() for batch in trainer.epoch_loader(epoch))
+            self.batches = (batch for epoch in count() for batch in trainer.feed.epoch_loader(epoch))
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
 
     def run(self, steps: int) -> dict[str, float]:
@@ -220,7 +220,7 @@ def main(argv=None) -> float:
                 f"model tiny, {config.data_root}: {len(run.data.train)} images, {config.resolution} px, "
                 f"batch {config.batch_size}, optimizer {config.optimizer}, LR {config.lr_scheduler}, text encoder "
                 f"{'trained' if config.train_text_encoder else 'frozen'}, log_step {config.log_step}, "
-                f"{run.plan.steps_per_epoch} steps per epoch, num_workers {run.num_workers}"
+                f"{run.plan.steps_per_epoch} steps per epoch, num_workers {run.feed.num_workers}"
             )
             runners.append(BareBlocks("bare (loader)", trainer.trainer, preloaded=False))
             runners.append(BareBlocks("bare (preloaded)", trainer.trainer, preloaded=True))

@@ -62,6 +62,7 @@ class ImageItem:
     max_caption_length: int | None = None  # characters; None: no limit
     loss_scale: float = 1.0
     batch_id: str | None = None  # images with the same batch_id share batches (ED2); None: any batch of the bucket
+    rating: float = 1.0  # a rated data set picks it with a chance in proportion to this (data/rated.py)
 
     @property
     def caption(self) -> str:
@@ -158,6 +159,7 @@ def _item(path: Path, width: int, height: int, settings: ItemSettings) -> ImageI
         max_caption_length=settings.max_caption_length,
         loss_scale=1.0 if settings.loss_scale is None else settings.loss_scale,
         batch_id=settings.batch_id,
+        rating=settings.rating or 1.0,  # unset or 0: 1, as ED2 (data/dataset.py: `rating or 1.0`)
     )
 
 
@@ -303,10 +305,34 @@ def load_image(item: ImageItem, size: tuple[int, int], flip: bool) -> torch.Tens
     except Exception as error:
         message = f"cannot load {item.path}: {type(error).__name__}: {error}"
         raise ImageLoadError(message) from error
-    image = ImageOps.fit(rgb, size, method=Image.Resampling.LANCZOS)
+    image = rgb.resize(size, Image.Resampling.LANCZOS, box=cover_crop_box(rgb.width, rgb.height, size))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return _to_tensor(image)
+
+
+def cover_crop_box(width: float, height: float, size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """The centred (left, top, right, bottom) box of a width x height image with the aspect ratio of size=(w, h):
+    the part load_image scales to size (Pillow's ImageOps.fit box, centred, no bleed, computed the same way)."""
+    image_ratio, target_ratio = width / height, size[0] / size[1]
+    if image_ratio == target_ratio:
+        crop_width, crop_height = width, height
+    elif image_ratio >= target_ratio:  # wider than the target: the sides are cut
+        crop_width, crop_height = target_ratio * height, height
+    else:  # taller: the top and bottom are cut
+        crop_width, crop_height = width, width / target_ratio
+    left, top = (width - crop_width) * 0.5, (height - crop_height) * 0.5
+    return left, top, left + crop_width, top + crop_height
+
+
+def size_and_crop(item: ImageItem, size: tuple[int, int]) -> tuple[int, int, int, int, int, int]:
+    """(original height, original width, crop top, crop left, target height, target width) of item trained at
+    size=(w, h): SDXL's size and crop conditioning (its `add_time_ids`). The crop is the one load_image cuts, in
+    pixels of the image scaled to cover size (SDXL's convention: the crop of the resized image); a horizontal flip
+    leaves it as it is."""
+    left, top, right, _ = cover_crop_box(item.width, item.height, size)
+    scale = size[0] / (right - left)  # the resize factor (the same for both sides)
+    return item.height, item.width, round(top * scale), round(left * scale), size[1], size[0]
 
 
 def _decode_no_larger_than_needed(image: Image.Image, size: tuple[int, int]) -> None:

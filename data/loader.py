@@ -6,6 +6,8 @@ such a group joins the bucket's other images (ED2's data/data_loader.py does the
 "runts"). Image multipliers (data/multiply.py) decide how many samples of each image an epoch
 holds, with a fixed count per group, so the number of batches per epoch is the same every epoch
 and the trainer knows steps per epoch (and can build its LR schedule) before any randomness.
+A rated data set (data/rated.py) trains fewer images in later epochs: each such epoch's count per
+group is fixed too, so every epoch's number of batches is known before training as well.
 The samples and order of an epoch's batches are a pure function of (seed, epoch), so a run
 resumed at batch i of epoch e sees exactly the batches the interrupted run would have seen.
 
@@ -18,8 +20,11 @@ batch; it is never padded with duplicates.
 
 Cached latents: given a latent lookup (trainer/cache.py), a batch carries "latents", the VAE
 distribution parameters cached for each (image, bucket, flip), instead of "pixel_values", and no
-image is decoded; given a text-embedding lookup it also carries "encoder_hidden_states", the
-cached CLIP hidden states of each caption.
+image is decoded; given a text-embedding lookup it also carries the cached text conditioning of each
+caption ("encoder_hidden_states", and for SDXL "pooled_embeds").
+
+Every batch carries "add_time_ids", each image's original size, crop and target size (data/images.py
+size_and_crop): SDXL's size conditioning, ignored by SD 1.x/2.x.
 
 Failed decodes: an image that passed the scan but cannot be decoded at training time is
 dropped from its batch and listed under the batch's "failed" key, so one bad file costs
@@ -37,8 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.buckets import Bucket, assign_bucket, bucket_sizes
 from data.captions import build_caption
-from data.images import ImageItem, ImageLoadError, SkippedImage, load_image
+from data.images import ImageItem, ImageLoadError, SkippedImage, load_image, size_and_crop
 from data.multiply import draw_extra_copies, extra_copies_per_group, fraction, whole_copies
+from data.rated import RatedEpochs, draw_by_rating, picks_per_group
 
 T = TypeVar("T")
 # A batch group: (batch_id, bucket). Images without a batch_id share the group DEFAULT_BATCH_ID of their bucket.
@@ -50,6 +56,8 @@ class Batch(TypedDict):
     pixel_values: NotRequired[torch.Tensor]  # [B, 3, H, W] float32 in [-1, 1]; absent with cached latents
     latents: NotRequired[torch.Tensor]  # [B, 2C, h, w]: cached VAE mean and logvar, instead of pixel_values
     encoder_hidden_states: NotRequired[torch.Tensor]  # [B, 77, D]: cached CLIP hidden states of the captions
+    pooled_embeds: NotRequired[torch.Tensor]  # [B, P]: SDXL's cached pooled embeddings of the captions
+    add_time_ids: torch.Tensor  # [B, 6] float32: original (h, w), crop (top, left), target (h, w) of each image
     captions: list[str]  # built per sample: tags shuffled, dropout applied (an empty caption)
     paths: list[str]
     loss_scales: torch.Tensor  # [B] float32: each image's loss_scale, to multiply its loss by
@@ -78,9 +86,14 @@ def _derived_rng(purpose: str, *numbers: int) -> random.Random:
 
 
 class BucketBatches:
-    """Groups training items by bucket (and batch_id) and plans each epoch's samples and batches."""
+    """Groups training items by bucket (and batch_id) and plans each epoch's samples and batches.
 
-    def __init__(self, items: Sequence[ImageItem], batch_size: int, resolution: int) -> None:
+    `rated`: a rated data set's settings (ED2's rated_dataset); None: every epoch is a whole one.
+    """
+
+    def __init__(
+        self, items: Sequence[ImageItem], batch_size: int, resolution: int, rated: RatedEpochs | None = None
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not items:
@@ -97,55 +110,94 @@ class BucketBatches:
             [[self.multipliers[index] for index in members] for members in self.group_members.values()]
         )
         self.extra_copies = dict(zip(self.group_members, shares, strict=True))
+        self.whole_epoch_counts = {
+            group: sum(whole_copies(self.multipliers[index]) for index in members) + self.extra_copies[group]
+            for group, members in self.group_members.items()
+        }
+        self.rated = rated
+        # An image with multiply 0 is left out of every epoch, so it is never picked in a rated one either.
+        self.ratings = [item.rating if item.multiply > 0 else 0.0 for item in items]
+        self.rated_images = sum(rating > 0 for rating in self.ratings)  # the N of ED2's ceil(N x share)
+        self._rated_counts: dict[int, dict[Group, int]] = {}  # per number of picks: a rated epoch's group counts
         if self.samples_per_epoch == 0:
             raise ValueError("every training image has multiply 0: there is nothing to train on")
 
-    def group_sample_count(self, group: Group) -> int:
-        """Samples of group in every epoch: its whole copies plus its fixed count of extra copies."""
-        whole = sum(whole_copies(self.multipliers[index]) for index in self.group_members[group])
-        return whole + self.extra_copies[group]
+    @property
+    def planned_epochs(self) -> int:
+        """Epochs whose sizes may differ: a rated data set's max_epochs, else 1; later epochs are as the last."""
+        return self.rated.max_epochs if self.rated else 1
+
+    def picked_count(self, epoch: int) -> int | None:
+        """Images a rated epoch trains, each once; None: a whole epoch, multipliers applied."""
+        return self.rated.picked_count(epoch, self.rated_images) if self.rated else None
+
+    def group_sample_counts(self, epoch: int) -> dict[Group, int]:
+        """Samples of each group in epoch: its whole copies plus its fixed count of extra copies, or in a rated
+        epoch its fixed share of the epoch's picks."""
+        picked = self.picked_count(epoch)
+        if picked is None:
+            return self.whole_epoch_counts
+        if picked not in self._rated_counts:
+            ratings = [[self.ratings[index] for index in members] for members in self.group_members.values()]
+            shares = picks_per_group(ratings, picked)
+            self._rated_counts[picked] = dict(zip(self.group_members, shares, strict=True))
+        return self._rated_counts[picked]
 
     @property
     def samples_per_epoch(self) -> int:
-        """Images trained per epoch, multipliers included."""
-        return sum(map(self.group_sample_count, self.group_members))
+        """Images trained in a whole epoch (the first), multipliers included."""
+        return self.samples_in_epoch(0)
+
+    def samples_in_epoch(self, epoch: int) -> int:
+        return sum(self.group_sample_counts(epoch).values())
 
     @property
     def num_batches(self) -> int:
-        """Batches per epoch on one process: per group, ceil(samples / batch size)."""
-        return sum(-(-count // self.batch_size) for count in self._batched_counts().values())  # ceiling division
+        """Batches of a whole epoch (the first) on one process: per group, ceil(samples / batch size)."""
+        return self.batches_in_epoch(0)
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        return sum(-(-count // self.batch_size) for count in self._batched_counts(epoch).values())  # ceiling division
 
     @property
     def smaller_batches(self) -> int:
-        """Batches per epoch smaller than batch_size: the last of each group whose count is not a multiple."""
-        return sum(1 for count in self._batched_counts().values() if count % self.batch_size)
+        """Batches of a whole epoch smaller than batch_size: the last of each group whose count is not a multiple."""
+        return sum(1 for count in self._batched_counts(0).values() if count % self.batch_size)
 
-    def _batched_counts(self) -> dict[Group, int]:
+    def _batched_counts(self, epoch: int) -> dict[Group, int]:
         """Samples each group is cut into batches with: a batch_id group's runt counts with its bucket's default
         group (see epoch_batches)."""
         batched: dict[Group, int] = {}
-        for group in self.group_members:
-            count = self.group_sample_count(group)
+        for group, count in self.group_sample_counts(epoch).items():
             runt = 0 if group[0] == DEFAULT_BATCH_ID else count % self.batch_size
             batched[group] = batched.get(group, 0) + count - runt
             default = (DEFAULT_BATCH_ID, group[1])
             batched[default] = batched.get(default, 0) + runt
         return {group: count for group, count in batched.items() if count}
 
-    def batches_per_rank(self, world_size: int) -> int:
-        """Batches each of world_size processes gets per epoch (the remainder is dropped)."""
+    def batches_per_rank(self, world_size: int, epoch: int = 0) -> int:
+        """Batches each of world_size processes gets in epoch (the remainder is dropped)."""
         if world_size < 1:
             raise ValueError(f"world_size must be at least 1, got {world_size}")
-        if self.num_batches < world_size:
+        batches = self.batches_in_epoch(epoch)
+        if batches < world_size:
+            which = f"epoch {epoch + 1} of the rated data set has" if self.picked_count(epoch) else "per epoch"
             raise ValueError(
-                f"{self.num_batches} batch(es) per epoch cannot feed {world_size} processes: each process "
+                f"{batches} batch(es) {which} cannot feed {world_size} processes: each process "
                 f"needs at least one whole batch per epoch; lower batch_size ({self.batch_size}), add "
-                f"images, or use at most {self.num_batches} processes"
+                f"images, or use at most {batches} processes"
             )
-        return self.num_batches // world_size
+        return batches // world_size
+
+    def batches_per_rank_by_epoch(self, world_size: int) -> tuple[int, ...]:
+        """batches_per_rank of epochs 0 to planned_epochs - 1; every later epoch has as many as the last."""
+        return tuple(self.batches_per_rank(world_size, epoch) for epoch in range(self.planned_epochs))
 
     def epoch_samples(self, epoch: int, seed: int) -> dict[Group, list[int]]:
-        """Each group's samples in epoch, sorted: whole copies, plus this epoch's extra copies."""
+        """Each group's samples in epoch, sorted: whole copies, plus this epoch's extra copies; in a rated epoch,
+        the epoch's picks, each image once."""
+        if self.picked_count(epoch) is not None:
+            return self._rated_samples(epoch, seed)
         rng = _derived_rng("multiply", seed, epoch)
         samples = {}
         for group, members in self.group_members.items():
@@ -162,6 +214,17 @@ class BucketBatches:
             samples[group] = sorted(chosen)
         return samples
 
+    def _rated_samples(self, epoch: int, seed: int) -> dict[Group, list[int]]:
+        """Each group's picks of a rated epoch, drawn by rating: copy 0 of each picked image, so the item index."""
+        rng = _derived_rng("rated", seed, epoch)
+        counts = self.group_sample_counts(epoch)
+        return {
+            group: [
+                members[pick] for pick in draw_by_rating([self.ratings[index] for index in members], counts[group], rng)
+            ]
+            for group, members in self.group_members.items()
+        }
+
     def epoch_batches(self, epoch: int, seed: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
         """This rank's batches (lists of samples) for epoch, in training order.
 
@@ -174,7 +237,7 @@ class BucketBatches:
         """
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        per_rank = self.batches_per_rank(world_size)
+        per_rank = self.batches_per_rank(world_size, epoch)
         rng = _derived_rng("batches", seed, epoch)
         samples = self.epoch_samples(epoch, seed)
         batches: list[list[int]] = []
@@ -204,7 +267,8 @@ class ImageBatchDataset(Dataset):
     values, used for every image that does not set its own; they default to off.
 
     `latents(item, bucket, flip)` returns an image's cached latent distribution parameters (or raises
-    ImageLoadError, as a failed decode would); `text_embeddings(caption)` its caption's hidden states.
+    ImageLoadError, as a failed decode would); `text_embeddings(caption)` its caption's cached text conditioning,
+    tensors by batch key (trainer/cache.py TextEmbeddings).
     """
 
     def __init__(
@@ -219,7 +283,7 @@ class ImageBatchDataset(Dataset):
         shuffle_tags: bool = False,
         keep_tags: int = 0,
         latents: Callable[[ImageItem, Bucket, bool], torch.Tensor] | None = None,
-        text_embeddings: Callable[[str], torch.Tensor] | None = None,
+        text_embeddings: Callable[[str], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         for name, probability in (("flip_p", flip_p), ("cond_dropout", cond_dropout)):
             if not 0.0 <= probability <= 1.0:
@@ -270,7 +334,7 @@ class ImageBatchDataset(Dataset):
     def __getitem__(self, samples: Sequence[int]) -> Batch:
         size = self._shared_bucket(samples)
         load = self.latents if self.latents is not None else load_image
-        tensors, captions, paths, loss_scales, failed = [], [], [], [], []
+        tensors, captions, paths, loss_scales, time_ids, failed = [], [], [], [], [], []
         for sample in samples:
             item = self.item(sample)
             try:
@@ -281,6 +345,7 @@ class ImageBatchDataset(Dataset):
             captions.append(self.caption(sample))
             paths.append(str(item.path))
             loss_scales.append(item.loss_scale)
+            time_ids.append(size_and_crop(item, size))
         if not tensors:
             reasons = "; ".join(entry.reason for entry in failed)
             raise ImageLoadError(f"no image in the batch could be loaded: {reasons}")
@@ -290,10 +355,12 @@ class ImageBatchDataset(Dataset):
             "captions": captions,
             "paths": paths,
             "loss_scales": torch.tensor(loss_scales, dtype=torch.float32),
+            "add_time_ids": torch.tensor(time_ids, dtype=torch.float32),
             "failed": failed,
         }
         if self.text_embeddings is not None:
-            batch["encoder_hidden_states"] = torch.stack([self.text_embeddings(c) for c in captions])
+            cached = [self.text_embeddings(caption) for caption in captions]
+            batch.update({key: torch.stack([entry[key] for entry in cached]) for key in cached[0]})
         return batch
 
     def _shared_bucket(self, samples: Sequence[int]) -> Bucket:

@@ -39,13 +39,18 @@ def extra_copies_per_group(groups: Sequence[Sequence[float]]) -> list[int]:
     whole copies, shared out by the groups' sums of fractions (largest remainder first; ties to the earlier group)."""
     everything = [multiplier for group in groups for multiplier in group]
     extra = epoch_size(everything) - sum(map(whole_copies, everything))
-    sums = [math.fsum(map(fraction, group)) for group in groups]
-    shares = [math.floor(total) for total in sums]
+    return largest_remainder_shares([math.fsum(map(fraction, group)) for group in groups], extra)
+
+
+def largest_remainder_shares(sums: Sequence[float], total: int) -> list[int]:
+    """Whole numbers adding up to `total` (the sums' own total, rounded), each its sum rounded down, plus one for the
+    largest remainders (ties to the earlier)."""
+    shares = [math.floor(value) for value in sums]
     remainders = sorted(
-        (index for index, total in enumerate(sums) if total > shares[index]),
+        (index for index, value in enumerate(sums) if value > shares[index]),
         key=lambda index: shares[index] - sums[index],
     )
-    for index in remainders[: extra - sum(shares)]:
+    for index in remainders[: total - sum(shares)]:
         shares[index] += 1
     return shares
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from data.images import IMAGE_EXTENSIONS, ImageItem, ScanResult, scan_images
 from data.loader import BucketBatches
 from data.multiply import fraction
+from data.rated import RatedEpochs
 from data.sidecars import DataSettingsError
 from data.split import split_items, validation_count
 from utils.config import ConfigError, TrainConfig
@@ -38,10 +39,16 @@ class PreparedData:
         return self.notes + [f"{EMPTY_CAPTION_NOTE}: {path}" for path in self.empty_captions]
 
     def batches_per_process(self, num_processes: int) -> int:
-        """Micro-batches each of `num_processes` trains per epoch: the epoch's batches are dealt out across them, so
-        one optimizer step of the group trains num_processes x batch_size x grad_accum images."""
+        """Micro-batches each of `num_processes` trains per epoch (the first, with a rated data set): the epoch's
+        batches are dealt out across them, so one optimizer step of the group trains num_processes x batch_size x
+        grad_accum images."""
+        return self.epoch_batches_per_process(num_processes)[0]
+
+    def epoch_batches_per_process(self, num_processes: int) -> tuple[int, ...]:
+        """batches_per_process of each epoch, for the RunPlan: one count, or with a rated data set one per epoch
+        up to max_epochs (a later epoch has as many as the last)."""
         try:
-            return self.batches.batches_per_rank(num_processes)
+            return self.batches.batches_per_rank_by_epoch(num_processes)
         except ValueError as error:
             raise ConfigError(f"key 'batch_size' = {self.batches.batch_size}: {error}.") from None
 
@@ -60,13 +67,29 @@ class PreparedData:
             f"{len(self.val)} held out for validation; {self.batches.samples_per_epoch} samples "
             f"(with multipliers) in {self.batches.num_batches} batches per epoch"
         )
-        lines = [counts] + [f"warning: {line}" for line in self.notes]
+        lines = [counts] + ([self.rated_line()] if self.batches.rated else [])
+        lines += [f"warning: {line}" for line in self.notes]
         if self.empty_captions:
             lines.append(
                 f"warning: {len(self.empty_captions)} image(s) with an {EMPTY_CAPTION_NOTE}, each listed in "
                 f"data_warnings.txt"
             )
         return "\n".join(lines)
+
+    def rated_line(self) -> str:
+        """A rated data set's shrinking epochs, in words (their steps are in the RunPlan and the preview)."""
+        batches = self.batches
+        last = batches.planned_epochs - 1
+        if batches.picked_count(last) is None:
+            return (
+                "rated data set: every epoch trains the whole set (epochs shrink only from epoch 3, with "
+                "max_epochs 3 or more and rated_dataset_target_dropout_percent below 100)"
+            )
+        return (
+            f"rated data set: from epoch 3 an epoch trains a falling share of the {batches.rated_images} images, "
+            f"each once, picked by rating; the last, epoch {last + 1}, trains {batches.samples_in_epoch(last)} "
+            f"in {batches.batches_in_epoch(last)} batches"
+        )
 
 
 @dataclass
@@ -162,6 +185,12 @@ def ed2_data_notes(
                 f"ED2: the automatic split holds out {ours} image(s), ceil({settings.auto_split_proportion} x "
                 f"{len(found)}) without float noise (ED2 held out {ed2s})"
             )
+    if batches.rated and batches.picked_count(batches.planned_epochs - 1) is not None:
+        notes.append(
+            "ED2: rated data set: each bucket gets a fixed share of an epoch's picks (ED2's fell into the buckets "
+            "by chance, so its steps per epoch varied, and its automatic lr_decay_steps counted max_epochs whole "
+            "epochs); every epoch's steps are known before training and lr_decay_steps null is 1.5 x the real run"
+        )
     if config.grad_accum > 1 and any(item.batch_id for item in train):
         notes.append(
             f"ED2: images with a batch_id share batches; with grad_accum {config.grad_accum} those batches "
@@ -181,8 +210,11 @@ def prepare_data(config: TrainConfig) -> PreparedData:
         extra = _extra_validation(settings.extra_manual_datasets, gathered)
     mode = settings.val_split_mode if settings.enabled else "none"
     train, val = split_items(found, mode, settings.auto_split_proportion, settings.seed, manual)
+    rated = None
+    if config.rated_dataset:
+        rated = RatedEpochs(config.max_epochs, config.rated_dataset_target_dropout_percent)
     try:
-        batches = BucketBatches(train, config.batch_size, config.resolution)
+        batches = BucketBatches(train, config.batch_size, config.resolution, rated)
     except ValueError as error:  # e.g. every training image has multiply 0
         raise ConfigError(f"key 'data_root' = '{config.data_root}': {error}") from None
     every_item = [*train, *val, *(item for items in extra.values() for item in items)]

@@ -19,15 +19,16 @@ YAML keys (also the keys of a JSON manifest entry, see data/manifest.py):
   main_prompt or tags wins over that part of it), multiply (>= 0), flip_p and cond_dropout
   (0..1), shuffle_tags (true/false), keep_tags (whole number >= 0: tags that stay in place when
   shuffling), max_caption_length (whole number >= 1, characters), loss_scale (any finite number;
-  negative values unlearn, as in ED2), batch_id (a name: images with the same one share batches).
+  negative values unlearn, as in ED2), batch_id (a name: images with the same one share batches),
+  rating (a number >= 0, default 1: with rated_dataset, an image's chance to be picked in the epochs
+  that train fewer images is in proportion to it, data/rated.py; 0 is read as 1, as ED2 does, with a note).
 A missing key means "not set here"; the run's config value (flip_p, cond_dropout, shuffle_tags,
 keep_tags) applies when no source sets one.
 
 Bad values are errors, not warnings: a typo such as multiply "abc" or flip_p 2 would otherwise
 change the balance of a long run without anyone noticing. Every bad value of the whole data set
 is collected and reported at once, each with its file, key and value, before anything trains.
-ED2's `rating` (rated data sets, which EveryCycle does not have) and unknown keys are warnings: the
-run goes on without them.
+Unknown keys are warnings: the run goes on without them.
 
 Text files are read as UTF-8, with or without a byte-order mark, or UTF-16/UTF-32 with one. A caption file in
 none of these is read as if it were missing, with a warning; a settings file in none of these is an error. A
@@ -64,9 +65,10 @@ FOLDER_VALUE_FILES = {
     "batch_id.txt": "batch_id",
 }
 SHUFFLE_TAGS_FILE = "shuffle_tags.txt"
-UNUSED_ED2_KEYS = {
-    "rating": "accepted for ED2 compatibility, not used: rated data sets are not supported",
-}
+RATING_ZERO_NOTE = (
+    "rating 0 is read as 1, the default, as ED2 does (its data/dataset.py reads `rating or 1.0`); give a small"
+    " rating such as 0.1 for an image rarely picked"
+)
 SEVERAL_MAIN_PROMPTS = (
     "several sidecars of the image set a main prompt; the last of .txt, .caption, .yml, .yaml is used, as in ED2"
 )
@@ -111,6 +113,7 @@ class ItemSettings:
     max_caption_length: int | None = None
     loss_scale: float | None = None
     batch_id: str | None = None
+    rating: float | None = None
 
     @property
     def sets_caption(self) -> bool:
@@ -149,7 +152,7 @@ class SettingsReport:
 
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    # One line per kind of note, however many files share it: 5000 sidecars with a rating are one line.
+    # One line per kind of note, however many files share it: 5000 sidecars with a rating 0 are one line.
     _grouped: dict[str, list[str]] = field(default_factory=dict)
 
     def bad_value(self, source: str, key: str, value: Any, expected: str) -> None:
@@ -193,6 +196,13 @@ def _multiplier(value: Any) -> float:
     number = _number(value)
     if number < 0:
         raise _BadValue("a number >= 0 (the whole part: copies per epoch; the fraction: chance of one more)")
+    return number
+
+
+def _rating(value: Any) -> float:
+    number = _number(value)
+    if number < 0:
+        raise _BadValue("a number >= 0 (relative: an image rated 2 is picked twice as often as one rated 1)")
     return number
 
 
@@ -262,8 +272,9 @@ PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_caption_length": _whole_number(1),
     "loss_scale": _number,
     "batch_id": _batch_id,
+    "rating": _rating,
 }
-KNOWN_KEYS = (*PARSERS, CAPTION_KEY, *UNUSED_ED2_KEYS)
+KNOWN_KEYS = (*PARSERS, CAPTION_KEY)
 
 
 def settings_from_mapping(mapping: Mapping, source: str, report: SettingsReport) -> ItemSettings:
@@ -272,10 +283,10 @@ def settings_from_mapping(mapping: Mapping, source: str, report: SettingsReport)
     for key, value in mapping.items():
         if key in PARSERS:
             _parse_into(values, key, value, source, report)
-        elif key in UNUSED_ED2_KEYS:
-            report.note(f"key '{key}' {UNUSED_ED2_KEYS[key]}", source)
         elif key != CAPTION_KEY:
             report.note(f"unknown key '{key}' ignored{_did_you_mean(str(key))}", source)
+    if values.get("rating") == 0:
+        report.note(RATING_ZERO_NOTE, source)
     settings = ItemSettings(**values)
     if CAPTION_KEY in mapping:
         settings = beside_caption(settings, _caption_settings(mapping[CAPTION_KEY], source, report))

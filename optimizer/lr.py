@@ -155,8 +155,11 @@ def refuse_overlong(plan: RunPlan) -> None:
         )
 
 
-def plan_schedule(config: TrainConfig, batches_per_epoch: int) -> tuple[RunPlan, Schedules, list[str]]:
-    """The final RunPlan, the run's Schedules and notes for the log."""
+def plan_schedule(config: TrainConfig, batches_per_epoch: int | Sequence[int]) -> tuple[RunPlan, Schedules, list[str]]:
+    """The final RunPlan, the run's Schedules and notes for the log. batches_per_epoch: one count for every epoch,
+    or each epoch's (PreparedData.epoch_batches_per_process), which a rated data set needs: its epochs differ."""
+    if config.rated_dataset and isinstance(batches_per_epoch, int):
+        raise ValueError("a rated data set's epochs differ: give each epoch's batch count (epoch_batches_per_process)")
     notes: list[str] = []
     try:
         plan = _stages_length(

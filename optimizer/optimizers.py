@@ -1,16 +1,21 @@
 """The optimizer factory: one optimizer, one parameter group per trained model (UNet, text encoder).
 
 Each group carries its own LR function (see optimizer/lr.py), so the text encoder follows the same phase
-of the schedule with its own bounds, and its own weight decay / betas / epsilon when configured.
+of the schedule with its own bounds, and its own weight decay / betas / epsilon when configured. With
+fused_backward_pass or stochastic_rounding the optimizer is one per parameter behind one face
+(optimizer/per_parameter.py), with the same groups.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 
 import torch
 
+from optimizer.per_parameter import PerParameterOptimizer
+from optimizer.stochastic_rounding import StochasticRounding
 from utils.config import ConfigError, TrainConfig
 
 # name -> (module, class, the hyperparameters it takes from the config); the module is imported on use.
@@ -24,8 +29,19 @@ OPTIMIZERS = {
     "dadapt_lion": ("dadaptation", "DAdaptLion", ("betas", "weight_decay")),
     "dadapt_sgd": ("dadaptation", "DAdaptSGD", ("weight_decay",)),
     "coordinate_dowg": ("dowg", "CoordinateDoWG", ()),  # its eps is a distance estimate, not Adam's epsilon
+    # transformers' Adafactor: factored second moments (a row and a column vector per matrix instead of a full
+    # tensor) and, with its default beta1 None, no first moment: the least optimizer memory here. Its eps is a pair
+    # of its own (not Adam's epsilon); its weight decay is decoupled (p -= lr * weight_decay * p), as AdamW's.
+    "adafactor": ("transformers.optimization", "Adafactor", ("weight_decay",)),
 }
+# Our schedule drives Adafactor's LR, so the three options that would let Adafactor set or scale it are fixed
+# off: relative_step=True replaces the group's lr with Adafactor's own 1/sqrt(step) schedule (and refuses an lr),
+# scale_parameter=True multiplies the lr by each weight's RMS (the LR logged and planned would not be the one
+# applied), and warmup_init is a variant of relative_step. With all three off the update is lr(step) x the
+# clipped, normalized gradient: the LR of optimizer/lr.py, each step.
+ADAFACTOR_FIXED = {"relative_step": False, "scale_parameter": False, "warmup_init": False}
 PACKAGE_OF = {
+    "transformers.optimization": "transformers",
     "bitsandbytes.optim": "bitsandbytes",
     "lion_pytorch": "lion-pytorch",
     "prodigyopt": "prodigyopt",
@@ -67,8 +83,9 @@ def _hyperparameters(config: TrainConfig, text_encoder: bool) -> dict:
     }
 
 
-def build_optimizer(config: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """`param_groups` from model_param_groups; LRs start at 0 and are set by the LR scheduler."""
+def build_optimizer(config: TrainConfig, param_groups: list[dict], seed: int = 0) -> torch.optim.Optimizer:
+    """`param_groups` from model_param_groups; LRs start at 0 and are set by the LR scheduler. `seed`: the run's
+    seed, which seeds stochastic rounding (the same on every process)."""
     module_name, class_name, takes = OPTIMIZERS[config.optimizer]
     optimizer_class = getattr(_import(module_name, config.optimizer), class_name)
     groups = [
@@ -76,18 +93,35 @@ def build_optimizer(config: TrainConfig, param_groups: list[dict]) -> torch.opti
         for group in param_groups
     ]
     kwargs = _checked_extra_arguments(optimizer_class, config)
+    if config.optimizer == "adafactor":
+        kwargs.update(ADAFACTOR_FIXED)
     if config.optimizer == "adamw" and all(p.is_cuda for g in groups for p in g["params"]):
         # One kernel for all parameters. Elsewhere torch's default (foreach=None) takes the multi-tensor foreach
         # kernels on devices that have them and the per-tensor loop on the CPU, where foreach measured no faster
         # (bench/step_overhead.py's machine, tiny model). The trainer moves the trained parts to the GPU first.
         kwargs["fused"] = True
-    return optimizer_class(groups, **kwargs)
+    if not (config.fused_backward_pass or config.stochastic_rounding):
+        return optimizer_class(groups, **kwargs)
+    parameters = [p for group in groups for p in group["params"]]
+    rounding = StochasticRounding(seed, parameters[0].device, len(parameters)) if config.stochastic_rounding else None
+    return PerParameterOptimizer(
+        groups,
+        functools.partial(optimizer_class, **kwargs),
+        fused_backward=config.fused_backward_pass,
+        rounding=rounding,
+    )
 
 
 def _checked_extra_arguments(optimizer_class, config: TrainConfig) -> dict:
     """optimizer_args (ED2's d0, growth_rate, decouple ...) must be arguments the optimizer takes."""
     accepted = set(inspect.signature(optimizer_class.__init__).parameters) - {"self", "params", "lr"}
     for key in config.optimizer_args:
+        if config.optimizer == "adafactor" and key in ADAFACTOR_FIXED:
+            raise ConfigError(
+                f"key 'optimizer_args' has '{key}': with adafactor, EveryCycle's LR schedule sets the LR, so "
+                f"relative_step, scale_parameter and warmup_init are always false (they would replace or scale "
+                f"the scheduled LR). Leave '{key}' out; beta1, clip_threshold, decay_rate and eps may be given."
+            )
         if key not in accepted:
             raise ConfigError(
                 f"key 'optimizer_args' has '{key}', which optimizer '{config.optimizer}' does not take. "

@@ -7,6 +7,7 @@ functions at every step (at evenly spaced steps of a run longer than PLOTTED_POI
 from __future__ import annotations
 
 import csv
+import itertools
 from collections import Counter
 from pathlib import Path
 
@@ -30,10 +31,26 @@ def write_schedule_csv(path: Path, steps: list[int], series: dict[str, list[floa
             writer.writerow([step] + [f"{column[row]:.10g}" for column in columns])
 
 
+def epoch_steps_text(plan, shown: int = 8) -> str:
+    """Steps per epoch: one number, or where a rated data set's epochs differ, each run of equal epochs
+    ("10 (epochs 1-2), 9 (epoch 3), ...", the middle left out past `shown` runs)."""
+    if not plan.varies:
+        return str(plan.steps_per_epoch)
+    runs = []
+    epochs = range(1, plan.epochs + 1)
+    for steps, group in itertools.groupby(epochs, key=lambda epoch: plan.steps_in_epoch(epoch - 1)):
+        numbers = list(group)
+        where = f"epoch {numbers[0]}" if len(numbers) == 1 else f"epochs {numbers[0]}-{numbers[-1]}"
+        runs.append(f"{steps} ({where})")
+    if len(runs) > shown:
+        runs = runs[: shown // 2] + ["..."] + runs[-(shown // 2) :]
+    return ", ".join(runs)
+
+
 def summary_lines(plan, described: dict) -> list[str]:
     """The preview's summary in words: run length, cycle geometry, peaks, and where the run ends."""
     lines = [
-        f"steps per epoch: {plan.steps_per_epoch}, epochs: {plan.total_epochs_exact:g}, "
+        f"steps per epoch: {epoch_steps_text(plan)}, epochs: {plan.total_epochs_exact:g}, "
         f"total steps: {plan.total_steps}",
         f"schedule: {described['schedule']}, warmup {described['warmup_steps']} steps, "
         f"LR at the first step {described['lr_first_step']:.4g}, at the last {described['lr_last_step']:.4g}",
@@ -59,7 +76,7 @@ def preview_schedule(config: TrainConfig, out_dir: Path, num_processes: int = 1)
     """With `num_processes` (GPUs under accelerate launch) the epoch's batches are dealt out across them, so an
     epoch has fewer, larger optimizer steps: the preview counts the steps of the whole group, as training does."""
     data = prepare_data(config)
-    plan, schedules, notes = plan_schedule(config, data.batches_per_process(num_processes))
+    plan, schedules, notes = plan_schedule(config, data.epoch_batches_per_process(num_processes))
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = plotted_steps(plan.total_steps)
     series = {group: [lr_at(k) for k in steps] for group, lr_at in schedules.lr.items()}

@@ -274,7 +274,7 @@ def test_training_on_cached_latents_decodes_no_image(model_cache, tmp_path, monk
 
     monkeypatch.setattr(data.loader, "load_image", no_decoding)
     monkeypatch.setattr(data.images, "load_image", no_decoding)
-    batch = next(iter(trainer.epoch_loader(0)))
+    batch = next(iter(trainer.feed.epoch_loader(0)))
     assert "pixel_values" not in batch and set(batch) >= {
         "latents",
         "encoder_hidden_states",

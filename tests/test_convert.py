@@ -272,8 +272,9 @@ def test_open_clip_mapping_is_diffusers_inverse_at_full_sd2_size():
 
 
 def test_a_weight_without_an_ldm_name_is_an_error_not_dropped(tiny_pipe):
-    unet_sd = {**tiny_pipe.unet.state_dict(), "add_embedding.linear_1.weight": torch.zeros(1)}
-    with pytest.raises(ConversionError, match="add_embedding"):
+    # A real diffusers UNet weight (encoder_hid_dim models) that the original layout has no name for.
+    unet_sd = {**tiny_pipe.unet.state_dict(), "encoder_hid_proj.weight": torch.zeros(1)}
+    with pytest.raises(ConversionError, match="encoder_hid_proj"):
         diffusers_to_ldm(
             unet_sd,
             tiny_pipe.vae.state_dict(),

@@ -96,11 +96,11 @@ def test_fixture_settings_follow_global_then_folder_then_sidecar(ed2_items, name
     assert tuple(getattr(ed2_items[name], setting) for setting in SETTINGS) == expected
 
 
-def test_fixture_unused_ed2_keys_are_reported_not_ignored(ed2_items):
+def test_fixture_rating_and_batch_id_are_read_not_warned_about(ed2_items):
     warnings = scan_images(ED2_DATA).warnings
-    assert any("'rating'" in line and "carol_01.yaml" in line for line in warnings)
-    assert not any("'batch_id'" in line for line in warnings)  # used: carol's copies share batches
-    assert ed2_items["carol_01.png"].batch_id == "portraits"
+    assert not any("'rating'" in line or "'batch_id'" in line for line in warnings)  # both used
+    assert ed2_items["carol_01.png"].batch_id == "portraits"  # carol's copies share batches
+    assert ed2_items["carol_01.png"].rating == 5.0 and ed2_items["alice_01.png"].rating == 1.0  # unset: 1
 
 
 def test_fixture_steps_per_epoch_count_multipliers_and_stay_fixed(ed2_items):
@@ -145,7 +145,7 @@ def test_schedule_preview_counts_multiplied_batches(tmp_path):
     plan, _, _ = plan_schedule(config, data.batches.num_batches)
     assert plan.steps_per_epoch == 6 and plan.total_steps == 18
     assert "10 samples (with multipliers) in 6 batches per epoch" in data.summary()
-    assert "warning: key 'rating'" in data.summary()
+    assert "rating" not in data.summary()
 
 
 def test_validation_items_are_seen_once_and_plain(tmp_path):

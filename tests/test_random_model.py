@@ -101,3 +101,17 @@ def test_sd15_at_full_size_trains_resumes_and_exports_on_the_cpu(tmp_path):
         f"{first.seconds:.0f} s, resumed run {resumed.seconds:.0f} s, peak RSS of a run {peak_gib:.1f} GiB; "
         f"{gpu_check.format_details(completed | loads)}"
     )
+
+
+def test_building_the_tiny_models_leaves_the_callers_generator_alone(tmp_path):
+    """A run that builds `tiny` first (a fresh cache) must draw the same noise as one that finds it built: the
+    builders seed torch inside a forked generator state."""
+    import torch
+
+    from trainer.tiny_model import tiny_model_path
+
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    tiny_model_path(tmp_path)
+    assert torch.equal(torch.rand(3), expected)

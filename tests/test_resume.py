@@ -132,6 +132,7 @@ def run_folder_files(run_dir: Path) -> dict[str, bytes]:
         ({"grad_accum": 1}, "grad_accum"),
         ({"seed": 7}, "seed"),
         ({"resolution": 128}, "resolution"),
+        ({"weight_dtype": "bf16"}, "weight_dtype"),
     ],
 )
 def test_a_change_that_would_break_the_run_is_refused_naming_the_key(model_cache, reference, change, key):

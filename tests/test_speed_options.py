@@ -195,12 +195,12 @@ def test_tf32_is_switched_on_cuda_only():
 # --- data loading -------------------------------------------------------------------------------------------
 def test_workers_and_prefetch_reach_the_dataloader(model_cache, tmp_path):
     trainer = set_up_trainer(model_cache, tmp_path, num_workers=2, prefetch_factor=3)
-    loader = trainer.epoch_loader(0)
+    loader = trainer.feed.epoch_loader(0)
     assert (loader.num_workers, loader.prefetch_factor, loader.pin_memory) == (2, 3, False)  # pinned on CUDA only
     trainer.logger.close()
     auto = set_up_trainer(model_cache, tmp_path)  # num_workers -1 (auto) on the CPU: the main process loads
-    loader = auto.epoch_loader(0)
-    assert (auto.num_workers, loader.num_workers, loader.prefetch_factor) == (0, 0, None)
+    loader = auto.feed.epoch_loader(0)
+    assert (auto.feed.num_workers, loader.num_workers, loader.prefetch_factor) == (0, 0, None)
     auto.logger.close()
 
 
@@ -223,7 +223,7 @@ def test_automatic_worker_count(monkeypatch, setting, device, cpus, processes, b
 
 def record_loaders_and_steps(trainer: Trainer) -> list[tuple[str, int]]:
     """Filled as the trainer runs: ("loader", epoch) when an epoch's loader is built, ("step", n) before step n."""
-    events, build, step = [], trainer.epoch_loader, trainer.train_step
+    events, build, step = [], trainer.feed.epoch_loader, trainer.train_step
 
     def epoch_loader(epoch, first_step=0):
         events.append(("loader", epoch))
@@ -233,7 +233,7 @@ def record_loaders_and_steps(trainer: Trainer) -> list[tuple[str, int]]:
         events.append(("step", trainer.progress.global_step + 1))
         return step(*args)
 
-    trainer.epoch_loader, trainer.train_step = epoch_loader, train_step
+    trainer.feed.epoch_loader, trainer.train_step = epoch_loader, train_step
     return events
 
 
@@ -256,9 +256,10 @@ def test_next_epochs_loader_starts_ahead_with_workers(model_cache, tmp_path):
 
 def test_resumed_epoch_iterators_start_mid_epoch(model_cache, tmp_path):
     trainer = set_up_trainer(model_cache, tmp_path, num_workers=1, max_steps=None, max_epochs=3)
-    calls, build = [], trainer.epoch_loader
-    trainer.epoch_loader = lambda epoch, first_step=0: calls.append((epoch, first_step)) or build(epoch, first_step)
-    iterators = trainer.epoch_iterators(1, 2)
+    calls, feed = [], trainer.feed
+    build = feed.epoch_loader
+    feed.epoch_loader = lambda epoch, first_step=0: calls.append((epoch, first_step)) or build(epoch, first_step)
+    iterators = trainer.feed.epoch_iterators(1, 2)
     first = next(iterators)
     assert calls == [(1, 2), (2, 0)]
     train = trainer.data.train
@@ -295,9 +296,9 @@ def test_speed_keys_default_to_the_plain_behaviour():
 
 # --- the step-overhead benchmark ----------------------------------------------------------------------------
 def test_step_overhead_bench_runs(monkeypatch, capsys):
-    """bench/step_overhead.py drives the trainer's own loop through its public seams (Trainer.steps, epoch_loader)
-    and times optimizer_step: a one-round run keeps it working as the trainer changes, and leaves optimizer_step as
-    it was."""
+    """bench/step_overhead.py drives the trainer's own loop through its public seams (Trainer.steps, its feed's
+    epoch_loader) and times optimizer_step: a one-round run keeps it working as the trainer changes, and leaves
+    optimizer_step as it was."""
     import bench.step_overhead as bench
     import trainer.loop as loop
 

@@ -8,11 +8,13 @@ every step still draws a fresh latent from the global RNG exactly as an uncached
 latent_cache_dir, one safetensors file per (image content, bucket, flip, VAE), written atomically, read when a
 batch needs it and reused by later runs: a changed image or another VAE gives another file name.
 
-cache_text_embeddings: with a frozen text encoder and captions that never change (no shuffle_tags), the CLIP
-hidden states of every caption an epoch can train on (each image's caption, and "" where caption dropout can
-occur) are computed once, with clip_skip as in training, and kept on the CPU.
+cache_text_embeddings: with frozen text encoders and captions that never change (no shuffle_tags), the text
+conditioning of every caption an epoch can train on (each image's caption, and "" where caption dropout can
+occur) is computed once, with clip_skip as in training (trainer/diffusion.py encode_text: the CLIP hidden states;
+for SDXL both encoders' side by side and the pooled embedding), and kept on the CPU. SDXL's size and crop ids
+need no cache: the dataset computes them from each image's size and bucket.
 
-After the pass the parts the caches stand in for (the VAE, the text encoder) leave the accelerator device;
+After the pass the parts the caches stand in for (the VAE, the text encoders) leave the accelerator device;
 `TrainingCaches.parts_on_device` brings them back while something still needs them (validation, samples).
 
 Several processes: each one encodes its share (every num_processes-th image or caption) and the shares are
@@ -37,8 +39,8 @@ from tqdm.auto import tqdm
 
 from data.buckets import Bucket
 from data.images import ImageItem, ImageLoadError, load_image
-from trainer.diffusion import vae_distribution
-from trainer.model import SDModel, encode_prompts
+from trainer.diffusion import encode_text, vae_distribution
+from trainer.model import SDModel
 from utils.checkpoint import atomic_path, file_sha256
 from utils.config import ConfigError, TrainConfig
 
@@ -202,23 +204,24 @@ class LatentLookup:
 
 
 class TextEmbeddings:
-    """caption -> its cached CLIP hidden states [tokens, width] on the CPU."""
+    """caption -> its cached text conditioning on the CPU, tensors by batch key (encode_text's, one row each:
+    encoder_hidden_states [tokens, width], and for SDXL pooled_embeds [width])."""
 
-    def __init__(self, hidden: dict[str, torch.Tensor]):
-        self.hidden = hidden
+    def __init__(self, conditioning: dict[str, dict[str, torch.Tensor]]):
+        self.conditioning = conditioning
 
-    def __call__(self, caption: str) -> torch.Tensor:
+    def __call__(self, caption: str) -> dict[str, torch.Tensor]:
         try:
-            return self.hidden[caption]
+            return self.conditioning[caption]
         except KeyError:
             raise KeyError(f"caption {caption!r} is not in the text-embedding cache") from None
 
     def __len__(self) -> int:
-        return len(self.hidden)
+        return len(self.conditioning)
 
     @property
     def memory_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.hidden.values())
+        return sum(t.numel() * t.element_size() for entry in self.conditioning.values() for t in entry.values())
 
 
 # --- the pass ----------------------------------------------------------------------------------------------
@@ -389,19 +392,21 @@ def build_latent_cache(
 def build_text_cache(
     model: SDModel, items: Sequence[ImageItem], config: TrainConfig, accelerator, say: Callable[[str], None]
 ) -> TextEmbeddings:
-    """The CLIP hidden states of every caption training can use (trainer/model.py encode_prompts, clip_skip
+    """The text conditioning of every caption training can use (trainer/diffusion.py encode_text, clip_skip
     applied), this process's share encoded in chunks of batch_size, then the shares combined."""
     started = time.monotonic()
     captions = possible_captions(items, config)
     mine = captions[accelerator.process_index :: accelerator.num_processes]
-    hidden: dict[str, torch.Tensor] = {}
+    encoded: dict[str, dict[str, torch.Tensor]] = {}
     for start in range(0, len(mine), config.batch_size):
         chunk = mine[start : start + config.batch_size]
         with accelerator.autocast():
-            states = encode_prompts(model, chunk, config.clip_skip, accelerator.device).cpu()
-        hidden.update({caption: row.clone() for caption, row in zip(chunk, states, strict=True)})
-    combined: dict[str, torch.Tensor] = {}
-    for part in gather_object([hidden]):
+            tensors = encode_text(model, chunk, config.clip_skip, accelerator.device)
+        tensors = {key: value.cpu() for key, value in tensors.items()}
+        for row, caption in enumerate(chunk):  # each row its own storage: a view would keep (and pickle) the chunk
+            encoded[caption] = {key: value[row].clone() for key, value in tensors.items()}
+    combined: dict[str, dict[str, torch.Tensor]] = {}
+    for part in gather_object([encoded]):
         combined.update(part)
     embeddings = TextEmbeddings(combined)
     say(
@@ -424,13 +429,17 @@ class TrainingCaches:
     device: torch.device | None = None
     offloaded: tuple[str, ...] = ()  # model parts moved to the CPU after the pass
 
+    def text_encoder_names(self) -> tuple[str, ...]:
+        """The model's text encoders: SDXL has a second one."""
+        return tuple(name for name in ("text_encoder", "text_encoder_2") if getattr(self.model, name, None) is not None)
+
     def offload(self) -> None:
-        """Move the VAE (with cached latents) and the frozen text encoder (with cached embeddings) to the CPU, so
+        """Move the VAE (with cached latents) and the frozen text encoders (with cached embeddings) to the CPU, so
         the training steps have that GPU memory. Nothing moves when training runs on the CPU."""
         if self.model is None or self.device is None or self.device.type == "cpu":
             return
         parts = (("vae",) if self.latents is not None else ()) + (
-            ("text_encoder",) if self.text_embeddings is not None else ()
+            self.text_encoder_names() if self.text_embeddings is not None else ()
         )
         for part in parts:
             getattr(self.model, part).to("cpu")
@@ -441,7 +450,9 @@ class TrainingCaches:
     @contextlib.contextmanager
     def parts_on_device(self, *parts: str) -> Iterator[None]:
         """Bring offloaded parts back to the device for a while (validation needs the text encoder, samples need
-        both), then off again."""
+        both), then off again. "text_encoder" stands for every text encoder of the model (SDXL's two)."""
+        if "text_encoder" in parts:
+            parts = tuple(dict.fromkeys(parts + self.text_encoder_names()))
         moving = [getattr(self.model, part) for part in parts if part in self.offloaded]
         for module in moving:
             module.to(self.device)

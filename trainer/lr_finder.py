@@ -382,9 +382,9 @@ def micro_batch_stream(trainer: Trainer):
     and micro-batch assembly: same order, same seed, same handling of images that fail to load)."""
     plan = trainer.plan
     for epoch in itertools.count():
-        loader = iter(trainer.epoch_loader(epoch))
-        for step_in_epoch in range(plan.steps_per_epoch):
-            micro_batches = trainer.next_micro_batches(loader, step_in_epoch)
+        loader = iter(trainer.feed.epoch_loader(epoch))
+        for step_in_epoch in range(plan.steps_in_epoch(epoch)):
+            micro_batches = trainer.next_micro_batches(loader, epoch, step_in_epoch)
             if micro_batches:  # every image of the step failed to load: nothing to train on
                 yield micro_batches
 

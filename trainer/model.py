@@ -1,7 +1,9 @@
 """Loading the Stable Diffusion components a run trains: UNet, VAE, text encoder, tokenizer, noise schedule.
 
 Everything goes through diffusers / transformers `from_pretrained`, so SD 1.5 from the hub, a local
-diffusers folder and the built-in tiny model take the same path.
+diffusers folder and the built-in tiny models take the same path. An SDXL model (a StableDiffusionXLPipeline
+folder: a second text encoder and tokenizer in text_encoder_2/ and tokenizer_2/) loads both; SDModel carries
+the second pair in optional fields, None for SD 1.x/2.x.
 """
 
 from __future__ import annotations
@@ -11,11 +13,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from trainer.random_model import is_random_model, random_model_path
-from trainer.tiny_model import DEFAULT_CACHE_DIR, TINY_MODEL_NAME, tiny_model_path
+from trainer.tiny_model import (
+    DEFAULT_CACHE_DIR,
+    TINY_MODEL_NAME,
+    TINY_PRETRAINED_MODEL_NAME,
+    TINY_PRETRAINED_PATH,
+    TINY_SDXL_MODEL_NAME,
+    tiny_model_path,
+    tiny_sdxl_model_path,
+)
 from utils.config import ConfigError
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -29,6 +46,13 @@ class SDModel:
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
     source: str
+    # SDXL's second text encoder (OpenCLIP ViT-bigG with its projection) and tokenizer; None for SD 1.x/2.x.
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def prediction_type(self) -> str:
@@ -38,8 +62,19 @@ class SDModel:
     def vae_scale(self) -> float:
         return getattr(self.vae.config, "scaling_factor", 0.18215)
 
-    def pipeline(self, scheduler=None) -> StableDiffusionPipeline:
+    def pipeline(self, scheduler=None) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
         """An inference pipeline over the live (possibly training) components, for samples and saving."""
+        if self.is_sdxl:
+            return StableDiffusionXLPipeline(
+                unet=self.unet,
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                scheduler=scheduler or self.noise_scheduler,
+                add_watermarker=False,  # samples and checkpoints hold the model's own output
+            )
         return StableDiffusionPipeline(
             unet=self.unet,
             vae=self.vae,
@@ -59,10 +94,15 @@ def resolve_model_source(
     prediction_type: str | None = None,
     notes: list[str] | None = None,
 ) -> str:
-    """A diffusers folder path or hub id for `resume_ckpt` ('tiny' and 'random:sd15' / 'random:sd21' are built
-    locally on first use; a single .safetensors / .ckpt file is converted once into a cached diffusers folder)."""
+    """A diffusers folder path or hub id for `resume_ckpt` ('tiny', 'tiny-sdxl' and 'random:sd15' / 'random:sd21'
+    are built locally on first use; 'tiny-pretrained' is the repository's models/ folder; a single .safetensors /
+    .ckpt file is converted once into a cached diffusers folder)."""
     if resume_ckpt == TINY_MODEL_NAME:
         return str(tiny_model_path(Path(cache_dir) if cache_dir else None))
+    if resume_ckpt == TINY_SDXL_MODEL_NAME:
+        return str(tiny_sdxl_model_path(Path(cache_dir) if cache_dir else None))
+    if resume_ckpt == TINY_PRETRAINED_MODEL_NAME:
+        return str(TINY_PRETRAINED_PATH)  # committed; scripts/pretrain_tiny.py rebuilds it
     if is_random_model(resume_ckpt):
         return str(random_model_path(resume_ckpt, Path(cache_dir) if cache_dir else DEFAULT_CACHE_DIR))
     path = Path(resume_ckpt)
@@ -71,7 +111,7 @@ def resolve_model_source(
             raise ConfigError(
                 f"key 'resume_ckpt' = '{resume_ckpt}': the folder is not a diffusers Stable Diffusion model "
                 f"(no model_index.json or unet/ inside). Give a diffusers folder, a hub id such as "
-                f"'stable-diffusion-v1-5/stable-diffusion-v1-5', or 'tiny'."
+                f"'stable-diffusion-v1-5/stable-diffusion-v1-5', 'tiny' or 'tiny-sdxl'."
             )
         return str(path)
     if path.suffix in SINGLE_FILE_SUFFIXES:
@@ -106,22 +146,43 @@ def load_model(config, notes: list[str] | None = None) -> SDModel:
     return model
 
 
+def is_sdxl_source(source: str) -> bool:
+    """Whether a diffusers model is SDXL: it has a second text encoder (StableDiffusionXLPipeline layout). A local
+    folder says so by its text_encoder_2/; a hub id by its model_index.json (the only file read for this)."""
+    path = Path(source)
+    if path.is_dir():
+        return (path / "text_encoder_2").is_dir()
+    try:
+        return "text_encoder_2" in DiffusionPipeline.load_config(source)
+    except OSError:  # no index at hand (offline, only the parts cached): loaded as SD 1.x/2.x are
+        return False
+
+
 def load_pretrained(source: str, resume_ckpt: str) -> SDModel:
     try:
+        second_text_encoder = (
+            {
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(source, subfolder="text_encoder_2"),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2"),
+            }
+            if is_sdxl_source(source)
+            else {}
+        )
         return SDModel(
             unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet"),
             vae=AutoencoderKL.from_pretrained(source, subfolder="vae"),
             text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"),
             # Training always adds noise the DDPM way; the model's own scheduler config carries the betas
-            # and the prediction type (epsilon for SD 1.x / 2.x-base, v_prediction for SD 2.x 768-v).
+            # and the prediction type (epsilon for SD 1.x / 2.x-base / SDXL, v_prediction for SD 2.x 768-v).
             noise_scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
             source=source,
+            **second_text_encoder,
         )
     except OSError as error:
         raise ConfigError(
             f"key 'resume_ckpt' = '{resume_ckpt}': could not load a Stable Diffusion model from it ({error}). "
-            f"Give a local diffusers folder, a hub id (needs network), or 'tiny'."
+            f"Give a local diffusers folder, a hub id (needs network), 'tiny' or 'tiny-sdxl'."
         ) from None
 
 
@@ -131,6 +192,9 @@ def configure_for_training(model: SDModel, config) -> None:
     train_unet, train_text_encoder = not config.disable_unet_training, config.train_text_encoder
     model.vae.requires_grad_(False)
     model.vae.eval()
+    if model.is_sdxl:  # SDXL's second text encoder is not trained (yet): frozen, as the VAE
+        model.text_encoder_2.requires_grad_(False)
+        model.text_encoder_2.eval()
     model.unet.requires_grad_(train_unet)
     model.unet.train(train_unet)
     model.text_encoder.requires_grad_(train_text_encoder)
@@ -151,6 +215,16 @@ def configure_for_training(model: SDModel, config) -> None:
         model.unet.to(memory_format=torch.channels_last)
         if not config.cache_latents:  # with cached latents the VAE does not run while training
             model.vae.to(memory_format=torch.channels_last)
+
+
+TRAINED_WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def trained_weight_dtype(config) -> torch.dtype:
+    """The dtype the trained parts are stored and updated in (weight_dtype): fp32 master weights, or bf16 ones with
+    no fp32 copy (the optimizer then rounds each update into bf16, stochastically with stochastic_rounding).
+    Their gradients have the same dtype, so bf16 halves both the weights and the gradient buffer."""
+    return TRAINED_WEIGHT_DTYPES[config.weight_dtype]
 
 
 def use_tf32(device: torch.device, allowed: bool = True) -> None:

@@ -49,3 +49,18 @@ class Progress:
         """The mean of the last `window` finite training losses (the progress bar's figure)."""
         recent = [value for _, value in self.train_losses[-window:]]
         return sum(recent) / len(recent) if recent else math.nan
+
+
+def show_step(logger, bar, progress: Progress, plan, log_step: int, **measured) -> None:
+    """One step's row in metrics.csv (and TensorBoard every `log_step` steps) and the progress bar's figures.
+    `measured`: loss_train, lr_unet, lr_text_encoder, images_per_second."""
+    step = progress.global_step
+    logger.log(step, plan.epochs_at(step), to_tensorboard=step % log_step == 0, **measured)
+    # refresh=False: update() redraws at most every mininterval (0.1 s), not at every step.
+    bar.set_postfix(
+        loss=f"{progress.recent_train_loss(log_step):.4f}",
+        lr=f"{measured['lr_unet']:.3g}",
+        img_s=f"{measured['images_per_second']:.1f}",
+        refresh=False,
+    )
+    bar.update(1)

@@ -15,8 +15,8 @@ import os
 import re
 from pathlib import Path
 
-import torch
-
+from trainer.progress import Progress
+from trainer.saving import TrainingParts
 from trainer.step import agreed
 from utils.checkpoint import saved_checkpoints
 from utils.config import ConfigError, TrainConfig
@@ -48,8 +48,13 @@ REFUSED_CHANGES = {
     "grad_accum": ("grad_accum", "gradient accumulation"),
     "resolution": ("resolution", "the resolution"),
     "seed": ("seed", "the seed (it fixes the data order)"),
+    "rated_epochs": (
+        "rated_dataset / rated_dataset_target_dropout_percent / max_epochs",
+        "the rated data set's epochs (how many images each trains)",
+    ),
     "train_images": ("data_root", "the training images"),
     "validation_images": ("validation_config", "the validation split"),
+    "weight_dtype": ("weight_dtype", "the trained weights' dtype"),
 }
 
 
@@ -190,6 +195,8 @@ def _describe(entry: str, value) -> str:
     if isinstance(value, dict) and "count" in value:
         first = ", ".join(value.get("first", []))
         return f"{value['count']} images ({first}{', ...' if value['count'] > 3 else ''})"
+    if entry == "weight_dtype":
+        return value or "fp32"
     if entry in ("model_layout", "trained_parameters") and isinstance(value, str):
         return f"layout {value[:12]}"
     return json.dumps(value)
@@ -253,16 +260,19 @@ def resume_notes(
     return notes
 
 
-def restore_training(
-    state: TrainingState, trained: dict[str, torch.nn.Module], optimizer, lr_scheduler, scaler
-) -> None:
-    """Weights, optimizer, LR position and grad scaler as the state left them."""
-    for name, module in trained.items():
+def restore_training(state: TrainingState, parts: TrainingParts, resume_state: Path, run_dir: Path) -> Progress:
+    """Weights, optimizer, LR position and grad scaler as the state left them; returns the run's progress, with
+    the checkpoints its run folder holds up to the state's step."""
+    for name, module in parts.trained.items():
         module.load_state_dict(state.weights[name])
-    load_optimizer_state(optimizer, state.optimizer)
-    lr_scheduler.load_state_dict(state.info["lr_scheduler"])
-    if scaler is not None and state.info["grad_scaler"]:
-        scaler.load_state_dict(state.info["grad_scaler"])
+    load_optimizer_state(parts.optimizer, state.optimizer)
+    parts.lr_scheduler.load_state_dict(state.info["lr_scheduler"])
+    if parts.scaler is not None and state.info["grad_scaler"]:
+        parts.scaler.load_state_dict(state.info["grad_scaler"])
+    progress = Progress.from_json(state.info["progress"])
+    progress.checkpoints = saved_checkpoints(run_dir / "ckpts", state.step)
+    progress.last_state = str(resume_state)
+    return progress
 
 
 def load_optimizer_state(optimizer, saved: dict) -> None:
@@ -288,10 +298,11 @@ def restore_process_rng(state: TrainingState, rank: int, seed: int) -> list[str]
 
 def resumed_lines(state: TrainingState, folder: Path, plan, num_processes: int, images_per_process_step: int):
     """What the log says on resuming: where the run continues, and what another process count changes."""
-    epoch, step_in_epoch = divmod(state.step, plan.steps_per_epoch)
+    epoch = plan.epoch_of(state.step)
+    step_in_epoch = state.step - plan.first_step_of(epoch)
     lines = [
         f"resumed from {folder}: step {state.step} of {plan.total_steps}, epoch {epoch + 1} with "
-        f"{step_in_epoch} of its {plan.steps_per_epoch} steps done"
+        f"{step_in_epoch} of its {plan.steps_in_epoch(epoch)} steps done"
     ]
     note = process_count_note(state.info, num_processes, images_per_process_step, plan.steps_per_epoch, state.step)
     return lines + ([note] if note else [])

@@ -6,7 +6,12 @@ read again before every round, as ED2 does, so prompts can be edited while the r
 writes one grid per prompt, one column per guidance scale, to samples/gs<step>-p<index>.png, and records
 it in samples/index.json (step -> prompt index -> file, prompt, seed, size), which compare.py reads.
 
-Prompt weighting ("a red++ cat", "(red)1.3", and A1111's "(red:1.3)") is read by compel, as in ED2.
+Prompt weighting ("a red++ cat", "(red)1.3", and A1111's "(red:1.3)") is read by compel, as in ED2; for SDXL
+through both text encoders (their penultimate layers side by side, and the second one's pooled embedding).
+
+SDXL models sample through StableDiffusionXLPipeline (trainer/model.py SDModel.pipeline), conditioned as
+uncropped images of the sample's size. Every pipeline stops at the latents, which trainer/diffusion.py
+decode_latents decodes: SDXL's VAE decodes in fp32 under fp16 mixed precision (vae_dtype).
 
 Sampling uses private generators and restores every random state it could touch, so it never changes the
 training RNG: a run with samples trains exactly like one without.
@@ -27,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from trainer.diffusion import decode_latents
 from trainer.model import SDModel
 from trainer.sample_index import record_in_index
 from utils.config import ConfigError, TrainConfig, read_sample_prompts
@@ -250,7 +256,8 @@ def make_samples(
             alike = [requests[i] for i in batch]
             prompts = _prompt_arguments(pipeline, alike)
             columns = [
-                _generate(pipeline, alike, prompts, scale, settings.num_inference_steps) for scale in alike[0].cfgs
+                _generate(model, pipeline, alike, prompts, scale, settings.num_inference_steps)
+                for scale in alike[0].cfgs
             ]
             for position, index in enumerate(batch):
                 grids[index] = np.concatenate([column[position] for column in columns], axis=1)
@@ -323,21 +330,24 @@ def batches_of_alike(requests: list[SampleRequest], batch_size: int) -> list[lis
     return [group[start : start + batch_size] for group in alike.values() for start in range(0, len(group), batch_size)]
 
 
-def _generate(pipeline, requests: list[SampleRequest], prompts: dict, guidance_scale: float, steps: int) -> np.ndarray:
+def _generate(
+    model: SDModel, pipeline, requests: list[SampleRequest], prompts: dict, guidance_scale: float, steps: int
+) -> np.ndarray:
     """uint8 HWC images, one per request (`prompts`: their _prompt_arguments). Each request has its own CPU
     generator, seeded afresh for every guidance scale: the same starting noise in every column, on every device
     and in every batch."""
     width, height = requests[0].size
     generators = [torch.Generator(device="cpu").manual_seed(request.seed) for request in requests]
-    images = pipeline(
+    latents = pipeline(
         **prompts,
         width=width,
         height=height,
         guidance_scale=guidance_scale,
         num_inference_steps=steps,
         generator=generators,
-        output_type="np",
+        output_type="latent",
     ).images
+    images = pipeline.image_processor.postprocess(decode_latents(model, latents), output_type="np")
     return (np.nan_to_num(images) * 255).round().clip(0, 255).astype(np.uint8)
 
 
@@ -350,10 +360,40 @@ def _prompt_arguments(pipeline, requests: list[SampleRequest]) -> dict:
         return {"prompt": prompts, "negative_prompt": negative}
     from compel import Compel  # only here: _weighted found compel installed
 
+    texts = [[_compel_syntax(text) for text in group] for group in (prompts, negative)]
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        return _sdxl_compel_arguments(pipeline, *texts)
     compel = Compel(tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder)
-    embeddings = [compel([_compel_syntax(text) for text in texts]) for texts in (prompts, negative)]
-    positive, negative_embeddings = compel.pad_conditioning_tensors_to_same_length(embeddings)
+    positive, negative_embeddings = compel.pad_conditioning_tensors_to_same_length([compel(group) for group in texts])
     return {"prompt_embeds": positive, "negative_prompt_embeds": negative_embeddings}
+
+
+def _sdxl_compel_arguments(pipeline, prompts: list[str], negative: list[str]) -> dict:
+    """compel's weighted embeddings for SDXL, as StableDiffusionXLPipeline.encode_prompt makes plain ones: each
+    encoder's penultimate hidden states (not normalized) side by side, and the second encoder's pooled embedding
+    (compel's own CompelForSDXL builds the same pair of Compel objects)."""
+    from compel import Compel, ReturnedEmbeddingsType
+
+    penultimate = ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED
+    first = Compel(
+        tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder, returned_embeddings_type=penultimate
+    )
+    second = Compel(
+        tokenizer=pipeline.tokenizer_2,
+        text_encoder=pipeline.text_encoder_2,
+        returned_embeddings_type=penultimate,
+        requires_pooled=True,
+    )
+    hidden_1 = first.pad_conditioning_tensors_to_same_length([first(group) for group in (prompts, negative)])
+    (positive_2, pooled), (negative_2, negative_pooled) = (second(group) for group in (prompts, negative))
+    hidden_2 = second.pad_conditioning_tensors_to_same_length([positive_2, negative_2])
+    positive, negative_embeddings = (torch.cat(pair, dim=-1) for pair in zip(hidden_1, hidden_2, strict=True))
+    return {
+        "prompt_embeds": positive,
+        "negative_prompt_embeds": negative_embeddings,
+        "pooled_prompt_embeds": pooled,
+        "negative_pooled_prompt_embeds": negative_pooled,
+    }
 
 
 def _compel_syntax(prompt: str) -> str:
@@ -401,7 +441,9 @@ def inference_mode(model: SDModel):
 
 
 def _autocast_for(model: SDModel, device):
-    """Under mixed precision the frozen VAE (and text encoder) are fp16/bf16 while the UNet keeps fp32
-    weights; autocast lets the pipeline pass tensors between them."""
-    dtype = model.vae.dtype
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.float16, torch.bfloat16))
+    """Under mixed precision the frozen parts (VAE, text encoders) are fp16/bf16 while the UNet keeps fp32
+    weights; autocast lets the pipeline pass tensors between them. SDXL's VAE may be fp32 under fp16
+    (trainer/diffusion.py vae_dtype): its text encoders tell the precision then."""
+    frozen = [model.vae, model.text_encoder_2, model.text_encoder]
+    low = [part.dtype for part in frozen if part is not None and part.dtype in (torch.float16, torch.bfloat16)]
+    return torch.autocast(device.type, dtype=low[0] if low else torch.float32, enabled=bool(low))

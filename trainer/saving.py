@@ -1,26 +1,157 @@
 """What a run writes to keep its work: checkpoints (diffusers folder + single file), resumable states, and at the
-end the plots and run_summary.json. Every write is atomic (utils/checkpoint.py, utils/state.py); the Trainer
-decides when, and only its main process calls these."""
+end the plots and run_summary.json. Every write is atomic (utils/checkpoint.py, utils/state.py). `RunSaver` does
+the saves of a running Trainer: only the main process writes, and every process learns whether it worked (a failed
+save stops the run)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from data.plan import RunPlan
 from data.prepare import PreparedData
 from optimizer.lr import Schedules
+from trainer.ema import TrainedAverage
 from trainer.model import SDModel
 from trainer.progress import Progress
-from trainer.stops import Stop
+from trainer.step import agreed
+from trainer.stops import Stop, save_failed
 from utils.checkpoint import atomic_path, checkpoint_name, save_checkpoint
 from utils.config import TrainConfig
 from utils.plots import plot_losses, plot_lr, plotted_steps
-from utils.state import STATE_FOLDER, SavedState, TrainingState, prune_states, write_state
+from utils.state import (
+    STATE_FOLDER,
+    SavedState,
+    TrainingState,
+    capture_rng,
+    prune_states,
+    state_folder_name,
+    write_state,
+)
+
+
+@dataclass(frozen=True)
+class TrainingParts:
+    """What a state holds besides the progress: the trained weights and what updates them."""
+
+    model: SDModel  # unwrapped
+    trained: dict[str, torch.nn.Module]  # the trained parts of `model`, by name
+    optimizer: Any
+    lr_scheduler: Any
+    scaler: Any  # the fp16 GradScaler, or None
+    ema: TrainedAverage | None = None
+
+
+@dataclass(frozen=True)
+class SaveOutcome:
+    saved: bool
+    paths: dict  # the checkpoint's paths; empty when none was written
+    stop: Stop | None  # set when a save failed: the run stops, every process agreed
+
+
+@dataclass
+class RunSaver:
+    """The saves of one run folder. Every process calls `save` / `save_state` at the same points (they are
+    collectives); the main process writes."""
+
+    config: TrainConfig
+    run_dir: Path
+    plan: RunPlan
+    seed: int
+    fingerprint: dict
+    schedules: Schedules
+    accelerator: Accelerator
+    say: Callable[[str], None]
+
+    def save(self, parts: TrainingParts, progress: Progress) -> SaveOutcome:
+        """A resumable state, then a checkpoint of the current weights. The state goes first: after a SIGTERM the
+        time left may be short, and the state is what resuming needs."""
+        state = self.save_state(parts, progress, checkpoint_follows=True)
+        if not state.saved:
+            return state
+        progress.last_save_time = time.monotonic()
+        paths, stop = self.write_checkpoint(parts, progress) if self.is_main else ({}, None)
+        saved, stop = agreed((bool(paths), stop))
+        return SaveOutcome(saved, paths, stop)
+
+    def save_state(self, parts: TrainingParts, progress: Progress, checkpoint_follows: bool = False) -> SaveOutcome:
+        """Everything the run depends on, to <run_dir>/state/state-gs<step>/, atomically; only the newest
+        save_state_keep states are kept. `checkpoint_follows` is recorded: a resumed run writes the checkpoint a
+        kill interrupted."""
+        rng = {"processes": gather_object([capture_rng()])}  # also the barrier: every process finished the step
+        progress.last_state_time = time.monotonic()
+        last = progress.last_state
+        already_saved = last and Path(last).name == state_folder_name(progress.global_step)
+        stop = None
+        if self.is_main and not already_saved:
+            stop = self._write_state(parts, progress, rng, checkpoint_follows)
+        failed, stop = agreed((stop is not None, stop))
+        return SaveOutcome(not failed, {}, stop)
+
+    def write_checkpoint(self, parts: TrainingParts, progress: Progress) -> tuple[dict, Stop | None]:
+        """The current weights, unless this step's checkpoint exists (e.g. a stop right after an epoch's save);
+        main process only. With EMA, its checkpoint (`<name>_ema`) goes first: a checkpoint that exists is
+        complete. Returns the paths, or a stop when the disk refused."""
+        step, checkpoints = progress.global_step, progress.checkpoints
+        if checkpoints and checkpoints[-1]["step"] == step:
+            return {key: value for key, value in checkpoints[-1].items() if key != "step"}, None
+        try:
+            paths = {}
+            if parts.ema:
+                with parts.ema.swapped_in(parts.trained):
+                    ema = write_checkpoint(parts.model, self.config, self.plan, step, self.run_dir, suffix="_ema")
+                paths = {f"ema_{kind}": path for kind, path in ema.items()}
+            paths = {**write_checkpoint(parts.model, self.config, self.plan, step, self.run_dir), **paths}
+        except OSError as error:
+            return {}, save_failed("checkpoint", error, progress)
+        checkpoints.append({"step": step, **paths})
+        self.say(f"saved checkpoint {paths['diffusers']}")
+        return paths, None
+
+    def rewrite_checkpoint(self, parts: TrainingParts, progress: Progress) -> Stop | None:
+        """The checkpoint of the resumed state's step, which a kill left unwritten (every process calls this)."""
+        progress.checkpoints = [entry for entry in progress.checkpoints if entry["step"] != progress.global_step]
+        _, stop = self.write_checkpoint(parts, progress) if self.is_main else ({}, None)
+        return agreed(stop)
+
+    def _write_state(self, parts: TrainingParts, progress: Progress, rng: dict, checkpoint_follows: bool):
+        step = progress.global_step
+        try:
+            state = training_state(
+                step,
+                self.plan,
+                self.seed,
+                self.accelerator.num_processes,
+                self.schedules.lrs_at(step),
+                progress,
+                self.fingerprint,
+                self.config,
+                parts,
+                rng,
+                checkpoint_follows,
+            )
+            saved, pruned = write_training_state(state, self.run_dir, self.config.save_state_keep)
+        except OSError as error:
+            return save_failed("state", error, progress)
+        progress.last_state = str(saved.path)
+        self.say(
+            f"saved state {saved.path} ({saved.bytes / 1e9:.2f} GB) in {saved.seconds:.1f} s"
+            + (f"; removed {len(pruned)} older state(s)" if pruned else "")
+        )
+        return None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -29,10 +160,12 @@ def write_json(path: Path, data: dict) -> None:
         temporary.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def write_checkpoint(model: SDModel, config: TrainConfig, plan: RunPlan, step: int, run_dir: Path) -> dict:
-    """The current weights as `ckpts/<project>-ep<E>-gs<S>` (diffusers folder, and the single file unless
+def write_checkpoint(
+    model: SDModel, config: TrainConfig, plan: RunPlan, step: int, run_dir: Path, suffix: str = ""
+) -> dict:
+    """The current weights as `ckpts/<project>-ep<E>-gs<S><suffix>` (diffusers folder, and the single file unless
     no_save_ckpt); returns their paths. Raises OSError when the disk refuses."""
-    name = checkpoint_name(config.project_name, plan.epoch_of(max(step - 1, 0)), step)
+    name = checkpoint_name(config.project_name, plan.epoch_of(max(step - 1, 0)), step) + suffix
     return save_checkpoint(
         model.pipeline(),
         run_dir / "ckpts",
@@ -54,36 +187,37 @@ def training_state(
     plan: RunPlan,
     seed: int,
     num_processes: int,
-    lr_scheduler,
     next_lrs: dict,
-    scaler,
     progress: Progress,
     fingerprint: dict,
     config: TrainConfig,
-    trained: dict[str, torch.nn.Module],
-    optimizer,
+    parts: TrainingParts,
     rng: dict,
     checkpoint_follows: bool,
 ) -> TrainingState:
     """Everything the run depends on at `step`, for write_training_state. `checkpoint_follows`: this state is the
     first half of a checkpoint save (resume writes the checkpoint if a kill left it unwritten)."""
-    epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
+    epoch = plan.epoch_of(step)
+    step_in_epoch = step - plan.first_step_of(epoch)
     info = {
         "epoch": epoch,
         "step_in_epoch": step_in_epoch,  # optimizer steps done in the epoch; its batch order comes from the seed
         "seed": seed,
         "num_processes": num_processes,
         "steps_per_epoch": plan.steps_per_epoch,
-        "lr_scheduler": lr_scheduler.state_dict(),
+        "lr_scheduler": parts.lr_scheduler.state_dict(),
         "next_lrs": next_lrs,
-        "grad_scaler": scaler.state_dict() if scaler is not None else None,
+        "grad_scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
         "progress": progress.to_json(),
         "fingerprint": fingerprint,
         "config": config.model_dump(mode="json"),
         "checkpoint_follows": checkpoint_follows,
+        "ema_updates": parts.ema.updates if parts.ema else None,
     }
-    weights = {name: module.state_dict() for name, module in trained.items()}
-    return TrainingState(step, info, weights, optimizer.state_dict(), rng)
+    weights = {name: module.state_dict() for name, module in parts.trained.items()}
+    if parts.ema:
+        weights.update(parts.ema.weights(parts.trained))
+    return TrainingState(step, info, weights, parts.optimizer.state_dict(), rng)
 
 
 def weights_sha256(trained: dict[str, torch.nn.Module]) -> str:
@@ -123,7 +257,7 @@ def run_summary(
         "final_checkpoint": final,
         "checkpoints": progress.checkpoints,
         "steps": progress.global_step,
-        "epochs": round(progress.global_step / plan.steps_per_epoch, 4),
+        "epochs": round(plan.epochs_at(progress.global_step), 4),
         "steps_per_epoch": plan.steps_per_epoch,
         "seed": seed,
         "images": {

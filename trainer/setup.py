@@ -19,17 +19,27 @@ from tqdm.auto import tqdm
 
 from data.images import SkippedImage, write_skipped_report
 from data.loader import assign_buckets
-from data.prepare import PreparedData, as_validation_item
-from optimizer.lr import Schedules, build_lr_scheduler
+from data.plan import RunPlan
+from data.prepare import PreparedData, as_validation_item, prepare_data
+from optimizer.lr import Schedules, build_lr_scheduler, plan_schedule
 from optimizer.optimizers import build_optimizer, model_param_groups
-from trainer.model import SDModel, compile_unet, configure_for_training, load_model, use_tf32
+from optimizer.preview import epoch_steps_text
+from trainer.memory_forecast import run_start_report
+from trainer.model import (
+    SDModel,
+    compile_unet,
+    configure_for_training,
+    load_model,
+    trained_weight_dtype,
+    use_tf32,
+)
 from trainer.resume import images_fingerprint, model_layout, project_run_dirs, run_dir_of, trained_parameters
 from trainer.step import agreed
 from trainer.validation import StabilizedLoss
 from utils.config import ConfigError, TrainConfig
 from utils.disk import SaveSizes, check_writable, estimate_save_sizes
 from utils.launch import launched_processes
-from utils.metrics import RunLogger
+from utils.metrics import RunLogger, start_wandb
 from utils.run_lock import RunLock
 from utils.state import remove_leftovers, trim_metrics
 
@@ -164,15 +174,32 @@ def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
 
 
 def place_parts(model: SDModel, accelerator: Accelerator, config: TrainConfig) -> None:
-    """Frozen parts run in the low-precision dtype (less memory, faster); trained parts stay fp32 masters. The
-    trained parts go to the device before the optimizer is built: AdamW is fused only when it is given CUDA
-    parameters (accelerator.prepare would move them only after it was built)."""
+    """Frozen parts run in the low-precision dtype (less memory, faster); trained parts stay fp32 masters unless
+    weight_dtype is bf16. The trained parts go to the device before the optimizer is built: AdamW is fused only
+    when it is given CUDA parameters (accelerator.prepare would move them only after it was built)."""
     dtype = weight_dtype_of(accelerator)
     model.vae.to(accelerator.device, dtype=dtype)
     if not config.train_text_encoder:
         model.text_encoder.to(accelerator.device, dtype=dtype)
     for name in trained_part_names(config):
-        getattr(model, name).to(accelerator.device)
+        getattr(model, name).to(accelerator.device, dtype=trained_weight_dtype(config))
+
+
+def check_memory_recipes(config: TrainConfig, accelerator: Accelerator) -> None:
+    """What the fused backward pass and bf16 weights need of the launch (utils/config.py checks the rest)."""
+    if config.fused_backward_pass and accelerator.num_processes > 1:
+        raise ConfigError(
+            f"key 'fused_backward_pass': this run has {accelerator.num_processes} processes, and DDP averages the "
+            f"gradients across them only after the backward, while the fused pass updates each weight inside it "
+            f"(from this process's gradient alone). Launch one process, or turn fused_backward_pass off."
+        )
+    if accelerator.mixed_precision == "fp16" and (config.fused_backward_pass or config.weight_dtype == "bf16"):
+        key = "fused_backward_pass" if config.fused_backward_pass else "weight_dtype"
+        raise ConfigError(
+            f"key '{key}': mixed_precision resolved to fp16 (mixed_precision auto on a GPU without bf16, or fp16), "
+            f"whose gradient scaler must see every gradient before any update and does not take bf16 gradients. "
+            f"Use a GPU with bf16 and mixed_precision bf16, or turn {key} off."
+        )
 
 
 def prepare_for_accelerator(model: SDModel, optimizer, accelerator: Accelerator, config: TrainConfig):
@@ -193,6 +220,7 @@ def prepare_for_accelerator(model: SDModel, optimizer, accelerator: Accelerator,
 def build_model_and_optimizer(config: TrainConfig, accelerator: Accelerator, schedules: Schedules, say):
     """The model loaded and placed, the optimizer over its trained parts and the LR scheduler, all prepared for
     the accelerator: (model, optimizer, lr_scheduler, trained modules)."""
+    check_memory_recipes(config, accelerator)  # before minutes of loading
     notes: list[str] = []
     with accelerator.local_main_process_first():  # one process per machine builds a cached model first
         model = load_model(config, notes)
@@ -201,7 +229,10 @@ def build_model_and_optimizer(config: TrainConfig, accelerator: Accelerator, sch
     use_tf32(accelerator.device, config.allow_tf32)
     configure_for_training(model, config)
     place_parts(model, accelerator, config)
-    optimizer = build_optimizer(config, model_param_groups(config, model.unet, model.text_encoder))
+    # The Trainer seeded torch with seed + process index; the main process's seed is the run's, and stochastic
+    # rounding must round alike on every process (their weights stay equal).
+    seed = agreed(torch.initial_seed()) if config.stochastic_rounding else 0
+    optimizer = build_optimizer(config, model_param_groups(config, model.unet, model.text_encoder), seed)
     lr_scheduler = build_lr_scheduler(optimizer, schedules)
     optimizer, trained_modules = prepare_for_accelerator(model, optimizer, accelerator, config)
     return model, optimizer, lr_scheduler, trained_modules
@@ -308,25 +339,38 @@ def run_fingerprint(
         "grad_accum": config.grad_accum,
         "resolution": config.resolution,
         "seed": seed,
+        "rated_epochs": (
+            [config.max_epochs, config.rated_dataset_target_dropout_percent] if config.rated_dataset else None
+        ),
         "train_images": images_fingerprint(data.train, roots),
         "validation_images": images_fingerprint(data.val, roots),
         "mixed_precision": mixed_precision,
+        "weight_dtype": None if config.weight_dtype == "fp32" else config.weight_dtype,  # None: as older states
     }
 
 
-def plan_lines(
-    plan, data: PreparedData, config: TrainConfig, seed: int, mixed_precision: str, num_processes: int, num_workers: int
-) -> list[str]:
-    """The run's shape, said before any model loads."""
+def prepare_and_plan(
+    config: TrainConfig, accelerator: Accelerator, seed: int, say
+) -> tuple[PreparedData, RunPlan, Schedules, int]:
+    """The data, the steps (of the whole group of processes), the LR schedule and the loader's workers, said
+    before any model loads."""
+    data = prepare_data(config)
+    say(data.summary())
+    batches = data.epoch_batches_per_process(accelerator.num_processes)
+    plan, schedules, notes = plan_schedule(config, batches)
+    num_workers = resolve_num_workers(config.num_workers, accelerator.device, accelerator.num_processes, max(batches))
     lines = [
-        f"run: {plan.steps_per_epoch} steps per epoch, {plan.total_steps} steps, {plan.epochs} epochs, seed "
-        f"{seed}, precision {mixed_precision}"
+        f"run: {epoch_steps_text(plan)} steps per epoch, {plan.total_steps} steps, {plan.epochs} epochs, seed "
+        f"{seed}, precision {accelerator.mixed_precision}"
     ]
-    if num_processes > 1:
-        lines.append(data.global_batch_line(num_processes, config.grad_accum))
+    if accelerator.num_processes > 1:
+        lines.append(data.global_batch_line(accelerator.num_processes, config.grad_accum))
     if config.num_workers == -1 and num_workers:
         lines.append(f"data loading: {num_workers} worker processes per GPU (num_workers -1, auto)")
-    return lines
+    lines += run_start_report(config, data.batches.item_buckets, accelerator)  # the memory forecast, on CUDA
+    for line in notes + lines:
+        say(line)
+    return data, plan, schedules, num_workers
 
 
 def check_output_folders(config: TrainConfig) -> None:
@@ -357,12 +401,14 @@ def report_data_problems(data: PreparedData, resolution: int, run_dir: Path, is_
             (run_dir / "data_warnings.txt").write_text("\n".join(warnings) + "\n", encoding="utf-8")
 
 
-def open_logs(run_dir: Path, is_main: bool, resumed_step: int | None, say) -> RunLogger:
-    """metrics.csv and TensorBoard; a resumed run first drops what its interrupted run logged after the
-    state, so that every step appears once."""
+def open_logs(run_dir: Path, config: TrainConfig, is_main: bool, resumed_step: int | None, say) -> RunLogger:
+    """metrics.csv and TensorBoard (and Weights & Biases with `wandb`); a resumed run first drops what its
+    interrupted run logged after the state, so that every step appears once."""
+    settings = config.model_dump(mode="json")
+    wandb_run = start_wandb(run_dir, config.project_name, settings) if config.wandb and is_main else None
     if resumed_step is None:
-        return RunLogger(run_dir, enabled=is_main)
+        return RunLogger(run_dir, enabled=is_main, wandb_run=wandb_run)
     dropped = trim_metrics(run_dir / "metrics.csv", resumed_step) if is_main else 0
     if dropped:
         say(f"metrics.csv: dropped {dropped} row(s) that the interrupted run logged after step {resumed_step}")
-    return RunLogger(run_dir, enabled=is_main, purge_step=resumed_step + 1)
+    return RunLogger(run_dir, enabled=is_main, purge_step=resumed_step + 1, wandb_run=wandb_run)

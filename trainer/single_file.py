@@ -1,9 +1,10 @@
 """Single-file base models (what users download from model sites): converted once, offline, then cached.
 
 The architecture is detected from the file's keys (SD 1.x: CLIP ViT-L text encoder, 768-wide
-cross-attention; SD 2.x: OpenCLIP ViT-H, 1024) and described by the bundled configs in
-trainer/model_configs/, so no hub access is needed. The conversion itself is diffusers' single-file loader
-(utils/convert.py wraps it); `.ckpt` files are only ever read with torch.load(weights_only=True).
+cross-attention; SD 2.x: OpenCLIP ViT-H, 1024; SDXL: two text encoders under `conditioner.embedders.`) and
+described by the bundled configs in trainer/model_configs/, so no hub access is needed. The conversion itself is
+diffusers' single-file loader (utils/convert.py wraps it); `.ckpt` files are only ever read with
+torch.load(weights_only=True).
 The converted diffusers folder is written atomically: a failed conversion leaves nothing behind (ED2 left an
 empty cache folder that broke the next run).
 """
@@ -19,7 +20,13 @@ from pathlib import Path
 from trainer.tiny_model import bytes_to_unicode
 from utils.checkpoint import atomic_path
 from utils.config import ConfigError
-from utils.convert import ConversionError, detect_prediction_type, inspect_checkpoint, load_single_file_pipeline
+from utils.convert import (
+    ConversionError,
+    detect_prediction_type,
+    inspect_checkpoint,
+    is_sdxl_checkpoint,
+    load_single_file_pipeline,
+)
 
 BUNDLED = Path(__file__).resolve().parent / "model_configs"
 CLIP_BPE = BUNDLED / "bpe_simple_vocab_16e6.txt.gz"
@@ -27,7 +34,10 @@ CLIP_MERGES = 49152 - 256 - 2  # the merges CLIP uses from that file (the rest a
 
 
 def architecture_of(info) -> str:
-    """'sd1' or 'sd2' from the text encoder's layout and the UNet's cross-attention width."""
+    """'sdxl' from its conditioner keys, else 'sd1' or 'sd2' from the text encoder's layout and the UNet's
+    cross-attention width."""
+    if is_sdxl_checkpoint(info):
+        return "sdxl"
     if any(key.startswith("cond_stage_model.model.") for key in info.keys) or info.context_dim == 1024:
         return "sd2"
     return "sd1"
@@ -39,7 +49,7 @@ def choose_prediction_type(info, architecture: str, override: str | None, notes:
     declared = detect_prediction_type(info)
     if declared:
         return declared
-    if architecture == "sd1":
+    if architecture in ("sd1", "sdxl"):  # SDXL base is epsilon; v-prediction derivatives say so (v_pred key)
         return "epsilon"
     # SD 2.x base (512) and 768-v share one architecture; without a hint in the file, assume the 768-v
     # model, as diffusers does, and say how to change it.
@@ -50,6 +60,13 @@ def choose_prediction_type(info, architecture: str, override: str | None, notes:
     return "v_prediction"
 
 
+def bundled_config_name(architecture: str, prediction: str) -> str:
+    """The trainer/model_configs folder of an architecture (SD 2.x has one per prediction type)."""
+    if architecture == "sd2":
+        return "sd2_768_v" if prediction == "v_prediction" else "sd2_512"
+    return architecture
+
+
 def bundled_config_dir(name: str, cache_dir: Path) -> Path:
     """A complete diffusers config folder (configs + CLIP tokenizer files, no weights) in the cache."""
     target = cache_dir / "model-configs" / name
@@ -57,7 +74,8 @@ def bundled_config_dir(name: str, cache_dir: Path) -> Path:
         return target
     with atomic_path(target) as temporary:
         shutil.copytree(BUNDLED / name, temporary)
-        write_clip_tokenizer_files(temporary / "tokenizer")
+        for tokenizer in sorted(temporary.glob("tokenizer*")):  # SDXL has two, both CLIP BPE
+            write_clip_tokenizer_files(tokenizer)
     return target
 
 
@@ -95,8 +113,7 @@ def converted_model_path(
         if config_override:
             config_dir = Path(config_override)
         else:
-            name = "sd1" if architecture == "sd1" else ("sd2_768_v" if prediction == "v_prediction" else "sd2_512")
-            config_dir = bundled_config_dir(name, cache_dir)
+            config_dir = bundled_config_dir(bundled_config_name(architecture, prediction), cache_dir)
         target = cache_dir / "converted" / f"{path.stem}-{_cache_key(path, config_dir, prediction)}"
         if (target / "model_index.json").exists():
             return target

@@ -26,7 +26,11 @@ def optimizer_step(
     """Accumulate the micro-batches' gradients (averaged, not summed), clip, step. Returns the mean loss.
 
     With `skip_nonfinite`, a NaN/inf loss is caught before its backward (which would poison every weight):
-    the gradients are zeroed, the weights stay as they were, and the non-finite loss is returned."""
+    the gradients are zeroed, the weights stay as they were, and the non-finite loss is returned.
+
+    With fused_backward_pass the optimizer (optimizer/per_parameter.py) updates each weight inside the backward and
+    frees its gradient, so `optimizer.step()` finds nothing left to do; the config refuses clipping and gradient
+    accumulation with it, which need every gradient first."""
     total = 0.0
     for index, batch in enumerate(micro_batches):
         is_last = index == len(micro_batches) - 1

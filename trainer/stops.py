@@ -137,6 +137,7 @@ def how_it_stopped(stop: Stop, progress: Progress, total_steps: int) -> str:
     if not stop.save:
         return f"error: {stop.message}"
     return (
-        f"stopped ({stop.reason}) after step {progress.global_step} of {total_steps}; state "
+        (f"error: {stop.message}\n" if stop.message else "")
+        + f"stopped ({stop.reason}) after step {progress.global_step} of {total_steps}; state "
         f"{progress.last_state}. To resume:\n    {resume_command()}"
     )

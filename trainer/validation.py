@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from data.images import ImageItem, load_image
+from data.images import ImageItem, load_image, size_and_crop
 from data.loader import assign_buckets
-from trainer.diffusion import denoising_loss, encode_latents
-from trainer.model import SDModel, encode_prompts
+from trainer.diffusion import HIDDEN_STATES, added_conditioning, denoising_loss, encode_latents, encode_text
+from trainer.model import SDModel
 
 
 @dataclass
@@ -24,6 +24,7 @@ class _FixedBatch:
     latents: torch.Tensor  # on the CPU; moved to the device per pass
     captions: list[str]
     noise_seed: int
+    time_ids: torch.Tensor  # [B, 6]: SDXL's size and crop conditioning of the unflipped images at their bucket
 
 
 def fixed_timesteps(count: int, num_train_timesteps: int) -> list[int]:
@@ -63,6 +64,7 @@ class StabilizedLoss:
                 ).cpu(),
                 captions=[i.caption for i in group],
                 noise_seed=seed * 100_003 + index,
+                time_ids=torch.tensor([size_and_crop(i, size) for i in group], dtype=torch.float32),
             )
             for index, (size, group) in enumerate(group_into_fixed_batches(items, resolution, batch_size))
         ]
@@ -79,12 +81,13 @@ class StabilizedLoss:
         total, count = 0.0, 0
         for batch in self.batches[rank::world]:
             latents = batch.latents.to(device)
-            hidden = encode_prompts(model, batch.captions, self.clip_skip, device)
+            text = encode_text(model, batch.captions, self.clip_skip, device)
+            added = added_conditioning(model, text, batch.time_ids)
             generator = torch.Generator(device="cpu").manual_seed(batch.noise_seed)
             for t in self.timesteps:
                 noise = torch.randn(latents.shape, generator=generator).to(device)
                 timesteps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
-                loss = denoising_loss(model, latents, hidden, noise, timesteps)
+                loss = denoising_loss(model, latents, text[HIDDEN_STATES], noise, timesteps, added_cond=added)
                 total += loss.sum().item()
                 count += loss.numel()
         model.unet.train(was_training[0])

@@ -112,8 +112,8 @@ def saved_checkpoints(ckpts_dir: Path, up_to_step: int) -> list[dict]:
 
 
 def save_checkpoint(pipeline, ckpts_dir: Path, name: str, half: bool, single_file: bool) -> dict[str, str]:
-    """A diffusers folder (StableDiffusionPipeline.from_pretrained loads it) and, unless turned off, a
-    single-file .safetensors in the original SD layout (A1111, ComfyUI, from_single_file)."""
+    """A diffusers folder (StableDiffusionPipeline / StableDiffusionXLPipeline.from_pretrained loads it) and, unless
+    turned off, a single-file .safetensors in the original SD or SDXL layout (A1111, ComfyUI, from_single_file)."""
     from utils.convert import save_single_file
 
     paths = {}
@@ -130,6 +130,7 @@ def save_checkpoint(pipeline, ckpts_dir: Path, name: str, half: bool, single_fil
             target,
             half=half,
             scheduler_config=dict(pipeline.scheduler.config),
+            text_encoder_2=getattr(pipeline, "text_encoder_2", None),  # SDXL's second text encoder
         )
         paths["single_file"] = str(target)
     return paths

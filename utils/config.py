@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import importlib.util
 import json
 import types
 from collections.abc import Callable
@@ -86,6 +87,7 @@ class ValidationSettings(_Strict):
 ED2_SCHEDULE_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 SCHEDULE_NAMES = ED2_SCHEDULE_NAMES + ("cyclic", "one_cycle")
 DEFAULT_MAX_EPOCHS = 300  # ED2's
+SDXL_RESOLUTION = 1024  # the default resolution of an SDXL model (SD 1.x/2.x: the key's default, 512)
 # The longest run accepted, in optimizer steps. A fine-tune of SD takes thousands to a few hundred thousand steps
 # (the base model's whole 512 px training took about 1.4 million); 10 million is weeks to months of nonstop
 # compute at the fastest step rates, so a longer run is a typo (a few zeros too many), and refusing it keeps the
@@ -101,7 +103,12 @@ OPTIMIZER_NAMES = (
     "dadapt_lion",
     "dadapt_sgd",
     "coordinate_dowg",
+    "adafactor",
 )
+# Optimizers whose update of a parameter depends on that parameter alone, so that one optimizer per parameter
+# (fused_backward_pass, stochastic_rounding: optimizer/per_parameter.py) updates as the one optimizer does. Prodigy,
+# D-Adaptation and DoWG estimate their step size from sums over all parameters.
+PER_PARAMETER_OPTIMIZERS = ("adamw", "adamw8bit", "lion", "lion8bit", "adafactor")
 
 
 class TrainConfig(_Strict):
@@ -109,13 +116,15 @@ class TrainConfig(_Strict):
 
     _notes: list[str] = PrivateAttr(default_factory=list)
     _from_ed2: bool = PrivateAttr(default=False)
+    _source: tuple[Path | None, dict] = PrivateAttr(default=(None, {}))  # (config file, command-line overrides)
 
     # --- what to train, where to write ---------------------------------------------------------------
     resume_ckpt: str = Field(
         "tiny",
-        description="base model: a local diffusers folder, a single .safetensors/.ckpt file, a hub id, 'tiny' "
-        "(built-in demo model), or 'random:sd15' / 'random:sd21' (the real architecture with random weights, nothing "
-        "downloaded)",
+        description="base model: a local diffusers folder, a single .safetensors/.ckpt file, a hub id, 'tiny' / "
+        "'tiny-sdxl' (built-in demo models), 'tiny-pretrained' (a small model pretrained on drawn shapes, "
+        "docs/tiny-models.md), or 'random:sd15' / 'random:sd21' (the real architecture with random weights, "
+        "nothing downloaded)",
     )
     data_root: str = Field(
         "input",
@@ -133,10 +142,16 @@ class TrainConfig(_Strict):
     )
     single_file_config: str | None = Field(
         None,
-        description="diffusers folder whose configs describe a single-file resume_ckpt (default: detected SD 1.x/2.x)",
+        description="diffusers folder whose configs describe a single-file resume_ckpt (default: detected SD 1.x/2.x/"
+        "SDXL)",
     )
     prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
         None, description="override the model's prediction type (default: from the model; detected for single files)"
+    )
+    vae_path: str | None = Field(
+        None,
+        description="replace the model's VAE with this diffusers AutoencoderKL (a folder with config.json, or a hub "
+        "id), e.g. SDXL's fp16-fix VAE; checkpoints then hold it",
     )
 
     # --- run length and batches ------------------------------------------------------------------------
@@ -151,8 +166,24 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(
         None, ge=1, description=f"stop after this many optimizer steps (wins over max_epochs; at most {MAX_STEPS:,})"
     )
+    rated_dataset: bool = Field(
+        False,
+        description="ED2's rated data set: from epoch 3 each epoch trains a falling share of the images, each once "
+        "(no multiplied copies), picked with a chance in proportion to each image's `rating` (default 1); needs "
+        "max_epochs, over which the share falls",
+    )
+    rated_dataset_target_dropout_percent: float = Field(
+        50,
+        ge=0,
+        le=100,
+        description="with rated_dataset: the share falls by (100 - this)% / max_epochs an epoch, as ED2 "
+        "(the last epoch trains 60% at 50 over 10 epochs; 100: no fall)",
+    )
     resolution: int = Field(
-        512, ge=64, description="training resolution, a multiple of 64 (buckets keep about this area)"
+        512,
+        ge=64,
+        description=f"training resolution, a multiple of 64 (buckets keep about this area); not given: "
+        f"{SDXL_RESOLUTION} for an SDXL resume_ckpt",
     )
     seed: int = Field(555, description="global seed (-1: pick one at random and record it)")
     num_workers: int = Field(
@@ -264,7 +295,8 @@ class TrainConfig(_Strict):
     optimizer: str = Field(
         "adamw8bit",
         description="adamw (torch), adamw8bit and lion8bit (bitsandbytes), lion (lion-pytorch), prodigy, "
-        "dadapt_adam, dadapt_lion, dadapt_sgd, coordinate_dowg",
+        "dadapt_adam, dadapt_lion, dadapt_sgd, coordinate_dowg, adafactor (transformers; our schedule sets its LR: "
+        "relative_step, scale_parameter and warmup_init are off)",
     )
     weight_decay: float = Field(0.01, ge=0, description="decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas (Lion: its two betas)")
@@ -321,7 +353,29 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field(
         "auto", description="auto: bf16 on GPUs that support it, else fp16 on CUDA, no on the CPU"
     )
-    clip_skip: int = Field(0, ge=0, le=4, description="use the text encoder's n-th last layer (0/1: the last)")
+    weight_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="dtype of the trained weights: fp32 (master weights; autocast computes in mixed_precision) or "
+        "bf16 (half the weight and gradient memory, no fp32 copy; use with stochastic_rounding)",
+    )
+    stochastic_rounding: bool = Field(
+        False,
+        description="with weight_dtype bf16: each update is computed in fp32 and rounded to bf16 stochastically "
+        "(unbiased), so updates smaller than a bf16 step are not lost; per-parameter optimizer steps",
+    )
+    fused_backward_pass: bool = Field(
+        False,
+        description="update each parameter as soon as its gradient is ready in the backward and free that gradient "
+        "(no full gradient buffer); needs grad_accum 1, no clip_grad_norm, one process and a per-parameter "
+        "optimizer (adamw, adamw8bit, lion, lion8bit, adafactor)",
+    )
+    clip_skip: int = Field(
+        0,
+        ge=0,
+        le=4,
+        description="use the text encoder's n-th last layer (0/1: the last; SDXL: both encoders', 0-2: the "
+        "penultimate, as SDXL was trained)",
+    )
     cond_dropout: float = Field(0.04, ge=0, le=1, description="chance of training a caption as the empty prompt")
     flip_p: float = Field(0.0, ge=0, le=1, description="chance of flipping an image horizontally")
     min_snr_gamma: float | None = Field(None, gt=0, description="Min-SNR loss weighting gamma (5 is usual); null: off")
@@ -377,6 +431,45 @@ class TrainConfig(_Strict):
         description="continue a run exactly: 'latest' (newest complete state of this project under logdir) "
         "or a state / run folder",
     )
+    # --- EMA (ED2's keys and meanings: its doc/ADVANCED_TWEAKING.md) -----------------------------------
+    ema_decay_rate: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="keep an EMA of the trained weights: ema = rate x ema + (1 - rate) x weights at each update "
+        "(0.999-0.9999 at interval 1); null: off",
+    )
+    ema_strength_target: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="EMA on, its decay computed so that decay^(updates of the run) equals this (0.01-0.15); "
+        "overrides ema_decay_rate",
+    )
+    ema_update_interval: int = Field(500, ge=1, description="update the EMA every N optimizer steps (ED2: 500)")
+    ema_device: Literal["cpu", "cuda"] = Field(
+        "cpu", description="where the EMA is kept: cpu (slower updates, no GPU memory) or cuda (the training GPU)"
+    )
+    ema_sample_nonema_model: bool = Field(False, description="with EMA: samples of the trained weights too")
+    ema_sample_ema_model: bool = Field(
+        False, description="with EMA: samples of the EMA (the EMA samples when neither ema_sample_* key is set)"
+    )
+    ema_resume_model: str | None = Field(
+        None,
+        description="start the EMA from this model (diffusers folder or .safetensors) instead of the base; "
+        "'findlast': the newest *_ema checkpoint under logdir",
+    )
+    ema_validate: bool = Field(False, description="with EMA: also the EMA's validation loss (loss/val_ema)")
+    # --- extensions (ED2's keys) ---------------------------------------------------------------------------
+    plugins: list[str] = Field(
+        default_factory=list,
+        description="ED2 plugins to load, as module.Class (e.g. plugins.example_plugin.EpochAnnouncer); searched in "
+        "EveryCycle's plugins/ and a plugins/ folder next to the config",
+    )
+    load_settings_every_epoch: bool = Field(
+        False, description="re-read the config file before each epoch; the keys that can change mid-run take effect"
+    )
+    wandb: bool = Field(False, description="also log metrics and sample grids to Weights & Biases (pip install wandb)")
 
     @field_validator("project_name")
     @classmethod
@@ -446,6 +539,11 @@ class TrainConfig(_Strict):
             raise ValueError(f"lr_min ({self.lr_min:g}) must not exceed lr ({self.lr:g}), the peak of the cycle")
         if self.max_epochs is None and self.max_steps is None and not self.lr_cycle_stages:
             self.__dict__["max_epochs"] = DEFAULT_MAX_EPOCHS
+        if self.rated_dataset and self.max_epochs is None:
+            raise ValueError(
+                "key 'rated_dataset': the share of images an epoch trains falls over max_epochs epochs, so "
+                "max_epochs must be given (max_steps may still set the run length)"
+            )
         if self.disable_textenc_training and self.disable_unet_training:
             raise ValueError("disable_unet_training and disable_textenc_training are both true: nothing would train")
         if self.timestep_start >= self.timestep_end:
@@ -453,6 +551,7 @@ class TrainConfig(_Strict):
         if self.lr_cycle_stages and self.lr_cycle_decay != "stages":
             self.__dict__["lr_cycle_decay"] = "stages"  # giving stages is choosing them; avoid a pointless error
         self._check_caches()
+        self._check_memory_recipes()
         return self
 
     def _check_caches(self) -> None:
@@ -474,6 +573,45 @@ class TrainConfig(_Strict):
                 "and cannot be encoded once; turn one of them off"
             )
 
+    def _check_memory_recipes(self) -> None:
+        """What fused_backward_pass, bf16 weights and stochastic rounding need of the rest of the config (the
+        process count and the resolved mixed precision are checked when the model is placed, trainer/setup.py)."""
+        if self.fused_backward_pass and self.grad_accum > 1:
+            raise ValueError(
+                f"key 'fused_backward_pass': grad_accum is {self.grad_accum}, but the fused pass updates each weight "
+                f"during the backward of every micro-batch, and holding the gradients over micro-batches would need "
+                f"the full gradient buffer it exists to save. Use grad_accum 1 (raise batch_size, with "
+                f"gradient_checkpointing if it does not fit), or turn fused_backward_pass off"
+            )
+        if self.fused_backward_pass and self.clip_grad_norm:
+            raise ValueError(
+                "key 'fused_backward_pass': clip_grad_norm needs the norm of all gradients before any weight "
+                "changes, and the fused pass updates each weight as soon as its own gradient is ready. Set "
+                "clip_grad_norm null, or turn fused_backward_pass off"
+            )
+        for key in ("fused_backward_pass", "stochastic_rounding"):
+            if getattr(self, key) and self.optimizer not in PER_PARAMETER_OPTIMIZERS:
+                raise ValueError(
+                    f"key '{key}': it steps one optimizer per parameter, and optimizer '{self.optimizer}' computes "
+                    f"its step size from all parameters together, so it would train differently. Use one of "
+                    f"{', '.join(PER_PARAMETER_OPTIMIZERS)}"
+                )
+        if self.stochastic_rounding and self.weight_dtype != "bf16":
+            raise ValueError(
+                "key 'stochastic_rounding': it rounds updates into bf16 weights, and weight_dtype is fp32 (master "
+                "weights need no rounding). Set weight_dtype bf16, or turn stochastic_rounding off"
+            )
+        if self.weight_dtype == "bf16" and self.mixed_precision == "fp16":
+            raise ValueError(
+                "key 'weight_dtype' = 'bf16' with mixed_precision fp16: fp16's gradient scaler does not take bf16 "
+                "gradients. Use mixed_precision bf16 or auto (on a GPU with bf16), or no"
+            )
+        if self.optimizer == "adafactor" and self.lr_cycle_momentum:
+            raise ValueError(
+                "key 'lr_cycle_momentum': adafactor has no betas to cycle (its beta1 is off by default, which is "
+                "part of its memory saving). Turn lr_cycle_momentum off, or use adamw / adamw8bit"
+            )
+
     # --- derived values -------------------------------------------------------------------------------
     @property
     def validation(self) -> ValidationSettings:
@@ -487,6 +625,14 @@ class TrainConfig(_Strict):
     def from_ed2(self) -> bool:
         """The config file was written for ED2 (ed2_compat.is_ed2_config): its step counts were batch counts."""
         return self._from_ed2
+
+    @property
+    def config_file(self) -> Path | None:
+        return self._source[0]
+
+    def reread(self) -> TrainConfig:
+        """The config as its file says now (with the same command-line overrides): load_settings_every_epoch."""
+        return load_config(*self._source)
 
     @property
     def notes(self) -> list[str]:
@@ -687,9 +833,15 @@ PATH_KEYS = (
     "single_file_config",
     "optimizer_config",
     "validation_config",
+    "ema_resume_model",
+    "vae_path",
 )
-# The value a path key may hold that is a name, not a path: the built-in demo model, the project's newest state.
-PATH_KEY_NAMES = {"resume_ckpt": "tiny", "resume_from": "latest"}
+# The values a path key may hold that are names, not paths: the built-in demo models, the project's newest state.
+PATH_KEY_NAMES = {
+    "resume_ckpt": ("tiny", "tiny-sdxl", "tiny-pretrained", "findlast"),
+    "resume_from": ("latest",),
+    "ema_resume_model": ("findlast",),
+}
 # resume_ckpt values that name an architecture built with random weights (trainer/random_model.py), not a path.
 RANDOM_MODEL_PREFIX = "random:"
 
@@ -701,7 +853,7 @@ def holds_path(key: str, value: Any) -> bool:
         return False
     if key == "resume_ckpt" and value.startswith(RANDOM_MODEL_PREFIX):
         return False  # random:sd15 and the like name a built architecture
-    return value != PATH_KEY_NAMES.get(key)
+    return value not in PATH_KEY_NAMES.get(key, ())
 
 
 def resolve_config_paths(data: dict, base_dir: Path | None) -> dict:
@@ -952,8 +1104,13 @@ def load_config(config_path: Path | None = None, overrides: dict | None = None) 
             f"resume_ckpt 'findlast': the newest checkpoint under logdir '{config.logdir}' is "
             f"{config.resume_ckpt} (as ED2: whichever project saved it)"
         )
+    if config.ema_resume_model == "findlast":
+        config.ema_resume_model = find_last_checkpoint(config, ema=True)
+        notes.append(f"ema_resume_model 'findlast': the newest EMA checkpoint is {config.ema_resume_model}")
     check_paths(config)
+    _default_sdxl_resolution(config, notes)
     config._from_ed2 = from_ed2
+    config._source = (config_path, dict(overrides))
     config._notes = notes + (ed2_compat.difference_notes(config) if from_ed2 else [])
     return config
 
@@ -991,29 +1148,80 @@ def _merge_optimizer_json(data: dict, path: Path, notes: list[str]) -> dict:
     return merged
 
 
-def find_last_checkpoint(config: TrainConfig) -> str:
+# Keys the running loop reads as it goes (per step, epoch or save): with load_settings_every_epoch a change to one of
+# them in the config file takes effect at the next epoch. Every other key shapes the plan, the model or the
+# optimizer, fixed at the start: its change takes effect when the run is resumed (where resume allows it).
+LIVE_KEYS = (
+    "flip_p",
+    "cond_dropout",
+    "shuffle_tags",
+    "keep_tags",
+    "clip_grad_norm",
+    "max_nan_steps",
+    "min_snr_gamma",
+    "loss_type",
+    "zero_frequency_noise_ratio",
+    "pyramid_noise_discount",
+    "embedding_perturbation",
+    "timestep_start",
+    "timestep_end",
+    "log_step",
+    "sample_steps",
+    "sample_every_n_epochs",
+    "save_every_n_epochs",
+    "save_ckpts_from_n_epochs",
+    "ckpt_every_n_minutes",
+    "save_state_every_n_minutes",
+    "save_state_keep",
+    "ema_sample_nonema_model",
+    "ema_sample_ema_model",
+)
+
+
+def settings_changes(config: TrainConfig) -> tuple[dict[str, Any], list[str]]:
+    """The config file read again: the live keys whose values changed (key -> new value), and what to say (each
+    change, and the changed keys that wait for a resume). A file that no longer loads changes nothing."""
+    try:
+        new = config.reread()
+    except ConfigError as error:
+        return {}, [f"load_settings_every_epoch: the config no longer loads, the settings stay as they were: {error}"]
+    old_values, new_values = config.model_dump(), new.model_dump()
+    changed = [key for key in new_values if new_values[key] != old_values[key]]
+    live = {key: getattr(new, key) for key in changed if key in LIVE_KEYS}
+    lines = [f"load_settings_every_epoch: {key} {old_values[key]!r} -> {new_values[key]!r}" for key in live]
+    later = [key for key in changed if key not in LIVE_KEYS]
+    if later:
+        lines.append(
+            f"load_settings_every_epoch: {', '.join(later)} changed in the file; they are fixed for the running plan "
+            f"and take effect when the run is resumed"
+        )
+    return live, lines
+
+
+def find_last_checkpoint(config: TrainConfig, ema: bool = False) -> str:
     """ED2's `findlast`: the newest complete diffusers checkpoint anywhere under logdir, whichever project saved it
-    (ED2's chained sessions each get their own project_name). Hidden folders (saves in progress) and ED2's EMA copies
-    (`*_ema`) are left out; a newest one that ED2 saved after a crash (`errored-`) is refused, as ED2 does."""
-    logdir = Path(config.logdir)
-    candidates = [index.parent for index in logdir.rglob("model_index.json") if _usable_checkpoint(index, logdir)]
+    (ED2's chained sessions each get their own project_name). Hidden folders (saves in progress) are left out, and
+    so are the EMA copies (`*_ema`), or, with `ema`, all but those; a newest one that ED2 saved after a crash
+    (`errored-`) is refused, as ED2 does."""
+    logdir, key = Path(config.logdir), "ema_resume_model" if ema else "resume_ckpt"
+    candidates = [index.parent for index in logdir.rglob("model_index.json") if _usable_checkpoint(index, logdir, ema)]
     if not candidates:
         raise ConfigError(
-            f"key 'resume_ckpt' = 'findlast': no checkpoint (a folder with model_index.json) under logdir "
-            f"'{config.logdir}'. Train once first, or give a model path."
+            f"key '{key}' = 'findlast': no {'EMA ' if ema else ''}checkpoint (a folder with model_index.json"
+            f"{' named *_ema' if ema else ''}) under logdir '{config.logdir}'. Train once first, or give a model path."
         )
     newest = max(candidates, key=lambda folder: (folder / "model_index.json").stat().st_mtime)
     if "errored" in newest.name:
         raise ConfigError(
-            f"key 'resume_ckpt' = 'findlast': the newest checkpoint, {newest}, was saved after a crash "
-            f"(as ED2 does, it is not resumed). Give the checkpoint to resume as resume_ckpt."
+            f"key '{key}' = 'findlast': the newest checkpoint, {newest}, was saved after a crash "
+            f"(as ED2 does, it is not resumed). Give the checkpoint to resume as {key}."
         )
     return str(newest)
 
 
-def _usable_checkpoint(index: Path, logdir: Path) -> bool:
+def _usable_checkpoint(index: Path, logdir: Path, ema: bool) -> bool:
     parts = index.parent.relative_to(logdir).parts
-    return not any(part.startswith(".") for part in parts) and not index.parent.name.endswith("_ema")
+    return not any(part.startswith(".") for part in parts) and index.parent.name.endswith("_ema") == ema
 
 
 def check_paths(config: TrainConfig) -> None:
@@ -1032,8 +1240,68 @@ def check_paths(config: TrainConfig) -> None:
             f"key 'sample_prompts' = '{config.sample_prompts}': no such file. Give a .txt with one prompt a line, "
             f"an ED2 sample .json, or null for no samples."
         )
+    if config.ema_resume_model and not Path(config.ema_resume_model).exists():
+        raise ConfigError(
+            f"key 'ema_resume_model' = '{config.ema_resume_model}': no such folder or file. Give an EMA checkpoint "
+            f"(a diffusers folder such as <run>/ckpts/<name>_ema, or its .safetensors), 'findlast', or null."
+        )
+    if config.vae_path and Path(config.vae_path).exists() and not (Path(config.vae_path) / "config.json").is_file():
+        raise ConfigError(
+            f"key 'vae_path' = '{config.vae_path}': not a diffusers VAE folder (no config.json inside). Give the "
+            f"folder of an AutoencoderKL (config.json and its weights), a hub id such as "
+            f"'madebyollin/sdxl-vae-fp16-fix', or null for the model's own VAE."
+        )
+    if config.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "key 'wandb' = true: the wandb package is not installed. Install it (pip install wandb; it is an "
+            "optional extra), or set wandb to false: metrics.csv and TensorBoard log every run."
+        )
     if config.sample_prompts:  # checked now, so a preview finds its faults too, before any model loads
         read_sample_prompts(config.sample_prompts)
+
+
+def _default_sdxl_resolution(config: TrainConfig, notes: list[str]) -> None:
+    """SDXL trains around 1024x1024 (its base was trained on buckets of about 1024² pixels): the default
+    resolution for an SDXL resume_ckpt, when the config does not give one."""
+    if "resolution" not in config.model_fields_set and names_sdxl_model(config.resume_ckpt):
+        config.resolution = SDXL_RESOLUTION
+        notes.append(
+            f"resolution {SDXL_RESOLUTION}: resume_ckpt is an SDXL model and the config gives no resolution "
+            f"(SD 1.x/2.x default to 512); set resolution to train at another size"
+        )
+
+
+def names_sdxl_model(resume_ckpt: str) -> bool:
+    """Whether resume_ckpt is an SDXL model, read from its files without loading weights: 'tiny-sdxl'; a diffusers
+    folder with text_encoder_2/; a single file whose text encoders sit under `conditioner.` (utils/convert.py
+    is_sdxl_checkpoint); a hub id whose model_index.json (from the hub cache, or downloaded when online) lists
+    text_encoder_2. What cannot be read counts as not SDXL: loading the model reports the problem."""
+    if resume_ckpt == "tiny-sdxl":
+        return True
+    path = Path(resume_ckpt)
+    if path.is_dir():
+        return (path / "text_encoder_2").is_dir()
+    if path.is_file():
+        from utils.convert import ConversionError, inspect_checkpoint, is_sdxl_checkpoint
+
+        try:
+            return is_sdxl_checkpoint(inspect_checkpoint(path))
+        except ConversionError:
+            return False
+    if resume_ckpt.startswith(RANDOM_MODEL_PREFIX) or resume_ckpt.count("/") != 1:
+        return False
+    return _hub_model_lists_second_text_encoder(resume_ckpt)
+
+
+def _hub_model_lists_second_text_encoder(repo_id: str) -> bool:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        index = json.loads(Path(hf_hub_download(repo_id, "model_index.json")).read_text(encoding="utf-8"))
+    except (OSError, ValueError, EntryNotFoundError):  # offline and not cached, no such repo, no access, no index:
+        return False  # the loader says what is wrong
+    return "text_encoder_2" in index
 
 
 def read_sample_prompts(path: str) -> list[str] | ed2_compat.SampleFile:

@@ -3,7 +3,9 @@
 The single-file ("LDM" / CompVis) layout is what AUTOMATIC1111, ComfyUI and most model hubs use:
 one `.safetensors` (or legacy `.ckpt`) holding the UNet under `model.diffusion_model.`, the VAE under
 `first_stage_model.` and the text encoder under `cond_stage_model.` (OpenAI CLIP layout for SD 1.x,
-OpenCLIP layout for SD 2.x).
+OpenCLIP layout for SD 2.x). SDXL files hold two text encoders instead, under `conditioner.embedders.0.transformer.`
+(OpenAI CLIP ViT-L) and `conditioner.embedders.1.model.` (OpenCLIP ViT-bigG, with its text projection), and the
+UNet's extra `text_time` embedding under `label_emb.0.*`.
 
 The export mapping here is the exact inverse of diffusers' own importers
 (`diffusers.loaders.single_file_utils.convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
@@ -34,7 +36,7 @@ import yaml
 from utils.checkpoint import atomic_path
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 TextEncoderLayout = Literal["clip", "open_clip"]
 PredictionType = Literal["epsilon", "v_prediction"]
@@ -44,6 +46,16 @@ LDM_VAE_PREFIX = "first_stage_model."
 LDM_CLIP_PREFIX = "cond_stage_model.transformer."
 LDM_OPEN_CLIP_PREFIX = "cond_stage_model.model."
 LDM_TEXT_ENCODER_PREFIX = "cond_stage_model."
+# SDXL (the "conditioner" of Stability's generative-models): embedder 0 is CLIP ViT-L, embedder 1 OpenCLIP ViT-bigG.
+LDM_SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+LDM_SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+LDM_CONDITIONER_PREFIX = "conditioner.embedders."
+# The SDXL refiner's only text encoder, OpenCLIP as embedder 0 (diffusers' `open_clip_sdxl_refiner` key).
+_SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."
+# Weightless markers that ComfyUI and Forge read in SDXL files (comfy/supported_models.py, SDXL.model_type):
+# a `v_pred` key means v-prediction, `ztsnr` zero-terminal-SNR betas. v-prediction SDXL models carry them.
+SDXL_V_PREDICTION_MARKER = "v_pred"
+SDXL_ZERO_SNR_MARKER = "ztsnr"
 
 # The standard SAI "modelspec" safetensors metadata key; its values are "epsilon" and "v".
 MODELSPEC_PREDICTION_TYPE = "modelspec.prediction_type"
@@ -140,11 +152,13 @@ def _unet_rules(unet_config: Mapping[str, Any]) -> list[Rule]:
         return f"output_blocks.{up_slot(m, layer=layers)}.{position}.conv.{m['rest']}"
 
     top_level = "|".join(re.escape(name) for name in _UNET_TOP_LEVEL)
+    addition_embedding = _unet_addition_embedding_names()
     return [
         (
             re.compile(rf"(?P<name>{top_level})\.(?P<rest>weight|bias)"),
             lambda m: f"{_UNET_TOP_LEVEL[m['name']]}.{m['rest']}",
         ),
+        (re.compile("|".join(map(re.escape, addition_embedding))), lambda m: addition_embedding[m.string]),
         (
             re.compile(r"down_blocks\.(?P<block>\d+)\.resnets\.(?P<layer>\d+)\.(?P<rest>.+)"),
             lambda m: f"input_blocks.{down_slot(m)}.0.{resnet(m['rest'])}",
@@ -173,6 +187,14 @@ def _unet_rules(unet_config: Mapping[str, Any]) -> list[Rule]:
         ),
         (re.compile(r"up_blocks\.(?P<block>\d+)\.upsamplers\.0\.conv\.(?P<rest>.+)"), upsampler),
     ]
+
+
+def _unet_addition_embedding_names() -> dict[str, str]:
+    """SDXL's `text_time` embedding (`add_embedding.linear_{1,2}`) -> LDM `label_emb.0.{0,2}`: diffusers' own map,
+    the one its importer `convert_ldm_unet_checkpoint` reads these weights with."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    return dict(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
 
 
 def unet_to_ldm(unet_sd: Mapping[str, torch.Tensor], unet_config: Mapping[str, Any]) -> dict[str, torch.Tensor]:
@@ -290,13 +312,14 @@ def _flat_text_encoder_key(key: str) -> str:
     return key.removeprefix("text_model.")
 
 
-def _clip_to_ldm(text_encoder_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenAI CLIP layout: the transformers names under `cond_stage_model.transformer.text_model.`."""
+def _clip_to_ldm(text_encoder_sd: Mapping[str, torch.Tensor], prefix: str = LDM_CLIP_PREFIX) -> dict[str, torch.Tensor]:
+    """OpenAI CLIP layout: the transformers names under `<prefix>text_model.` (`cond_stage_model.transformer.` in
+    SD 1.x files, `conditioner.embedders.0.transformer.` in SDXL ones)."""
     converted = {}
     for key, tensor in text_encoder_sd.items():
         flat = _flat_text_encoder_key(key)
         name = flat if flat == "text_projection.weight" else f"text_model.{flat}"
-        converted[LDM_CLIP_PREFIX + name] = tensor
+        converted[prefix + name] = tensor
     return converted
 
 
@@ -344,8 +367,11 @@ def _is_separate_qkv(flat: str) -> bool:
     return any(f".self_attn.{proj}." in flat for proj in _OPEN_CLIP_QKV)
 
 
-def _open_clip_to_ldm(text_encoder_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenCLIP layout (SD 2.x), the inverse of diffusers' `convert_open_clip_checkpoint`."""
+def _open_clip_to_ldm(
+    text_encoder_sd: Mapping[str, torch.Tensor], prefix: str = LDM_OPEN_CLIP_PREFIX
+) -> dict[str, torch.Tensor]:
+    """OpenCLIP layout under `prefix` (SD 2.x's text encoder, SDXL's second one), the inverse of diffusers'
+    `convert_open_clip_checkpoint`."""
     flat_sd = {_flat_text_encoder_key(key): tensor for key, tensor in text_encoder_sd.items()}
     converted = _fused_attention_inputs(flat_sd)
     for flat, tensor in flat_sd.items():
@@ -356,7 +382,7 @@ def _open_clip_to_ldm(text_encoder_sd: Mapping[str, torch.Tensor]) -> dict[str, 
             converted["text_projection"] = tensor.T
         else:
             converted[_open_clip_name(flat)] = tensor
-    return {LDM_OPEN_CLIP_PREFIX + name: tensor for name, tensor in converted.items()}
+    return {prefix + name: tensor for name, tensor in converted.items()}
 
 
 def text_encoder_to_ldm(
@@ -386,6 +412,25 @@ def diffusers_to_ldm(
         unet_to_ldm(unet_sd, unet_config)
         | vae_to_ldm(vae_sd, vae_config)
         | text_encoder_to_ldm(text_encoder_sd, layout)
+    )
+
+
+def sdxl_to_ldm(
+    unet_sd: Mapping[str, torch.Tensor],
+    vae_sd: Mapping[str, torch.Tensor],
+    text_encoder_sd: Mapping[str, torch.Tensor],
+    text_encoder_2_sd: Mapping[str, torch.Tensor],
+    unet_config: Mapping[str, Any],
+    vae_config: Mapping[str, Any],
+) -> dict[str, torch.Tensor]:
+    """One state dict in the original SDXL single-file layout (Stability's generative-models: what A1111, Forge
+    and ComfyUI load): the first text encoder in OpenAI CLIP layout, the second (CLIPTextModelWithProjection) in
+    OpenCLIP layout with its `text_projection`. As `diffusers_to_ldm`, every weight gets a name or an error."""
+    return (
+        unet_to_ldm(unet_sd, unet_config)
+        | vae_to_ldm(vae_sd, vae_config)
+        | _clip_to_ldm(text_encoder_sd, LDM_SDXL_CLIP_PREFIX)
+        | _open_clip_to_ldm(text_encoder_2_sd, LDM_SDXL_OPEN_CLIP_PREFIX)
     )
 
 
@@ -419,6 +464,18 @@ def write_safetensors_atomically(
         safetensors.torch.save_file(tensors, str(temporary), metadata=metadata)
 
 
+def _sdxl_markers(scheduler_config: Mapping[str, Any] | None) -> dict[str, torch.Tensor]:
+    """The weightless keys that tell ComfyUI / Forge an SDXL file is v-prediction (and has zero-terminal-SNR
+    betas); an epsilon model carries none."""
+    config = scheduler_config or {}
+    if config.get("prediction_type") != "v_prediction":
+        return {}
+    markers = {SDXL_V_PREDICTION_MARKER: torch.tensor([])}
+    if config.get("rescale_betas_zero_snr"):
+        markers[SDXL_ZERO_SNR_MARKER] = torch.tensor([])
+    return markers
+
+
 def save_single_file(
     unet: torch.nn.Module,
     vae: torch.nn.Module,
@@ -427,26 +484,40 @@ def save_single_file(
     half: bool = True,
     scheduler_config: Mapping[str, Any] | None = None,
     text_encoder_layout: TextEncoderLayout | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
 ) -> Path:
-    """Save the three models as one single-file SD checkpoint (`.safetensors`), atomically.
+    """Save the models as one single-file SD checkpoint (`.safetensors`), atomically.
 
+    With `text_encoder_2` (SDXL's CLIPTextModelWithProjection) the file has the SDXL layout (`sdxl_to_ldm`;
+    `text_encoder_layout` does not apply), else the SD 1.x/2.x one (`diffusers_to_ldm`).
     `half` stores floating-point weights as fp16 (the usual distribution format). Pass the
     scheduler's config so a v-prediction model is marked as one in the file's metadata
-    (`modelspec.prediction_type`); `load_single_file_pipeline` reads it back.
+    (`modelspec.prediction_type`; SDXL files also get the `v_pred` marker key); `load_single_file_pipeline`
+    reads it back.
     Pass unwrapped models (not torch.compile / DDP wrappers), whose state-dict names are diffusers'.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ConversionError(f"{path}: single-file checkpoints are written as .safetensors only")
-    ldm = diffusers_to_ldm(
-        unet.state_dict(),
-        vae.state_dict(),
-        text_encoder.state_dict(),
-        unet.config,
-        vae.config,
-        text_encoder.config,
-        text_encoder_layout,
-    )
+    if text_encoder_2 is not None:
+        ldm = sdxl_to_ldm(
+            unet.state_dict(),
+            vae.state_dict(),
+            text_encoder.state_dict(),
+            text_encoder_2.state_dict(),
+            unet.config,
+            vae.config,
+        ) | _sdxl_markers(scheduler_config)
+    else:
+        ldm = diffusers_to_ldm(
+            unet.state_dict(),
+            vae.state_dict(),
+            text_encoder.state_dict(),
+            unet.config,
+            vae.config,
+            text_encoder.config,
+            text_encoder_layout,
+        )
     tensors = {key: _file_tensor(tensor, half) for key, tensor in ldm.items()}
     write_safetensors_atomically(tensors, path, _file_metadata(scheduler_config))
     return path
@@ -513,24 +584,39 @@ def _inspect_torch_checkpoint(path: Path) -> CheckpointInfo:
     )
 
 
+def is_sdxl_checkpoint(info: CheckpointInfo) -> bool:
+    """An SDXL-family file: its text encoders sit in a `conditioner` (generative-models), not `cond_stage_model`."""
+    return any(key.startswith(LDM_CONDITIONER_PREFIX) for key in info.keys)
+
+
+def _expected_parts(info: CheckpointInfo) -> dict[str, str]:
+    """The weights a whole checkpoint of its family has, by part, as key prefixes."""
+    parts = {"UNet": LDM_UNET_PREFIX, "VAE": LDM_VAE_PREFIX}
+    if is_sdxl_checkpoint(info):
+        return parts | {"first text encoder": LDM_SDXL_CLIP_PREFIX, "second text encoder": LDM_SDXL_OPEN_CLIP_PREFIX}
+    return parts | {"text encoder": LDM_TEXT_ENCODER_PREFIX}
+
+
 def _require_stable_diffusion(info: CheckpointInfo) -> None:
     """A clear error for files that are not whole SD checkpoints (diffusers would fail obscurely, or
     silently take a missing text encoder from the config folder)."""
-    expected = {
-        "UNet": LDM_UNET_PREFIX,
-        "VAE": LDM_VAE_PREFIX,
-        "text encoder": LDM_TEXT_ENCODER_PREFIX,
-    }
+    if any(key.startswith(_SDXL_REFINER_PREFIX) for key in info.keys):
+        raise ConversionError(
+            f"{info.path} is an SDXL refiner checkpoint (one OpenCLIP text encoder under {_SDXL_REFINER_PREFIX}*). "
+            f"Only SD 1.x, SD 2.x and SDXL base-architecture models can be trained."
+        )
+    expected = _expected_parts(info)
     missing = [
         f"{part} ({prefix}*)"
         for part, prefix in expected.items()
         if not any(key.startswith(prefix) for key in info.keys)
     ]
     if missing:
+        layout = ", ".join(f"{prefix}*" for prefix in expected.values())
         raise ConversionError(
             f"{info.path} is not a Stable Diffusion single-file checkpoint: it has no "
-            f"{', no '.join(missing)} weights. Expected the original SD layout with "
-            f"{LDM_UNET_PREFIX}*, {LDM_VAE_PREFIX}* and {LDM_TEXT_ENCODER_PREFIX}* keys."
+            f"{', no '.join(missing)} weights. Expected the original "
+            f"{'SDXL' if is_sdxl_checkpoint(info) else 'SD'} layout with {layout} keys."
         )
 
 
@@ -572,16 +658,30 @@ def _prediction_type_from_training_state(info: CheckpointInfo) -> PredictionType
     return "epsilon" if info.global_step == _SD2_BASE_GLOBAL_STEP else "v_prediction"
 
 
+def _prediction_type_from_sdxl_marker(info: CheckpointInfo) -> PredictionType | None:
+    """v-prediction SDXL models carry a `v_pred` key (read as ComfyUI reads it); without one nothing is implied."""
+    if is_sdxl_checkpoint(info) and SDXL_V_PREDICTION_MARKER in info.keys:
+        return "v_prediction"
+    return None
+
+
+def has_zero_snr_marker(info: CheckpointInfo) -> bool:
+    """An SDXL file marked as trained with zero-terminal-SNR betas (`ztsnr`, next to `v_pred`)."""
+    return is_sdxl_checkpoint(info) and SDXL_ZERO_SNR_MARKER in info.keys
+
+
 def detect_prediction_type(info: CheckpointInfo) -> PredictionType | None:
     """The prediction type the checkpoint itself declares or implies, or None if it does not say."""
     return (
         _prediction_type_from_metadata(info.metadata)
+        or _prediction_type_from_sdxl_marker(info)
         or _prediction_type_from_sidecar_yaml(info.path)
         or _prediction_type_from_training_state(info)
     )
 
 
-def _require_diffusers_folder(config_dir: str | os.PathLike[str] | None, path: Path) -> Path:
+def _require_diffusers_folder(config_dir: str | os.PathLike[str] | None, info: CheckpointInfo) -> Path:
+    path = info.path
     if config_dir is None:
         # Without a local folder diffusers falls back to downloading configs from the Hub.
         raise ConversionError(
@@ -591,13 +691,32 @@ def _require_diffusers_folder(config_dir: str | os.PathLike[str] | None, path: P
     folder = Path(config_dir)
     if not (folder / "model_index.json").is_file():
         raise ConversionError(f"config_dir {folder} is not a diffusers folder (no model_index.json)")
+    sdxl_file, sdxl_folder = is_sdxl_checkpoint(info), (folder / "text_encoder_2").is_dir()
+    if sdxl_file != sdxl_folder:
+        family = {True: "an SDXL", False: "an SD 1.x/2.x"}  # SDXL: a second text encoder, text_encoder_2/
+        raise ConversionError(
+            f"{path} is {family[sdxl_file]} checkpoint but config_dir {folder} describes {family[sdxl_folder]} "
+            f"model. Give a diffusers folder of the file's own architecture."
+        )
     return folder
 
 
-def _with_prediction_type(pipe: StableDiffusionPipeline, prediction_type: str) -> None:
+def _with_scheduler_options(pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, **options: Any) -> None:
+    """The pipeline's scheduler with `options` (prediction type, zero-SNR betas) where it differs."""
     scheduler = pipe.scheduler
-    if scheduler.config.get("prediction_type") != prediction_type:
-        pipe.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+    if any(scheduler.config.get(name) != value for name, value in options.items()):
+        pipe.scheduler = type(scheduler).from_config(scheduler.config, **options)
+
+
+def _single_file_pipeline_class(info: CheckpointInfo) -> tuple[type, dict[str, Any]]:
+    """The diffusers pipeline of the file's family, and what it is built without: no safety checker for SD, no
+    invisible watermark for SDXL (a training run's samples and checkpoints stay the model's own output)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if is_sdxl_checkpoint(info):
+        return StableDiffusionXLPipeline, {"add_watermarker": False}
+    no_safety_checker = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    return StableDiffusionPipeline, no_safety_checker
 
 
 def load_single_file_pipeline(
@@ -605,34 +724,32 @@ def load_single_file_pipeline(
     config_dir: str | os.PathLike[str] | None = None,
     prediction_type: PredictionType | None = None,
     torch_dtype: torch.dtype | None = None,
-) -> StableDiffusionPipeline:
-    """Load a single-file SD 1.x/2.x checkpoint as a StableDiffusionPipeline, offline.
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Load a single-file checkpoint, offline: SD 1.x/2.x as a StableDiffusionPipeline, SDXL (detected from its
+    keys, `is_sdxl_checkpoint`) as a StableDiffusionXLPipeline.
 
-    `config_dir` is a local diffusers folder supplying the architecture configs, tokenizer and
+    `config_dir` is a local diffusers folder supplying the architecture configs, tokenizer(s) and
     scheduler (the folder the file was exported from, or one of the same architecture). The
     scheduler's prediction type is, in order: `prediction_type`, what the file declares (our
-    safetensors metadata, an A1111 `<name>.yaml`, an SD 2.x global step), else `config_dir`'s.
+    safetensors metadata, SDXL's `v_pred` marker, an A1111 `<name>.yaml`, an SD 2.x global step), else
+    `config_dir`'s; an SDXL `ztsnr` marker turns on zero-terminal-SNR betas.
     Weights come out in the models' default dtype (fp32, as training needs, even from an fp16
     file) unless `torch_dtype` says otherwise.
     """
-    from diffusers import StableDiffusionPipeline
-
     path = Path(path)
     info = inspect_checkpoint(path)
-    folder = _require_diffusers_folder(config_dir, path)
+    folder = _require_diffusers_folder(config_dir, info)
+    pipeline_class, without = _single_file_pipeline_class(info)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path),
-            config=str(folder),
-            local_files_only=True,
-            torch_dtype=torch_dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        pipe = pipeline_class.from_single_file(
+            str(path), config=str(folder), local_files_only=True, torch_dtype=torch_dtype, **without
         )
     except (ValueError, RuntimeError, OSError) as error:
         raise ConversionError(f"{path} could not be loaded with the configs in {folder}: {error}") from error
     resolved = prediction_type or detect_prediction_type(info)
-    if resolved:
-        _with_prediction_type(pipe, resolved)
+    options = ({"prediction_type": resolved} if resolved else {}) | (
+        {"rescale_betas_zero_snr": True} if has_zero_snr_marker(info) else {}
+    )
+    if options:
+        _with_scheduler_options(pipe, **options)
     return pipe

@@ -23,6 +23,7 @@ OPTIMIZER_STATE_BYTES = {
     "dadapt_sgd": 8,
     "coordinate_dowg": 8,
     "scalar_dowg": 4,
+    "adafactor": 1,  # factored second moments: a row and a column per matrix, well under a byte per parameter
 }
 
 

@@ -31,23 +31,11 @@ NOTED_KEYS: dict[str, str] = {
     "scale_lr": "ignored: ED2 documents it but never implemented it; set lr directly",
     "notebook": "ignored (unused in ED2 too)",
     "gpuid": "ignored: choose the GPU with CUDA_VISIBLE_DEVICES, or several with `accelerate launch`",
-    "wandb": "ignored: EveryCycle logs to TensorBoard (and metrics.csv)",
     "run_name": "ignored: the run folder is named <project_name>-<timestamp>",
-    "plugins": "ignored: ED2 plugins are not supported",
-    "load_settings_every_epoch": "ignored: the config is read once at the start",
     "write_schedule": "ignored: the batch order is a pure function of (seed, epoch) and is not written",
-    "rated_dataset": "ignored: rated data sets are not supported; every image trains each epoch",
-    "rated_dataset_target_dropout_percent": "ignored: rated data sets are not supported",
     "no_prepend_last": "ignored: checkpoints are named by epoch and step; run_summary.json names the final one",
     "save_optimizer": "ignored: the optimizer state is always kept in the resumable state (state/)",
     "train_sampler": "ignored: noise is always added with DDPM's formula, which ddim and pndm share",
-    "ema_decay_rate": "ignored: EMA is not supported yet; the trained weights are saved",
-    "ema_strength_target": "ignored: EMA is not supported yet",
-    "ema_update_interval": "ignored: EMA is not supported yet",
-    "ema_device": "ignored: EMA is not supported yet",
-    "ema_sample_nonema_model": "ignored: EMA is not supported yet; samples use the trained weights",
-    "ema_sample_ema_model": "ignored: EMA is not supported yet; samples use the trained weights",
-    "ema_resume_model": "ignored: EMA is not supported yet",
 }
 
 # Validation config: ED2's old names and keys it reads but never used.

@@ -17,10 +17,34 @@ TENSORBOARD_TAGS = {
 }
 
 
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"  # a resumed run logs on into the same Weights & Biases run
+
+
+def start_wandb(run_dir: Path, project: str, settings: dict):
+    """A Weights & Biases run for this run folder (the package is an optional extra, checked when the config
+    loads); its files go under <run_dir>/wandb. WANDB_MODE=offline keeps everything local."""
+    import wandb
+
+    id_file = Path(run_dir) / WANDB_RUN_ID_FILE
+    run = wandb.init(
+        project=project,
+        name=Path(run_dir).name,
+        id=id_file.read_text(encoding="utf-8").strip() if id_file.is_file() else None,
+        resume="allow",
+        dir=str(run_dir),
+        config=settings,
+        settings=wandb.Settings(quiet=True, console="off"),  # our console stays ours; the run page has the rest
+    )
+    id_file.write_text(run.id + "\n", encoding="utf-8")
+    return run
+
+
 class RunLogger:
-    def __init__(self, run_dir: Path, enabled: bool = True, purge_step: int | None = None):
-        """`purge_step`: a resumed run hides the TensorBoard events its interrupted run wrote from that step on."""
+    def __init__(self, run_dir: Path, enabled: bool = True, purge_step: int | None = None, wandb_run=None):
+        """`purge_step`: a resumed run hides the TensorBoard events its interrupted run wrote from that step on.
+        `wandb_run`: a Weights & Biases run that receives what TensorBoard receives."""
         self.enabled = enabled
+        self._wandb = wandb_run
         self.error: OSError | None = None  # the first metrics.csv write that failed (a full disk); none after it
         self.csv_path = Path(run_dir) / "metrics.csv"
         self._writer = None
@@ -47,22 +71,32 @@ class RunLogger:
             return
         if not to_tensorboard:
             return
-        for key, value in values.items():
-            if value is not None and math.isfinite(value):
-                self._writer.add_scalar(TENSORBOARD_TAGS[key], value, step)
+        scalars = {TENSORBOARD_TAGS[key]: value for key, value in values.items() if _finite(value)}
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, step)
+        if self._wandb:
+            self._wandb.log(scalars, step=step)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         """A TensorBoard-only scalar (extra validation sets), beside the fixed metrics.csv columns."""
         if self.enabled and math.isfinite(value):
             self._writer.add_scalar(tag, value, step)
+            if self._wandb:
+                self._wandb.log({tag: value}, step=step)
 
     def image(self, tag: str, array_hwc, step: int) -> None:
         if self.enabled:
             self._writer.add_image(tag, array_hwc, step, dataformats="HWC")
+            if self._wandb:
+                import wandb
+
+                self._wandb.log({tag: wandb.Image(array_hwc)}, step=step)
 
     def close(self) -> None:
         if self.enabled:
             self._writer.close()
+            if self._wandb:
+                self._wandb.finish()
             with contextlib.suppress(OSError):  # a full disk was reported when it happened
                 self._csv.close()
 
@@ -80,3 +114,7 @@ def read_metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
                 if row.get(name):
                     series[name].append((int(row["step"]), float(row[name])))
     return series
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
