@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -296,8 +297,15 @@ def _check_pixel_data_decodes(image: Image.Image) -> None:
         raise _BadImage(reason) from error
 
 
-def load_image(item: ImageItem, size: tuple[int, int], flip: bool) -> torch.Tensor:
-    """Decode item, cover-resize and center-crop it to size=(w, h); CHW float32 in [-1, 1]."""
+def load_image(
+    item: ImageItem,
+    size: tuple[int, int],
+    flip: bool,
+    transform: Callable[[Image.Image], Image.Image] | None = None,
+) -> torch.Tensor:
+    """Decode item, cover-resize and center-crop it to size=(w, h); CHW float32 in [-1, 1]. `transform`: a
+    plugin's transform_pil_image, given the cropped (and flipped) image, as ED2 gives it (its PIL image of the
+    item, before the tensor)."""
     try:
         with Image.open(item.path) as stored:
             _decode_no_larger_than_needed(stored, size)
@@ -308,6 +316,10 @@ def load_image(item: ImageItem, size: tuple[int, int], flip: bool) -> torch.Tens
     image = rgb.resize(size, Image.Resampling.LANCZOS, box=cover_crop_box(rgb.width, rgb.height, size))
     if flip:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if transform is not None:
+        image = to_rgb(transform(image))  # a plugin may hand back another mode, or another size:
+        if image.size != size:
+            image = image.resize(size, Image.Resampling.LANCZOS)
     return _to_tensor(image)
 
 

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NotRequired, TypedDict, TypeVar
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from data.buckets import Bucket, assign_bucket, bucket_sizes
@@ -284,6 +286,8 @@ class ImageBatchDataset(Dataset):
         keep_tags: int = 0,
         latents: Callable[[ImageItem, Bucket, bool], torch.Tensor] | None = None,
         text_embeddings: Callable[[str], dict[str, torch.Tensor]] | None = None,
+        transform_caption: Callable[[str], str] | None = None,
+        transform_image: Callable[[Image.Image], Image.Image] | None = None,
     ) -> None:
         for name, probability in (("flip_p", flip_p), ("cond_dropout", cond_dropout)):
             if not 0.0 <= probability <= 1.0:
@@ -302,6 +306,7 @@ class ImageBatchDataset(Dataset):
         self.keep_tags = keep_tags
         self.latents = latents
         self.text_embeddings = text_embeddings
+        self.transform_caption, self.transform_image = transform_caption, transform_image  # ED2 plugins' hooks
 
     def item(self, sample: int) -> ImageItem:
         return self.items[item_of(sample, len(self.items))]
@@ -333,7 +338,7 @@ class ImageBatchDataset(Dataset):
 
     def __getitem__(self, samples: Sequence[int]) -> Batch:
         size = self._shared_bucket(samples)
-        load = self.latents if self.latents is not None else load_image
+        load = self.latents if self.latents is not None else partial(load_image, transform=self.transform_image)
         tensors, captions, paths, loss_scales, time_ids, failed = [], [], [], [], [], []
         for sample in samples:
             item = self.item(sample)
@@ -342,7 +347,8 @@ class ImageBatchDataset(Dataset):
             except ImageLoadError as error:
                 failed.append(SkippedImage(item.path, str(error)))
                 continue
-            captions.append(self.caption(sample))
+            caption = self.caption(sample)
+            captions.append(self.transform_caption(caption) if self.transform_caption else caption)
             paths.append(str(item.path))
             loss_scales.append(item.loss_scale)
             time_ids.append(size_and_crop(item, size))

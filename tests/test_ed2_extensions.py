@@ -6,6 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import DEMO_DATA
 from trainer.loop import Trainer
@@ -195,3 +196,55 @@ def test_wandb_without_the_package_is_a_clear_error(monkeypatch):
 def test_ed2s_shipped_keys_are_settings_now():
     config = load_config(None, {"data_root": str(DEMO_DATA), "wandb": False, "load_settings_every_epoch": False})
     assert not [note for note in config.notes if "wandb" in note or "load_settings" in note]
+
+
+TRANSFORMER = """
+from PIL import Image
+from plugins.plugins import BasePlugin
+
+
+class Transformer(BasePlugin):
+    def transform_caption(self, caption):
+        return caption.upper() + " ZORB"
+
+    def transform_pil_image(self, img):
+        return Image.new("RGB", (8, 8), (255, 0, 0))  # another size: the loader brings it back to the bucket's
+"""
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_plugin_transforms_apply_to_every_loaded_caption_and_image(model_cache, tmp_path, workers):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / f"transformer_{workers}.py").write_text(TRANSFORMER, encoding="utf-8")
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({**RUN, "data_root": str(DEMO_DATA), "logdir": str(tmp_path / "logs")}))
+    config = load_config(
+        path,
+        {
+            "model_cache_dir": str(model_cache),
+            "plugins": [f"plugins.transformer_{workers}.Transformer"],
+            "num_workers": workers,
+            "validation_config": None,
+        },
+    )
+    trainer = Trainer(config)
+    batch = next(iter(trainer.feed.epoch_loader(0)))
+    assert all(caption.endswith(" ZORB") and caption == caption.upper() for caption in batch["captions"])
+    pixels = batch["pixel_values"]
+    assert pixels.shape[-2:] == (64, 64)
+    red = torch.tensor([1.0, -1.0, -1.0]).view(1, 3, 1, 1)
+    torch.testing.assert_close(pixels, red.expand_as(pixels), rtol=0, atol=1e-6)
+    trainer.close()
+
+
+def test_a_transform_plugin_with_a_cache_is_refused(model_cache, tmp_path):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "transformer_c.py").write_text(TRANSFORMER, encoding="utf-8")
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps({**RUN, "data_root": str(DEMO_DATA), "logdir": str(tmp_path / "logs")}))
+    config = load_config(
+        path,
+        {"model_cache_dir": str(model_cache), "plugins": ["plugins.transformer_c.Transformer"], "cache_latents": True},
+    )
+    with pytest.raises(ConfigError, match="transforms the images as they load .* cache_latents is on"):
+        Trainer(config)

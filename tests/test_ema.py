@@ -11,7 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from tests.conftest import DEMO_DATA, tiny_config
-from trainer.ema import TrainedAverage, ema_decay, sampled_weights
+from trainer.ema import TrainedAverage, build_average, ema_decay, sampled_weights
 from trainer.loop import Trainer
 from utils.config import ConfigError, load_config
 
@@ -169,6 +169,7 @@ def test_ema_validation_and_samples(model_cache, tmp_path, capsys):
     )
     summary = Trainer(config).run()
     out = capsys.readouterr().out
+    assert "the samples are the EMA's" not in out  # both sample keys set: no note
     assert "EMA: decay 0.8, updated every 1 steps (2 updates in the run), kept on cpu, starting from the base" in out
     assert "val_ema loss" in out
     run_dir = Path(summary["run_dir"])
@@ -210,3 +211,13 @@ def test_ed2_train_json_with_ema_set_is_read_without_notes(tmp_path):
     config = load_config(path, {})
     assert (config.ema_decay_rate, config.ema_update_interval, config.ema_device) == (0.995, 500, "cpu")
     assert not [note for note in config.notes if "'ema_" in note]  # a note names its key in quotes
+
+
+def test_the_sample_default_that_differs_from_ed2s_code_is_said(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square\n", encoding="utf-8")
+    config = load_config(None, {"data_root": str(DEMO_DATA), "ema_decay_rate": 0.9, "sample_prompts": str(prompts)})
+    said = []
+    build_average(config, {"unet": small_module()}, 100, torch.device("cpu"), said.append)
+    assert any("the samples are the EMA's, as ED2's doc says (ED2's code would draw none)" in line for line in said)
+    assert any(line.startswith("EMA: decay 0.9, updated every 500 steps (0 updates in the run)") for line in said)

@@ -192,3 +192,12 @@ def test_a_nan_loss_on_one_process_skips_the_update_on_every_process(model_cache
     summary = json.loads((only_run_dir(tmp_path) / "run_summary.json").read_text())
     assert summary["skipped_updates"] == [[3, "loss is nan"]]
     assert summary["steps"] == 5 and summary["processes"]["weights_identical"]
+
+
+def test_a_text_encoder_whose_last_layers_go_unused_trains_on_two_processes(model_cache, tmp_path):
+    """clip_skip 2 (and SDXL's penultimate layer) leave the text encoder's last layer without a gradient; DDP must
+    be told that parameters may go unused, or its gradient reduction never completes."""
+    write_config(tmp_path, model_cache, max_steps=2, clip_skip=2, validation_config=None)
+    launched_run(tmp_path)
+    summary = json.loads((only_run_dir(tmp_path) / "run_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["processes"]["weights_identical"], summary

@@ -10,15 +10,12 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.training_utils import compute_snr
 
-from trainer.model import SDModel, encode_prompts
+from trainer.model import SDModel, encode_prompts, sdxl_hidden_layer
 
 # The text conditioning's tensors, by their batch key (data/loader.py Batch, trainer/cache.py TextEmbeddings).
 HIDDEN_STATES = "encoder_hidden_states"  # [B, 77, D]: what the UNet cross-attends to
 POOLED = "pooled_embeds"  # [B, P]: SDXL's pooled, projected embedding of its second text encoder
 TIME_IDS = "add_time_ids"  # [B, 6]: SDXL's original size, crop top-left and target size (data/images.size_and_crop)
-# SDXL was trained on both text encoders' penultimate layer, not normalized (generative-models' FrozenCLIPEmbedder
-# layer="penultimate"; diffusers' StableDiffusionXLPipeline.encode_prompt hidden_states[-2]).
-SDXL_DEFAULT_LAYER = 2
 
 
 def vae_dtype(model: SDModel, low_precision: torch.dtype) -> torch.dtype:
@@ -63,13 +60,6 @@ def token_ids(tokenizer, captions: list[str], device) -> torch.Tensor:
     return tokenizer(
         captions, padding="max_length", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids.to(device)
-
-
-def sdxl_hidden_layer(clip_skip: int) -> int:
-    """Which hidden state, counted from the last, SDXL's encoders give: clip_skip n the n-th last (ED2 / A1111),
-    and SDXL's own penultimate for 0, 1 and 2. diffusers' StableDiffusionXLPipeline counts from the penultimate
-    instead: its clip_skip k is our k + 2."""
-    return max(SDXL_DEFAULT_LAYER, clip_skip)
 
 
 def encode_text(model: SDModel, captions: list[str], clip_skip: int, device) -> dict[str, torch.Tensor]:

@@ -139,6 +139,11 @@ def build_average(
         f"EMA: decay {decay:.6g}{target}, updated every {config.ema_update_interval} steps "
         f"({total_steps // config.ema_update_interval} updates in the run), kept on {where}, starting from {origin}"
     )
+    if config.sample_prompts and not (config.ema_sample_ema_model or config.ema_sample_nonema_model):
+        say(
+            "note: EMA on and neither ema_sample_ema_model nor ema_sample_nonema_model set: the samples are the "
+            "EMA's, as ED2's doc says (ED2's code would draw none)"
+        )
     if config.ema_device == "cuda" and where.type != "cuda":
         say(f"note: ema_device 'cuda', but training runs on {device}: the EMA is kept there")
     return average

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -15,6 +16,7 @@ from data.plan import RunPlan
 from data.prepare import PreparedData
 from trainer.cache import TrainingCaches
 from utils.config import TrainConfig
+from utils.plugins import PluginRunner
 
 
 @dataclass
@@ -26,6 +28,7 @@ class EpochFeed:
     accelerator: Accelerator
     caches: TrainingCaches
     num_workers: int
+    plugins: PluginRunner  # their transform_caption / transform_pil_image run as each image loads
 
     def epoch_iterators(self, first_epoch: int, first_step: int) -> Iterator:
         """Each epoch's batch iterator in turn, from `first_step` of `first_epoch` on. With workers, the next
@@ -58,6 +61,8 @@ class EpochFeed:
             keep_tags=config.keep_tags,
             latents=self.caches.latents,
             text_embeddings=self.caches.text_embeddings,
+            transform_caption=self._plugin_transform("transform_caption"),
+            transform_image=self._plugin_transform("transform_pil_image"),
         )
         return make_loader(
             dataset,
@@ -66,6 +71,9 @@ class EpochFeed:
             pin_memory=accelerator.device.type == "cuda",
             prefetch_factor=config.prefetch_factor,
         )
+
+    def _plugin_transform(self, hook: str):
+        return partial(self.plugins.transform, hook) if self.plugins.overriding(hook) else None
 
     def micro_batches(self, loader, epoch: int, step_in_epoch: int) -> tuple[list[dict], list[SkippedImage]]:
         """This step's micro-batches, and the images that failed to load (the loader drops them and lists them

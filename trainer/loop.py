@@ -67,6 +67,7 @@ from trainer.step import (
 from trainer.stops import SetUpStopped, Stop, StopRequest, diverged, how_it_stopped, save_failed, stop_signals_handled
 from utils.config import TrainConfig, settings_changes
 from utils.disk import disk_space_note
+from utils.plugins import PluginError
 from utils.state import TrainingState, read_state, seed_everything
 
 
@@ -127,7 +128,7 @@ class Trainer:
         self.caches = build_caches(
             config, self.data.train, self.data.batches.item_buckets, model, accelerator, self.say, num_workers
         )
-        self.feed = EpochFeed(config, self.data, self.plan, self.seed, accelerator, self.caches, num_workers)
+        self.feed = EpochFeed(config, self.data, self.plan, self.seed, accelerator, self.caches, num_workers, plugins)
         self._stop_if_asked()
 
         # The run can start: its folder is created (or, resumed, taken over) and locked, and written from here on.
@@ -312,8 +313,13 @@ class Trainer:
 
     # --- seams: the step's batches and its update (the LR finder drives these) ---------------------------------
     def next_micro_batches(self, loader, epoch: int, step_in_epoch: int) -> list[dict]:
-        """This step's micro-batches; images that failed to load are reported (and recorded) and left out."""
-        batches, failed = self.feed.micro_batches(loader, epoch, step_in_epoch)
+        """This step's micro-batches; images that failed to load are reported (and recorded) and left out. A
+        plugin's transform that raised leaves the step without batches (its update is skipped) and stops the run."""
+        try:
+            batches, failed = self.feed.micro_batches(loader, epoch, step_in_epoch)
+        except PluginError as error:
+            self.plugins.failed(error)
+            return []
         if failed:
             self._report_failed_images(failed)
         return batches

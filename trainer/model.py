@@ -143,7 +143,20 @@ def load_model(config, notes: list[str] | None = None) -> SDModel:
         overrides["rescale_betas_zero_snr"] = True
     if overrides:
         model.noise_scheduler = DDPMScheduler.from_config(model.noise_scheduler.config, **overrides)
+    if config.vae_path:
+        model.vae = load_vae(config.vae_path)
     return model
+
+
+def load_vae(vae_path: str) -> AutoencoderKL:
+    """The VAE of vae_path (a diffusers AutoencoderKL folder or hub id), in place of the model's own."""
+    try:
+        return AutoencoderKL.from_pretrained(vae_path)
+    except OSError as error:
+        raise ConfigError(
+            f"key 'vae_path' = '{vae_path}': could not load a diffusers AutoencoderKL from it ({error}). Give a "
+            f"folder with the VAE's config.json and weights, a hub id (needs network), or null for the model's own."
+        ) from None
 
 
 def is_sdxl_source(source: str) -> bool:
@@ -201,6 +214,8 @@ def configure_for_training(model: SDModel, config) -> None:
     model.text_encoder.train(train_text_encoder)
     if train_text_encoder and config.text_encoder_unfreeze_last_n_layers is not None:
         freeze_text_encoder_front(model.text_encoder, config.text_encoder_unfreeze_last_n_layers)
+    if train_text_encoder:
+        freeze_unused_text_layers(model.text_encoder, config.clip_skip, model.is_sdxl)
     if config.attn_type == "xformers":
         enable_xformers(model)
     elif config.attn_type == "slice":
@@ -247,6 +262,30 @@ def compile_unet(unet: torch.nn.Module) -> torch.nn.Module:
     return unet if is_compiled_module(unet) else torch.compile(unet)
 
 
+# SDXL was trained on both text encoders' penultimate layer, not normalized (generative-models' FrozenCLIPEmbedder
+# layer="penultimate"; diffusers' StableDiffusionXLPipeline.encode_prompt hidden_states[-2]).
+SDXL_DEFAULT_LAYER = 2
+
+
+def sdxl_hidden_layer(clip_skip: int) -> int:
+    """Which hidden state, counted from the last, SDXL's encoders give: clip_skip n the n-th last (ED2 / A1111),
+    and SDXL's own penultimate for 0, 1 and 2. diffusers' StableDiffusionXLPipeline counts from the penultimate
+    instead: its clip_skip k is our k + 2."""
+    return max(SDXL_DEFAULT_LAYER, clip_skip)
+
+
+def freeze_unused_text_layers(text_encoder: CLIPTextModel, clip_skip: int, sdxl: bool) -> None:
+    """The layers after the hidden state the conditioning takes (clip_skip; SDXL's penultimate), and SDXL's final
+    norm, which it does not apply, get no gradient: frozen, so that data-parallel training (DDP) does not wait for
+    their gradients, and their weights stay as they were."""
+    skipped = sdxl_hidden_layer(clip_skip) - 1 if sdxl else max(clip_skip, 1) - 1
+    layers = text_encoder.encoder.layers
+    for layer in layers[len(layers) - skipped :] if skipped else []:
+        layer.requires_grad_(False)
+    if sdxl:
+        text_encoder.final_layer_norm.requires_grad_(False)
+
+
 def freeze_text_encoder_front(text_encoder: CLIPTextModel, unfrozen_layers: int) -> None:
     """Train only the last N transformer layers and the final norm; the embeddings only when all layers train.
 
@@ -281,4 +320,5 @@ def encode_prompts(model: SDModel, captions: list[str], clip_skip: int, device) 
     if clip_skip <= 1:
         return model.text_encoder(ids)[0]
     hidden = model.text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    return model.text_encoder.final_layer_norm(hidden)
+    # The final norm of the module itself: under data-parallel training text_encoder is its DDP wrapper.
+    return getattr(model.text_encoder, "module", model.text_encoder).final_layer_norm(hidden)

@@ -106,18 +106,34 @@ class RunPlugins:
         try:
             self.runner.call(hook, **kwargs)
         except PluginError as error:
-            self.stop(
-                Stop("plugin failed", EXIT_FAILED, save=True, message=f"{error}. The run stopped with its work saved.")
-            )
+            self.failed(error)
+
+    def failed(self, error: PluginError) -> None:
+        """A hook raised (here, or in the data loader's transforms): the run stops with its work saved."""
+        # From a loader worker, torch hands the error back with the worker's traceback before its message.
+        said = str(error).strip().splitlines()[-1].removeprefix(f"{PluginError.__module__}.PluginError: ")
+        message = f"{said}. The run stopped with its work saved."
+        self.stop(Stop("plugin failed", EXIT_FAILED, save=True, message=message))
 
 
 def load_run_plugins(config: TrainConfig, say: Callable[[str], None]) -> PluginRunner:
     """The config's plugins, imported and created before any model loads; a failure is a config error."""
     config_dir = config.config_file.parent if config.config_file else None
     try:
-        return load_plugins(config.plugins, config_dir, say)
+        runner = load_plugins(config.plugins, config_dir, say)
     except PluginError as error:
         raise ConfigError(f"key 'plugins': {error}") from None
+    for hook, cache_key, what in (
+        ("transform_pil_image", "cache_latents", "images"),
+        ("transform_caption", "cache_text_embeddings", "captions"),
+    ):
+        if runner.overriding(hook) and getattr(config, cache_key):
+            raise ConfigError(
+                f"key 'plugins': {', '.join(runner.overriding(hook))} transforms the {what} as they load "
+                f"({hook}), and {cache_key} is on: the cache would hold them untransformed. Set {cache_key} "
+                f"to false for this run."
+            )
+    return runner
 
 
 def ed_state_of(model: SDModel, optimizer) -> EveryDreamTrainingState:

@@ -4,6 +4,7 @@ that resuming checks. Nothing here trains."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import random
@@ -24,6 +25,7 @@ from data.prepare import PreparedData, as_validation_item, prepare_data
 from optimizer.lr import Schedules, build_lr_scheduler, plan_schedule
 from optimizer.optimizers import build_optimizer, model_param_groups
 from optimizer.preview import epoch_steps_text
+from trainer.diffusion import vae_dtype
 from trainer.memory_forecast import run_start_report
 from trainer.model import (
     SDModel,
@@ -178,9 +180,11 @@ def place_parts(model: SDModel, accelerator: Accelerator, config: TrainConfig) -
     weight_dtype is bf16. The trained parts go to the device before the optimizer is built: AdamW is fused only
     when it is given CUDA parameters (accelerator.prepare would move them only after it was built)."""
     dtype = weight_dtype_of(accelerator)
-    model.vae.to(accelerator.device, dtype=dtype)
+    model.vae.to(accelerator.device, dtype=vae_dtype(model, dtype))  # SDXL's VAE: never fp16
     if not config.train_text_encoder:
         model.text_encoder.to(accelerator.device, dtype=dtype)
+    if model.is_sdxl:  # SDXL's second text encoder is frozen (trainer/model.py configure_for_training)
+        model.text_encoder_2.to(accelerator.device, dtype=dtype)
     for name in trained_part_names(config):
         getattr(model, name).to(accelerator.device, dtype=trained_weight_dtype(config))
 
@@ -245,14 +249,8 @@ def unwrapped(model: SDModel, accelerator: Accelerator) -> SDModel:
     def unwrap(module):
         return accelerator.unwrap_model(module, keep_torch_compile=False)
 
-    return SDModel(
-        unet=unwrap(model.unet),
-        vae=model.vae,
-        text_encoder=unwrap(model.text_encoder),
-        tokenizer=model.tokenizer,
-        noise_scheduler=model.noise_scheduler,
-        source=model.source,
-    )
+    # replace: SDXL's second text encoder and tokenizer (and any later field) stay with the model
+    return dataclasses.replace(model, unet=unwrap(model.unet), text_encoder=unwrap(model.text_encoder))
 
 
 def stabilized_loss(model: SDModel, config: TrainConfig, items) -> StabilizedLoss:
