@@ -85,11 +85,11 @@ def test_images_that_fail_at_load_time_are_dropped_and_reported(model_cache, tmp
     calls = {"count": 0}
     real_load = data.loader.load_image
 
-    def flaky_load(item, size, flip):
+    def flaky_load(item, size, flip, transform=None):
         calls["count"] += 1
         if calls["count"] in (3, 4, 5):
             raise ImageLoadError(f"cannot load {item.path}: OSError: the network drive went away")
-        return real_load(item, size, flip)
+        return real_load(item, size, flip, transform)
 
     monkeypatch.setattr(data.loader, "load_image", flaky_load)
     config = tiny_config(model_cache, DEMO_DATA, tmp_path, batch_size=2, max_steps=4, **FAST)

@@ -248,3 +248,13 @@ def test_a_transform_plugin_with_a_cache_is_refused(model_cache, tmp_path):
     )
     with pytest.raises(ConfigError, match="transforms the images as they load .* cache_latents is on"):
         Trainer(config)
+
+
+def test_an_ed2_config_using_these_features_is_told_where_they_differ(tmp_path):
+    """docs/ed2.md lists the differences kept on purpose; an ED2 config that triggers one gets the note."""
+    path = tmp_path / "train.json"
+    ed2 = {"gpuid": 0, "data_root": str(DEMO_DATA), "max_epochs": 4, "rated_dataset": True}
+    path.write_text(json.dumps({**ed2, "load_settings_every_epoch": True, "plugins": ["plugins.example_plugin.X"]}))
+    notes = load_config(path, {}).notes
+    for key in ("rated_dataset", "load_settings_every_epoch", "plugins"):
+        assert any(note.startswith(f"'{key}': ") for note in notes), key

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
-import shutil
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,22 +37,21 @@ from trainer.resume import (
     resume_notes,
     resumed_lines,
 )
-from trainer.sampling import SamplePrompts, make_samples, samples_due
-from trainer.saving import RunSaver, SaveOutcome, TrainingParts, run_summary, weights_across_processes, write_json
+from trainer.sampling import SamplePrompts, sample_round, samples_due
+from trainer.saving import RunSaver, SaveOutcome, TrainingParts, run_summary, weights_across_processes
 from trainer.setup import (
     build_model_and_optimizer,
     build_validators,
     check_output_folders,
     claim_run_dir,
     make_accelerator,
-    open_logs,
     prepare_and_plan,
-    report_data_problems,
     resolve_seed,
     run_fingerprint,
     save_sizes,
     trained_part_names,
     unwrapped,
+    write_run_start,
     write_skipped_images,
 )
 from trainer.step import (
@@ -66,7 +65,6 @@ from trainer.step import (
 )
 from trainer.stops import SetUpStopped, Stop, StopRequest, diverged, how_it_stopped, save_failed, stop_signals_handled
 from utils.config import TrainConfig, settings_changes
-from utils.disk import disk_space_note
 from utils.plugins import PluginError
 from utils.state import TrainingState, read_state, seed_everything
 
@@ -144,28 +142,19 @@ class Trainer:
             self.stop_request,
         )
         self.plugins.model_load()
-        try:
-            self._write_run_start()
-        except OSError:  # a full disk: a new folder is removed, a resumed one keeps what it had
-            if self.run_lock:
-                self.run_lock.release()
-            if self.is_main and not self.resume_state:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-            raise
+        self.logger = write_run_start(
+            self.run_dir,
+            self.run_lock,
+            config,
+            self.seed,
+            self.data,
+            save_sizes(model, self.trained_models(), config, self.plan.epochs),
+            self.saved["step"] if self.saved else None,
+            accelerator.is_main_process,
+            self.say,
+        )
         self.started = time.monotonic()
         self.first_step = self.saved["step"] if self.saved else 0  # where this process's share of the run starts
-
-    def _write_run_start(self) -> None:
-        """config.json, the data report, the disk note and the opened logs: the first writes into the run folder."""
-        config = self.config
-        if self.is_main:
-            write_json(self.run_dir / "config.json", {**config.model_dump(mode="json"), "seed": self.seed})
-        report_data_problems(self.data, config.resolution, self.run_dir, self.is_main, self.say)
-        sizes = save_sizes(self.unwrapped_model(), self.trained_models(), config, self.plan.epochs)
-        self.say(disk_space_note(sizes, self.run_dir))
-        self.logger = open_logs(
-            self.run_dir, config, self.is_main, self.saved["step"] if self.saved else None, self.say
-        )
 
     def _stop_if_asked(self) -> None:
         """Between the units of set-up: a signal stops the run here, before any folder was written."""
@@ -387,27 +376,26 @@ class Trainer:
     def sample(self) -> None:
         if not self.is_main:
             return
-        step, prompts = self.progress.global_step, self.sample_prompts.reread()
-        for weights in sampled_weights(self.config, self.ema):  # "trained": samples/, "ema": samples/ema/
-            folder, tag = ("samples/ema", "samples_ema") if weights == "ema" else ("samples", "samples")
-            try:
-                # The VAE and text encoder back from the CPU if a cache moved them there.
-                with self.caches.parts_on_device("vae", "text_encoder"), self.weights_of(ema=weights == "ema"):
-                    paths = make_samples(
-                        self.unwrapped_model(),
-                        prompts,
-                        self.run_dir / folder,
-                        step,
-                        self.config.resolution,
-                        self.accelerator.device,
-                        self.seed,
-                    )
-            except OSError as error:  # a full disk: the run stops as after a failed save (at its end: said only)
-                self.say(f"error: writing the samples of step {step} failed: {error}")
-                self.stop_request(save_failed("samples", error, self.progress))
-                return
-            for index, (_, image) in enumerate(paths):
-                self.logger.image(f"{tag}/prompt_{index}", image, step)
+        step = self.progress.global_step
+        weights = {name: partial(self.weights_of, ema=name == "ema") for name in sampled_weights(self.config, self.ema)}
+        try:
+            with self.caches.parts_on_device("vae", "text_encoder"):  # back from the CPU if a cache moved them
+                grids = sample_round(
+                    self.unwrapped_model(),
+                    self.sample_prompts.reread(),
+                    self.run_dir,
+                    step,
+                    self.config.resolution,
+                    self.accelerator.device,
+                    self.seed,
+                    weights,
+                )
+        except OSError as error:  # a full disk: the run stops as after a failed save (at its end: said only)
+            self.say(f"error: writing the samples of step {step} failed: {error}")
+            self.stop_request(save_failed("samples", error, self.progress))
+            return
+        for tag, image in grids:
+            self.logger.image(tag, image, step)
 
     # --- saving and resuming (trainer/saving.py writes; a failed save stops the run) ----------------------------
     def save(self) -> dict:

@@ -277,6 +277,28 @@ def make_samples(
     return results
 
 
+def sample_round(
+    model: SDModel,
+    settings: SampleSettings,
+    run_dir: Path,
+    step: int,
+    resolution: int,
+    device,
+    seed: int,
+    weights: dict[str, Callable[[], contextlib.AbstractContextManager]],
+) -> list[tuple[str, np.ndarray]]:
+    """A sample round: make_samples once per set of weights, each applied by its context manager ("trained" under
+    samples/, "ema" under samples/ema/). Returns (TensorBoard tag, grid) pairs; raises OSError when the disk
+    refuses."""
+    grids = []
+    for name, applied in weights.items():
+        folder, tag = ("samples/ema", "samples_ema") if name == "ema" else ("samples", "samples")
+        with applied():
+            made = make_samples(model, settings, run_dir / folder, step, resolution, device, seed)
+        grids += [(f"{tag}/prompt_{index}", grid) for index, (_, grid) in enumerate(made)]
+    return grids
+
+
 def index_entry(path: Path, asked: SampleRequest, request: SampleRequest, settings: SampleSettings) -> dict:
     """The index's record of one sample: what was made (`request`), and whether its seed or caption was drawn
     for this round (`asked` had seed -1, or random_caption)."""

@@ -36,10 +36,11 @@ from trainer.model import (
     use_tf32,
 )
 from trainer.resume import images_fingerprint, model_layout, project_run_dirs, run_dir_of, trained_parameters
+from trainer.saving import write_json
 from trainer.step import agreed
 from trainer.validation import StabilizedLoss
 from utils.config import ConfigError, TrainConfig
-from utils.disk import SaveSizes, check_writable, estimate_save_sizes
+from utils.disk import SaveSizes, check_writable, disk_space_note, estimate_save_sizes
 from utils.launch import launched_processes
 from utils.metrics import RunLogger, start_wandb
 from utils.run_lock import RunLock
@@ -410,3 +411,30 @@ def open_logs(run_dir: Path, config: TrainConfig, is_main: bool, resumed_step: i
     if dropped:
         say(f"metrics.csv: dropped {dropped} row(s) that the interrupted run logged after step {resumed_step}")
     return RunLogger(run_dir, enabled=is_main, purge_step=resumed_step + 1, wandb_run=wandb_run)
+
+
+def write_run_start(
+    run_dir: Path,
+    run_lock: RunLock | None,
+    config: TrainConfig,
+    seed: int,
+    data: PreparedData,
+    sizes: SaveSizes,
+    resumed_step: int | None,
+    is_main: bool,
+    say,
+) -> RunLogger:
+    """The first writes into the claimed run folder: config.json, the data report, the disk note, the opened logs.
+    A full disk here removes a new run's folder (a resumed one keeps what it had) and raises."""
+    try:
+        if is_main:
+            write_json(run_dir / "config.json", {**config.model_dump(mode="json"), "seed": seed})
+        report_data_problems(data, config.resolution, run_dir, is_main, say)
+        say(disk_space_note(sizes, run_dir))
+        return open_logs(run_dir, config, is_main, resumed_step, say)
+    except OSError:
+        if run_lock:
+            run_lock.release()
+        if is_main and resumed_step is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise

@@ -236,6 +236,22 @@ def difference_notes(config) -> list[str]:
             f"'keep_tags' {config.keep_tags}: the first {config.keep_tags} tags stay in place when tags are "
             f"shuffled. ED2's keep_tags had no effect (it always kept 0), so captions differ from ED2's."
         )
+    if config.rated_dataset:
+        notes.append(
+            "'rated_dataset': each aspect bucket gets a fixed share of an epoch's picks (ED2 leaves it to chance), so "
+            "every epoch's step count is known in advance; the automatic lr_decay_steps counts the real, shrinking "
+            "epochs (ED2 counts each as long as the first)."
+        )
+    if config.load_settings_every_epoch:
+        notes.append(
+            "'load_settings_every_epoch': only the keys the loop reads as it goes take effect mid-run; a change to "
+            "another key (lr, batch_size, ...) is named and waits for a resume (ED2 re-reads every key)."
+        )
+    if config.plugins:
+        notes.append(
+            "'plugins': hooks get EveryCycle's batch (pixel_values or latents, captions, paths; no 'tokens'), and "
+            "arg_update_callback refuses to change grad_accum mid-run."
+        )
     return notes
 
 
