@@ -2,6 +2,7 @@
 
 import csv
 import itertools
+import re
 import subprocess
 import sys
 
@@ -185,3 +186,20 @@ def test_epochs_times_their_steps_beyond_max_steps_are_refused_before_any_cycle_
     )
     with pytest.raises(ConfigError, match=r"key 'max_epochs': 10,000,000 epochs of 5 steps make 50,000,000 steps"):
         plan_schedule(config, batches_per_epoch=5)
+
+
+@pytest.mark.parametrize(
+    ("name", "fits"), [("sdxl_24gb", "fits cards of 12, 16, 24,"), ("sdxl_80gb", "fits cards of 80,")]
+)
+def test_the_sdxl_recipes_preview_with_their_memory_forecast(tmp_path, capsys, name, fits):
+    """configs/sdxl_*.json preview offline (the SDXL forecast comes from the bundled configs, no download), and each
+    fits the card its name promises."""
+    import train
+
+    code = train.main(
+        ["--config", f"configs/{name}.json", "--data_root", str(DEMO_DATA), "--plot_schedule", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert code == 0 and "memory forecast: stabilityai/stable-diffusion-xl-base-1.0 (1024x1024" in out
+    total = float(re.search(r"^  total\s+([\d.]+) GiB", out, flags=re.M).group(1))
+    assert fits in out and (total < 22 if name == "sdxl_24gb" else total < 80), out
