@@ -79,10 +79,10 @@ def test_loads_as_a_stable_diffusion_model(pretrained_model):
     assert pretrained_model.prediction_type == "epsilon"
 
 
-# Issue 16's goal is 80% of the prompt set drawn as asked; the committed model (seed 0, 1000 VAE + 1500 UNet steps,
-# 34 min on one CPU thread) reads 47% (14/30): colours 80%, shapes soft, the UNet undertrained (docs/tiny-models.md). Until a
-# better model is committed this test holds the floor it reached, less one sample per seed for float differences
-# between CPUs, so a regression in the model or in the sampling path fails it.
+# Issue 16's goal is 80% of the prompt set drawn as asked; the committed model (seed 0, 1000 VAE + 1500 UNet
+# steps, 34 min on one CPU thread) reads 47% (14/30): colours 80%, shapes soft, the UNet undertrained
+# (docs/tiny-models.md). Until a better model is committed this test holds the floor it reached, less one sample
+# per seed for float differences between CPUs, so a regression in the model or in the sampling path fails it.
 MEASURED_FLOOR = 12 / 30
 
 
