@@ -34,12 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # seam -> (module, attribute): where the trainer looks the function up when it calls it, so patching there reaches
-# the call (trainer.setup imports load_model by name, trainer.step training_loss, trainer.loop make_samples).
+# the call (trainer.setup imports load_model by name, trainer.step training_loss, trainer.sampling make_samples).
 SEAMS = {
     "load_model": ("trainer.setup", "load_model"),  # set-up: the model loads
     "validation": ("trainer.validation", "StabilizedLoss.__call__"),  # first call: the baseline
     "training_loss": ("trainer.step", "training_loss"),  # a step's forward (one micro-batch per step here)
-    "make_samples": ("trainer.loop", "make_samples"),  # a sample round
+    "make_samples": ("trainer.sampling", "make_samples"),  # a sample round (sampling.sample_round calls it)
     # utils.checkpoint.save_checkpoint imports it when it runs: called once the diffusers folder is complete and
     # before the single file is written, so a fault here lands in the middle of a checkpoint save.
     "save_single_file": ("utils.convert", "save_single_file"),
