@@ -467,10 +467,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from trainer.model import SDModel, load_pretrained
     from trainer.sampling import build_scheduler
+    from trainer.tiny_model import save_sd_folder
     from utils.checkpoint import atomic_path
 
     args = parse_args(argv)
@@ -505,17 +505,7 @@ def main(argv=None) -> int:
         )
         timings["unet_text_encoder_s"] = round(time.monotonic() - phase)
 
-        pipeline = StableDiffusionPipeline(
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(str(folder), safe_serialization=True)
+        save_sd_folder(folder, unet, vae, text_encoder, tokenizer, scheduler)
 
         # Measured on the saved folder, loaded as a run loads it.
         saved = load_pretrained(str(folder), str(args.out))

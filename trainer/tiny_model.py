@@ -117,7 +117,7 @@ def tiny_tokenizer(folder: Path, pad_token: str = "<|endoftext|>"):
 def build_tiny_pipeline(folder: Path) -> Path:
     """Build the tiny model deterministically and save it as a diffusers folder at `folder`."""
     import torch
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     torch.manual_seed(TINY_SEED)
@@ -146,7 +146,16 @@ def build_tiny_pipeline(folder: Path) -> Path:
         steps_offset=1,
         prediction_type="epsilon",
     )
-    pipe = StableDiffusionPipeline(
+    save_sd_folder(folder, unet, vae, text_encoder, tokenizer, scheduler)
+    shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    return folder
+
+
+def save_sd_folder(folder: Path, unet, vae, text_encoder, tokenizer, scheduler) -> None:
+    """SD 1.x parts saved as a StableDiffusionPipeline diffusers folder (safetensors, no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
@@ -155,10 +164,7 @@ def build_tiny_pipeline(folder: Path) -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-    )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
-    shutil.rmtree(tokenizer_dir, ignore_errors=True)
-    return folder
+    ).save_pretrained(str(folder), safe_serialization=True)
 
 
 def build_tiny_sdxl_pipeline(folder: Path) -> Path:
