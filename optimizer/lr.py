@@ -2,7 +2,7 @@
 
 This is where config keys become `ScheduleSpec`s, where ED2's automatic defaults are applied, and where a
 schedule may fix the run length (staged cycles, ending on a low point). `plan_schedule` returns the result as
-`Schedules`: one LR function per parameter group (UNet, text encoder) and the cycled beta1, if any.
+`Schedules`: one LR function per parameter group (UNet, text encoders) and the cycled beta1, if any.
 `FunctionLR` is the one torch object: it sets those functions' values on the optimizer's param groups. The
 schedules themselves are pure functions, in optimizer/schedules.py (see its docstring for the other modules).
 """
@@ -18,7 +18,14 @@ from data.plan import RunPlan, plan_run
 from optimizer.schedule_checks import ScheduleError, ed2_default_decay_steps
 from optimizer.schedule_report import describe, nearest_low_end
 from optimizer.schedules import LrFunction, ScheduleSpec, build_momentum, build_schedule, stages_total_steps
-from utils.config import ED2_SCHEDULE_NAMES, MAX_STEPS, ConfigError, TrainConfig
+from utils.config import (
+    ED2_SCHEDULE_NAMES,
+    MAX_STEPS,
+    ConfigError,
+    TrainConfig,
+    text_encoder_key,
+    text_encoder_setting,
+)
 
 MOMENTUM_RANGE = (0.85, 0.95)  # Smith's cyclical momentum: 0.95 at the LR's low, 0.85 at its peak
 
@@ -63,22 +70,36 @@ def unet_spec(config: TrainConfig, plan: RunPlan) -> ScheduleSpec:
     )
 
 
-def text_encoder_spec(config: TrainConfig, unet: ScheduleSpec) -> ScheduleSpec:
+def text_encoder_scale(config: TrainConfig, part: str) -> float:
+    """A text encoder's LRs relative to the UNet's where they are not given (text_encoder_2_lr_scale null: 1)."""
+    scale = text_encoder_setting(config, part, "lr_scale")
+    return 1.0 if scale is None else scale
+
+
+def text_encoder_peak(config: TrainConfig, part: str) -> float:
+    """The peak LR of text encoder `part`: explicit, or the UNet's x its scale (keys: utils/config.py
+    text_encoder_key)."""
+    explicit = text_encoder_setting(config, part, "lr")
+    return explicit if explicit is not None else config.lr * text_encoder_scale(config, part)
+
+
+def text_encoder_spec(config: TrainConfig, unet: ScheduleSpec, part: str = "text_encoder") -> ScheduleSpec:
     """The same phase as the UNet with the text encoder's own bounds (explicit, or the UNet's x scale), or
-    its own ED2-style schedule when text_encoder_lr_scheduler names a different one (ED2's optimizer.json
-    default trains the UNet constant and the text encoder on cosine)."""
-    scale = config.text_encoder_lr_scale
-    peak = config.text_encoder_lr if config.text_encoder_lr is not None else config.lr * scale
-    name = config.text_encoder_lr_scheduler
+    its own ED2-style schedule when its lr_scheduler names a different one (ED2's optimizer.json default trains
+    the UNet constant and the text encoder on cosine). `part`: "text_encoder", or SDXL's "text_encoder_2", whose
+    keys left null are the first's (utils/config.py text_encoder_key)."""
+    peak = text_encoder_peak(config, part)
+    scheduler_key = text_encoder_key(config, part, "lr_scheduler")
+    name = getattr(config, scheduler_key)
     if name and name != config.lr_scheduler:
         if name not in ED2_SCHEDULE_NAMES:
             raise ConfigError(
-                f"key 'text_encoder_lr_scheduler' = '{name}': a separate text encoder schedule must be "
+                f"key '{scheduler_key}' = '{name}': a separate text encoder schedule must be "
                 f"one of {', '.join(ED2_SCHEDULE_NAMES)}; cyclic and one_cycle are shared with the UNet "
-                f"(leave text_encoder_lr_scheduler null and set text_encoder_lr / _lr_min)."
+                f"(leave {scheduler_key} null and set {part}_lr / _lr_min)."
             )
-        decay = config.text_encoder_lr_decay_steps or config.lr_decay_steps
-        warmup = config.text_encoder_lr_warmup_steps
+        decay = text_encoder_setting(config, part, "lr_decay_steps") or config.lr_decay_steps
+        warmup = text_encoder_setting(config, part, "lr_warmup_steps")
         return ScheduleSpec(
             name=name,
             lr=peak,
@@ -87,9 +108,11 @@ def text_encoder_spec(config: TrainConfig, unet: ScheduleSpec) -> ScheduleSpec:
             decay_steps=decay,
             warmup_steps=warmup_steps(name, warmup, decay, unet.total_steps),
         )
-    low = config.text_encoder_lr_min if config.text_encoder_lr_min is not None else config.lr_min * scale
+    explicit_low = text_encoder_setting(config, part, "lr_min")
+    low = explicit_low if explicit_low is not None else config.lr_min * text_encoder_scale(config, part)
     if low > peak:
-        raise ConfigError(f"text_encoder_lr_min ({low:g}) must not exceed text_encoder_lr ({peak:g}).")
+        min_key, peak_key = text_encoder_key(config, part, "lr_min"), text_encoder_key(config, part, "lr")
+        raise ConfigError(f"{min_key} ({low:g}) must not exceed {peak_key} ({peak:g}).")
     ratio = peak / config.lr
     stages = tuple((cycles, lr * ratio) for cycles, lr in unet.stages)
     return replace(unet, lr=peak, lr_min=low, stages=stages)
@@ -138,7 +161,7 @@ def _end_on_low_point(config: TrainConfig, plan: RunPlan, spec: ScheduleSpec, no
 class Schedules:
     """The run's schedules as functions of the optimizer step (0 = the first step of the run)."""
 
-    lr: dict[str, LrFunction]  # the absolute LR of each param group: "unet" and, when it trains, "text_encoder"
+    lr: dict[str, LrFunction]  # the absolute LR of each param group: "unet", and the text encoders that train
     momentum: LrFunction | None  # beta1 / SGD momentum, shared by the groups; None unless lr_cycle_momentum
 
     def lrs_at(self, step: int) -> dict[str, float]:
@@ -169,8 +192,8 @@ def plan_schedule(config: TrainConfig, batches_per_epoch: int | Sequence[int]) -
         plan = _end_on_low_point(config, plan, unet_spec(config, plan), notes)
         spec = unet_spec(config, plan)
         specs = {"unet": spec}
-        if config.train_text_encoder:
-            specs["text_encoder"] = text_encoder_spec(config, spec)
+        for part in config.trained_text_encoders:
+            specs[part] = text_encoder_spec(config, spec, part)
         # unet_spec sets momentum_cycle only with lr_cycle_momentum, so momentum is None without it.
         schedules = Schedules(
             lr={group: build_schedule(s) for group, s in specs.items()}, momentum=build_momentum(spec)
@@ -185,6 +208,15 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, schedules: Schedules) -
     """Wrap the pure functions for torch; groups are matched by name."""
     lr_fns = [schedules.lr[group["name"]] for group in optimizer.param_groups]
     return FunctionLR(optimizer, lr_fns, momentum_fn=schedules.momentum)
+
+
+def scheduler_following(optimizer: torch.optim.Optimizer, functions: dict[str, LrFunction], betas) -> FunctionLR:
+    """A scheduler that sets each param group (by name) from `functions`, with beta1 put back at its configured
+    value (`betas`, where a cycled momentum moved it) and held there."""
+    if betas is not None:
+        for group in optimizer.param_groups:
+            group["betas"] = tuple(betas)
+    return build_lr_scheduler(optimizer, Schedules(lr=functions, momentum=None))
 
 
 def current_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -1,6 +1,7 @@
-"""The optimizer factory: one optimizer, one parameter group per trained model (UNet, text encoder).
+"""The optimizer factory: one optimizer, one parameter group per trained model (UNet, text encoder, SDXL's second
+text encoder).
 
-Each group carries its own LR function (see optimizer/lr.py), so the text encoder follows the same phase
+Each group carries its own LR function (see optimizer/lr.py), so a text encoder follows the same phase
 of the schedule with its own bounds, and its own weight decay / betas / epsilon when configured. With
 fused_backward_pass or stochastic_rounding the optimizer is one per parameter behind one face
 (optimizer/per_parameter.py), with the same groups.
@@ -16,7 +17,7 @@ import torch
 
 from optimizer.per_parameter import PerParameterOptimizer
 from optimizer.stochastic_rounding import StochasticRounding
-from utils.config import ConfigError, TrainConfig
+from utils.config import ConfigError, TrainConfig, text_encoder_setting
 
 # name -> (module, class, the hyperparameters it takes from the config); the module is imported on use.
 OPTIMIZERS = {
@@ -50,36 +51,40 @@ PACKAGE_OF = {
 }
 
 
-def model_param_groups(config: TrainConfig, unet: torch.nn.Module, text_encoder: torch.nn.Module) -> list[dict]:
-    """The trained parameters, grouped by model, with each model's own hyperparameters."""
-    groups = []
-    if not config.disable_unet_training:
-        groups.append(
-            {
-                "name": "unet",
-                "params": [p for p in unet.parameters() if p.requires_grad],
-                **_hyperparameters(config, text_encoder=False),
-            }
-        )
-    if config.train_text_encoder:
-        groups.append(
-            {
-                "name": "text_encoder",
-                "params": [p for p in text_encoder.parameters() if p.requires_grad],
-                **_hyperparameters(config, text_encoder=True),
-            }
-        )
+def model_param_groups(
+    config: TrainConfig,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    text_encoder_2: torch.nn.Module | None = None,
+) -> list[dict]:
+    """The trained parameters, grouped by model (named as the model's parts), with each model's own
+    hyperparameters. `text_encoder_2`: SDXL's second text encoder, needed when train_text_encoder_2."""
+    models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    trained = ([] if config.disable_unet_training else ["unet"]) + list(config.trained_text_encoders)
+    if text_encoder_2 is None and config.train_text_encoder_2:
+        raise ValueError("train_text_encoder_2: the model's second text encoder must be given")
+    groups = [
+        {
+            "name": name,
+            "params": [p for p in models[name].parameters() if p.requires_grad],
+            **_hyperparameters(config, name),
+        }
+        for name in trained
+    ]
     return [group for group in groups if group["params"]]
 
 
-def _hyperparameters(config: TrainConfig, text_encoder: bool) -> dict:
-    def pick(te_value, value):
-        return te_value if text_encoder and te_value is not None else value
+def _hyperparameters(config: TrainConfig, part: str) -> dict:
+    """The UNet's betas, eps and weight decay; a text encoder's own where given (utils/config.py text_encoder_key)."""
+
+    def pick(setting: str, value):
+        own = None if part == "unet" else text_encoder_setting(config, part, setting)
+        return own if own is not None else value
 
     return {
-        "betas": tuple(pick(config.text_encoder_betas, config.betas)),
-        "eps": pick(config.text_encoder_epsilon, config.epsilon),
-        "weight_decay": pick(config.text_encoder_weight_decay, config.weight_decay),
+        "betas": tuple(pick("betas", config.betas)),
+        "eps": pick("epsilon", config.epsilon),
+        "weight_decay": pick("weight_decay", config.weight_decay),
     }
 
 

@@ -21,9 +21,14 @@ from utils.plots import plot_lr, plotted_steps
 # run of millions of steps would take minutes to write and draw, and no plot shows more points than this.
 
 
+# lr_schedule.csv's column of each param group's LR, in this order (a group that does not train has none).
+SCHEDULE_COLUMNS = {"unet": "lr", "text_encoder": "lr_text_encoder", "text_encoder_2": "lr_text_encoder_2"}
+
+
 def write_schedule_csv(path: Path, steps: list[int], series: dict[str, list[float]]) -> None:
-    header = ["step", "lr"] + (["lr_text_encoder"] if "text_encoder" in series else [])
-    columns = [series[group] for group in ("unet", "text_encoder") if group in series]
+    groups = [group for group in SCHEDULE_COLUMNS if group in series]
+    header = ["step"] + [SCHEDULE_COLUMNS[group] for group in groups]
+    columns = [series[group] for group in groups]
     with open(path, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)

@@ -11,13 +11,16 @@ speckled, 64 px, with a caption that names the colour and the shape and, each ti
 2. the images are encoded once; the VAE's scaling factor is set so the latents have unit variance, as SD's is;
 3. the UNet and the text encoder (a small CLIP over trainer/tiny_model.py's character-level tokenizer) learn the
    denoising objective together (trainer/diffusion.py denoising_loss, min-SNR weighted), captions dropped 10% of
-   the time so that classifier-free guidance works;
+   the time so that classifier-free guidance works; the weights saved are an exponential moving average of theirs
+   (diffusers' EMAModel);
 4. samples of a fixed prompt set ("a red circle", ...) are measured by `describe` (dominant colour, bounding-box
    fill ratio), as tests/test_pretrained_tiny.py does with the saved model.
 
 The folder is an ordinary diffusers StableDiffusionPipeline folder (fp32 safetensors) plus manifest.json: the
 sha256 of every file, the seed, the script version and the training figures. The same seed, torch version and
-thread count give the same weights.
+thread count give the same weights. `--vae-from FOLDER` takes the VAE of an earlier run instead of training one (to
+try UNet settings in less time); with the VAE that the same seed and VAE options train, it gives the same weights
+as a full run, as the UNet phase draws from its own generator.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-SCRIPT_VERSION = "1"
+SCRIPT_VERSION = "2"
 MANIFEST = "manifest.json"
 SIZE = 64  # image side, pixels
 SUPERSAMPLE = 4  # shapes are drawn this much larger, then box-filtered down: smooth edges
@@ -78,6 +81,8 @@ EVAL_SEEDS = (0, 1)
 EVAL_STEPS = 20
 EVAL_GUIDANCE = 6.0
 EVAL_SCHEDULER = "ddim"  # a trainer/sampling.py build_scheduler name
+# The manifest records the accuracy at each: how much it hangs on EVAL_GUIDANCE.
+GUIDANCE_SWEEP = (4.0, 6.0, 7.5, 8.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -240,7 +245,9 @@ def describe(image: np.ndarray) -> tuple[str | None, str | None]:
     return dominant_colour(image, mask), shape_from_fill(fill_ratio(mask))
 
 
-def prompt_accuracy(pipeline, prompts=EVAL_PROMPTS, seeds=EVAL_SEEDS) -> tuple[float, list[dict]]:
+def prompt_accuracy(
+    pipeline, prompts=EVAL_PROMPTS, seeds=EVAL_SEEDS, guidance: float = EVAL_GUIDANCE
+) -> tuple[float, list[dict]]:
     """The share of samples (each prompt "a <colour> <shape>" with each seed) that `describe` reads as asked, and
     one record per sample. `pipeline`: a StableDiffusionPipeline on the CPU, its scheduler set by the caller."""
     import torch
@@ -251,7 +258,7 @@ def prompt_accuracy(pipeline, prompts=EVAL_PROMPTS, seeds=EVAL_SEEDS) -> tuple[f
         images = pipeline(
             list(prompts),
             num_inference_steps=EVAL_STEPS,
-            guidance_scale=EVAL_GUIDANCE,
+            guidance_scale=guidance,
             height=SIZE,
             width=SIZE,
             generator=generator,
@@ -401,26 +408,36 @@ def measure_accuracy(images: np.ndarray, scenes: list[Scene]) -> float:
     return float(np.mean(right))
 
 
+def denoiser_parameters(model) -> list:
+    return list(model.unet.parameters()) + list(model.text_encoder.parameters())
+
+
 def train_denoiser(
-    model, latent_parameters, scenes: list[Scene], steps: int, batch: int, generator, seed: int
-) -> float:
+    model, latent_parameters, scenes: list[Scene], steps: int, batch: int, lr: float, ema_decay: float, seed: int
+):
     """UNet and text encoder together on the epsilon objective (min-SNR 5); 10% of captions dropped for
-    classifier-free guidance. Returns the mean loss of the last 100 steps."""
+    classifier-free guidance. Returns the mean loss of the last 100 steps and the EMA of the weights (diffusers'
+    EMAModel, its decay warming up as (1 + step) / (10 + step) to `ema_decay`): the average of the last
+    ~1 / (1 - ema_decay) steps' weights draws cleaner shapes than the last step's alone."""
     import torch
+    from diffusers.training_utils import EMAModel
     from tqdm import tqdm
 
     from trainer.diffusion import denoising_loss, sample_cached_latents
     from trainer.model import encode_prompts
 
+    # Its own generators, so that this phase draws the same whether the VAE was trained or loaded (--vae-from).
+    generator = torch.Generator().manual_seed(seed + 2)
     caption_rng = np.random.default_rng(seed + 1)
-    parameters = list(model.unet.parameters()) + list(model.text_encoder.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=1e-3, weight_decay=0.01)
+    parameters = denoiser_parameters(model)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+    ema = EMAModel(parameters, decay=ema_decay, foreach=True)
     model.unet.train()
     model.text_encoder.train()
     losses = []
     for step in (bar := tqdm(range(steps), desc="UNet + text encoder", file=sys.stdout)):
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, 1e-3, 100)
+            group["lr"] = cosine_lr(step, steps, lr, 100)
         picked = torch.randint(len(scenes), (batch,), generator=generator)
         captions = [
             "" if caption_rng.random() < 0.1 else scenes[index].caption(caption_rng) for index in picked.tolist()
@@ -434,11 +451,12 @@ def train_denoiser(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
+        ema.step(parameters)
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
     model.unet.eval()
     model.text_encoder.eval()
-    return float(np.mean(losses[-100:]))
+    return float(np.mean(losses[-100:])), ema
 
 
 def write_manifest(folder: Path, figures: dict) -> dict:
@@ -451,6 +469,9 @@ def write_manifest(folder: Path, figures: dict) -> dict:
     return manifest
 
 
+VAE_WEIGHTS = Path("vae") / "diffusion_pytorch_model.safetensors"  # in a folder this script (diffusers) wrote
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "models" / "tiny-pretrained")
@@ -459,17 +480,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=1000)
     parser.add_argument("--vae-batch", type=int, default=24)
     parser.add_argument("--vae-lr", type=float, default=3e-3)
-    parser.add_argument("--unet-steps", type=int, default=1500)
+    parser.add_argument("--vae-from", type=Path, help="a folder this script wrote: take its VAE, train none")
+    parser.add_argument("--unet-steps", type=int, default=3500)
     parser.add_argument("--unet-batch", type=int, default=64)
+    parser.add_argument("--unet-lr", type=float, default=1e-3, help="peak of the cosine schedule")
+    parser.add_argument("--ema-decay", type=float, default=0.999)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the weights depend on it)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.vae_from is not None and not (args.vae_from / VAE_WEIGHTS).is_file():
+        parser.error(
+            f"--vae-from {args.vae_from}: no {VAE_WEIGHTS.as_posix()} there. Give a folder this script wrote "
+            "(models/tiny-pretrained, or an --out of an earlier run), or leave --vae-from out to train the VAE."
+        )
+    return args
+
+
+def vae_phase(vae, images: np.ndarray, args, generator) -> dict:
+    """Train the VAE, or load the one of --vae-from; returns the manifest's figures of it."""
+    if args.vae_from is not None:
+        from safetensors.torch import load_file
+
+        # The file's tensors, not from_pretrained: it builds a model, which draws from the global generator.
+        vae.load_state_dict(load_file(args.vae_from / VAE_WEIGHTS))
+        vae.eval()
+        return {"from": str(args.vae_from)}
+    loss = train_vae(vae, images, args.vae_steps, args.vae_batch, args.vae_lr, generator)
+    vae.eval()
+    return {"steps": args.vae_steps, "batch": args.vae_batch, "lr": args.vae_lr, "final_loss": round(loss, 5)}
+
+
+def sampling_pipeline(model):
+    """The pipeline that prompt_accuracy takes: the model's components with EVAL_SCHEDULER, no progress bar."""
+    from trainer.sampling import build_scheduler
+
+    pipeline = model.pipeline(build_scheduler(EVAL_SCHEDULER, model.noise_scheduler.config))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def main(argv=None) -> int:
     import torch
 
     from trainer.model import SDModel, load_pretrained
-    from trainer.sampling import build_scheduler
     from trainer.tiny_model import save_sd_folder
     from utils.checkpoint import atomic_path
 
@@ -487,8 +539,7 @@ def main(argv=None) -> int:
     with atomic_path(args.out) as folder:
         vae, unet, text_encoder, tokenizer, scheduler = build_components(folder / "tokenizer")
         phase = time.monotonic()
-        vae_loss = train_vae(vae, images, args.vae_steps, args.vae_batch, args.vae_lr, generator)
-        vae.eval()
+        vae_figures = vae_phase(vae, images, args, generator)
         timings["vae_s"] = round(time.monotonic() - phase)
         vae_measure = measure_accuracy(reconstructions(vae, held_out_images), held_out_scenes)
         print(f"the measure reads {vae_measure:.0%} of held-out VAE reconstructions right")
@@ -500,18 +551,20 @@ def main(argv=None) -> int:
 
         model = SDModel(unet, vae, text_encoder, tokenizer, scheduler, source=str(args.out))
         phase = time.monotonic()
-        denoiser_loss = train_denoiser(
-            model, latent_parameters, scenes, args.unet_steps, args.unet_batch, generator, args.seed
+        denoiser_loss, ema = train_denoiser(
+            model, latent_parameters, scenes, args.unet_steps, args.unet_batch, args.unet_lr, args.ema_decay, args.seed
         )
         timings["unet_text_encoder_s"] = round(time.monotonic() - phase)
+        # The last step's weights, measured for the manifest only: the EMA is what is saved.
+        accuracy_without_ema, _ = prompt_accuracy(sampling_pipeline(model))
+        ema.copy_to(denoiser_parameters(model))
 
         save_sd_folder(folder, unet, vae, text_encoder, tokenizer, scheduler)
 
         # Measured on the saved folder, loaded as a run loads it.
-        saved = load_pretrained(str(folder), str(args.out))
-        sampler = saved.pipeline(build_scheduler(EVAL_SCHEDULER, saved.noise_scheduler.config))
-        sampler.set_progress_bar_config(disable=True)
+        sampler = sampling_pipeline(load_pretrained(str(folder), str(args.out)))
         accuracy, records = prompt_accuracy(sampler)
+        by_guidance = {str(guidance): prompt_accuracy(sampler, guidance=guidance)[0] for guidance in GUIDANCE_SWEEP}
         timings["total_s"] = round(time.monotonic() - started)
         figures = {
             "script": "scripts/pretrain_tiny.py",
@@ -521,21 +574,21 @@ def main(argv=None) -> int:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "images": args.images,
-            "vae": {
-                "steps": args.vae_steps,
-                "batch": args.vae_batch,
-                "lr": args.vae_lr,
-                "final_loss": round(vae_loss, 5),
-            },
+            "vae": vae_figures,
             "latent_std": round(latent_std, 5),
             "unet_text_encoder": {
                 "steps": args.unet_steps,
                 "batch": args.unet_batch,
+                "lr": args.unet_lr,
+                "ema_decay": args.ema_decay,
                 "final_loss": round(denoiser_loss, 5),
             },
             "measure_on_training_images": measure_accuracy(held_out_images, held_out_scenes),
             "measure_on_vae_reconstructions": vae_measure,
+            "prompt_guidance": EVAL_GUIDANCE,
             "prompt_accuracy": accuracy,
+            "prompt_accuracy_without_ema": accuracy_without_ema,
+            "prompt_accuracy_by_guidance": by_guidance,
             "prompt_samples": records,
             "seconds": timings,
         }

@@ -234,7 +234,7 @@ def test_probe_uses_a_seeded_training_subset_when_validation_is_off(model_cache,
     trainer = Trainer(config, tmp_path / "run")
     first = lr_finder.training_subset_probe(trainer)
     second = lr_finder.training_subset_probe(trainer)
-    assert first.num_images == 3 and trainer.validator is None
+    assert first.num_images == 3 and "val" not in trainer.validation_sets
     assert first(trainer.unwrapped_model()) == second(trainer.unwrapped_model())
 
 

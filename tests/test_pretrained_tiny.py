@@ -14,6 +14,7 @@ from scripts.pretrain_tiny import (
     MANIFEST,
     make_dataset,
     measure_accuracy,
+    parse_args,
     prompt_accuracy,
     random_scene,
 )
@@ -59,6 +60,22 @@ def test_the_manifest_names_every_file_with_its_sha256():
     weights = [TINY_PRETRAINED_PATH / name for name in manifest["sha256"] if name.endswith(".safetensors")]
     assert len(weights) == 3  # unet, vae, text_encoder
     assert sum(path.stat().st_size for path in weights) < MAX_WEIGHT_BYTES
+
+
+def test_vae_from_a_folder_without_a_vae_is_refused_plainly(tmp_path, capsys):
+    """--vae-from names a folder with no VAE weights: one clear line naming the option and the folder, exit 2
+    (argparse's usage error), no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--vae-from", str(tmp_path)])
+
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert f"--vae-from {tmp_path}: no vae/diffusion_pytorch_model.safetensors there" in error
+    assert "Traceback" not in error
+
+
+def test_vae_from_the_committed_model_is_accepted():
+    assert parse_args(["--vae-from", str(TINY_PRETRAINED_PATH)]).vae_from == TINY_PRETRAINED_PATH
 
 
 def test_the_name_is_no_path():

@@ -160,6 +160,6 @@ def test_an_empty_extra_validation_set_is_not_measured(model_cache, tmp_path, ca
     empty.mkdir()
     validation = {**FAST["validation_config"], "extra_manual_datasets": {"faces": str(empty)}}
     run = Trainer(tiny_config(model_cache, DEMO_DATA, tmp_path / "logs", max_steps=8, validation_config=validation))
-    assert "faces" not in run.extra_validators
+    assert "faces" not in run.validation_sets
     assert "faces" in capsys.readouterr().out  # the warning names it
     run.close()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from diffusers.training_utils import EMAModel
 
-from trainer.model import SDModel, load_model
+from trainer.model import load_model
 from utils.config import TrainConfig
 from utils.state import TrainingState
 
@@ -44,7 +44,7 @@ def ema_device(config: TrainConfig, training_device: torch.device) -> torch.devi
 
 
 class TrainedAverage:
-    """The moving average of each trained part's weights (by part name, e.g. "unet", "text_encoder")."""
+    """The moving average of each trained part's weights (by part name: "unet", "text_encoder", "text_encoder_2")."""
 
     def __init__(self, trained: dict[str, torch.nn.Module], decay: float, interval: int, device: torch.device):
         self.decay, self.interval, self.device = decay, interval, device
@@ -132,7 +132,8 @@ def build_average(
     average = TrainedAverage(trained, decay, config.ema_update_interval, where)
     origin = "the base model"
     if config.ema_resume_model:
-        average.start_from(_parts_of(load_model(config.model_copy(update={"resume_ckpt": config.ema_resume_model}))))
+        start = load_model(config.model_copy(update={"resume_ckpt": config.ema_resume_model}))
+        average.start_from(start.trainable_parts())
         origin = config.ema_resume_model
     target = f", from ema_strength_target {config.ema_strength_target}" if config.ema_strength_target else ""
     say(
@@ -147,10 +148,6 @@ def build_average(
     if config.ema_device == "cuda" and where.type != "cuda":
         say(f"note: ema_device 'cuda', but training runs on {device}: the EMA is kept there")
     return average
-
-
-def _parts_of(model: SDModel) -> dict[str, torch.nn.Module]:
-    return {"unet": model.unet, "text_encoder": model.text_encoder}
 
 
 def restore_average(

@@ -1,50 +1,35 @@
-"""The end of a run: the copy of the final checkpoint, the plots and run_summary.json, and the run that stopped
-before its first step. The Trainer's `finish` calls these in order; only the main process writes."""
+"""The end of a run: the copy of the final checkpoint, and the run that stopped before its first step (the plots
+and run_summary.json are `RunSaver.write_summary`'s). Only the main process writes."""
 
 from __future__ import annotations
 
+import gc
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from data.plan import RunPlan
-from optimizer.lr import Schedules
-from trainer.progress import Progress
-from trainer.saving import write_json, write_plots
 from trainer.stops import Stop
 from utils.checkpoint import copy_atomic
 
 
-def copy_final_checkpoint(final: dict, save_ckpt_dir: str | None) -> Stop | None:
-    """save_ckpt_dir: a copy of the final single file (recorded in `final`). A failed copy stops nothing already
-    done: the run's own checkpoint stays, and the returned stop's exit code says the copy failed."""
-    if not (save_ckpt_dir and "single_file" in final):
+def copy_final_checkpoint(final: dict, save_ckpt_dir: str | None, best: dict | None = None) -> Stop | None:
+    """save_ckpt_dir: a copy of the final single file, or of `best` (stop_when_val_rises: the checkpoint of the
+    lowest validation loss) when given; recorded in `final`. A failed copy stops nothing already done: the run's
+    own checkpoint stays, and the returned stop's exit code says the copy failed."""
+    kept = best if best and "single_file" in best else final
+    if not (save_ckpt_dir and "single_file" in kept):
         return None
-    target = Path(save_ckpt_dir) / Path(final["single_file"]).name
+    target = Path(save_ckpt_dir) / Path(kept["single_file"]).name
     try:
-        copy_atomic(Path(final["single_file"]), target)
+        copy_atomic(Path(kept["single_file"]), target)
     except OSError as error:
         return Stop.failed(
             "copy failed",
             f"the run is complete, but copying its final checkpoint to save_ckpt_dir failed ({error}); the "
-            f"checkpoint is intact at {final['single_file']}. Copy it yourself once there is space.",
+            f"checkpoint is intact at {kept['single_file']}. Copy it yourself once there is space.",
         )
     final["single_file_copy"] = str(target)
     return None
-
-
-def write_outputs(
-    run_dir: Path, summary: dict, schedules: Schedules, progress: Progress, plan: RunPlan, say: Callable[[str], None]
-) -> None:
-    """Plots and run_summary.json, last; a full disk here is said, not raised: every save is already done."""
-    try:
-        write_plots(run_dir, schedules, progress, plan)
-        write_json(run_dir / "run_summary.json", summary)
-    except OSError as error:
-        say(
-            f"error: writing the plots or run_summary.json in {run_dir} failed ({error}); the checkpoints and "
-            f"states are intact, and metrics.csv holds the measurements"
-        )
 
 
 def end_before_training(
@@ -65,3 +50,17 @@ def end_before_training(
             f"was removed"
         )
     return {"run_dir": str(run_dir), "steps": steps, "stopped": stop.reason, "exit_code": stop.exit_code}
+
+
+def close_run(logger, run_lock, accelerator) -> None:
+    """Logs closed, the run folder's lock released, then the process group ended. The caller drops its references
+    to the DDP wrappers first, so that they are freed here while the group is still registered: freed after it, a
+    wrapper takes the group's last reference down with it while holding the GIL, and gloo's destructor can then wait
+    forever on a worker thread that needs the GIL (seen as a hang at exit)."""
+    logger.close()
+    if run_lock:
+        run_lock.release()
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # accelerate's own references to the prepared models and optimizer
+    gc.collect()
+    accelerator.end_training()

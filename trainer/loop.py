@@ -10,7 +10,6 @@ the seams the LR finder, the benchmarks and the tests use."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import math
 import time
 from collections.abc import Iterator
@@ -20,25 +19,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from data.images import SkippedImage
-from optimizer.lr import FunctionLR, current_lrs
+from optimizer.lr import current_lrs, scheduler_following
 from trainer.cache import build_caches
-from trainer.ema import build_average, restore_average, sampled_weights
+from trainer.ema import build_average, sampled_weights
 from trainer.feed import EpochFeed
-from trainer.finish import copy_final_checkpoint, end_before_training, write_outputs
+from trainer.finish import close_run, copy_final_checkpoint, end_before_training
 from trainer.model import SDModel
 from trainer.plugin_hooks import RunPlugins, ed_state_of, load_run_plugins
 from trainer.progress import Progress, show_step
-from trainer.resume import (
-    checkpoint_missing,
-    find_state_to_resume,
-    restore_process_rng,
-    restore_training,
-    resume_notes,
-    resumed_lines,
-)
-from trainer.sampling import SamplePrompts, sample_round, samples_due
-from trainer.saving import RunSaver, SaveOutcome, TrainingParts, run_summary, weights_across_processes
+from trainer.resume import restore_run, resume_notes
+from trainer.sampling import RunSamples, sample_prompts_of
+from trainer.saving import RunSaver, SaveOutcome, TrainingParts, epoch_save_due, minimum_lines
 from trainer.setup import (
     build_model_and_optimizer,
     build_validators,
@@ -46,9 +37,9 @@ from trainer.setup import (
     claim_run_dir,
     make_accelerator,
     prepare_and_plan,
-    resolve_seed,
     run_fingerprint,
     save_sizes,
+    seed_and_resume_state,
     trained_part_names,
     unwrapped,
     write_run_start,
@@ -57,16 +48,28 @@ from trainer.setup import (
 from trainer.step import (
     StepAgreement,
     agree_after_step,
+    agree_on_live_settings,
     agree_on_stop,
-    agreed,
     fewest_everywhere,
     optimizer_step,
     timed_saves_due,
 )
-from trainer.stops import SetUpStopped, Stop, StopRequest, diverged, how_it_stopped, save_failed, stop_signals_handled
-from utils.config import TrainConfig, settings_changes
+from trainer.stops import (
+    SetUpStopped,
+    Stop,
+    StopRequest,
+    diverged,
+    how_it_stopped,
+    outranking,
+    save_failed,
+    stop_signals_handled,
+    validation_rose,
+)
+from trainer.validation import score_sets, validation_due
+from utils.checkpoint import best_checkpoints
+from utils.config import TrainConfig
 from utils.plugins import PluginError
-from utils.state import TrainingState, read_state, seed_everything
+from utils.state import TrainingState, read_state
 
 
 class Trainer:
@@ -91,23 +94,14 @@ class Trainer:
         self.accelerator = accelerator = make_accelerator(config)
         self.is_main = accelerator.is_main_process
         self.progress = Progress()
-        self.seed = agreed(resolve_seed(config.seed))
-        self.resume_state, self.saved = find_state_to_resume(config, self.is_main, self.say)
-        if self.saved and config.seed == -1:
-            self.seed = self.saved["seed"]  # the one the continued run picked at random
-        # Each process draws its own noise and timesteps; the data order comes from the seed alone.
-        seed_everything(self.seed + accelerator.process_index)
+        self.seed, self.resume_state, self.saved = seed_and_resume_state(config, accelerator, self.say)
         if self.is_main:
             check_output_folders(config)
         plugins = load_run_plugins(config, self.say)
         self._stop_if_asked()
 
         self.data, self.plan, self.schedules, num_workers = prepare_and_plan(config, accelerator, self.seed, self.say)
-        self.sample_prompts = (
-            SamplePrompts(config.sample_prompts, self.data.train + self.data.val, config, self.say)
-            if config.sample_prompts
-            else None
-        )
+        prompts = sample_prompts_of(config, self.data.train + self.data.val, self.say)
         self._stop_if_asked()
 
         self.model, self.optimizer, self.lr_scheduler, self.trained_modules = build_model_and_optimizer(
@@ -121,7 +115,7 @@ class Trainer:
             lrs, total = self.schedules.lrs_at(self.saved["step"]), self.plan.total_steps
             for note in resume_notes(self.resume_state, self.saved, fingerprint, total, config, lrs):
                 self.say(note)
-        self.validator, self.extra_validators = build_validators(model, config, self.data)
+        self.validation_sets = build_validators(model, config, self.data, ema=bool(self.ema))
         # After the validators: they still encode with the VAE the latent cache may move off the device.
         self.caches = build_caches(
             config, self.data.train, self.data.batches.item_buckets, model, accelerator, self.say, num_workers
@@ -132,27 +126,17 @@ class Trainer:
         # The run can start: its folder is created (or, resumed, taken over) and locked, and written from here on.
         self.run_dir, self.run_lock = claim_run_dir(config, self.resume_state, run_dir, run_name, accelerator)
         self.saver = RunSaver(
-            config, self.run_dir, self.plan, self.seed, fingerprint, self.schedules, accelerator, self.say
+            config, self.run_dir, self.plan, self.seed, fingerprint, self.schedules, self.data, accelerator, self.say
         )
-        self.plugins = RunPlugins(
-            plugins,
-            config,
-            self.run_dir,
-            lambda: ed_state_of(self.unwrapped_model(), self.optimizer),
-            self.stop_request,
-        )
+        ed_state = partial(ed_state_of, model, self.optimizer)  # what ED2's hooks are given
+        self.plugins = RunPlugins(plugins, config, self.run_dir, ed_state, self.stop_request)
         self.plugins.model_load()
-        self.logger = write_run_start(
-            self.run_dir,
-            self.run_lock,
-            config,
-            self.seed,
-            self.data,
-            save_sizes(model, self.trained_models(), config, self.plan.epochs),
-            self.saved["step"] if self.saved else None,
-            accelerator.is_main_process,
-            self.say,
+        drawn = {name: partial(self.weights_of, ema=name == "ema") for name in sampled_weights(config, self.ema)}
+        self.samples = prompts and RunSamples(
+            prompts, self.run_dir, config.resolution, accelerator.device, self.seed, drawn
         )
+        sizes = save_sizes(model, self.trained_models(), config, self.plan.epochs)
+        self.logger = write_run_start(self.saver, self.run_lock, sizes, self.saved["step"] if self.saved else None)
         self.started = time.monotonic()
         self.first_step = self.saved["step"] if self.saved else 0  # where this process's share of the run starts
 
@@ -170,7 +154,7 @@ class Trainer:
                 self.restore(read_state(self.resume_state, verify=False))  # verified when it was found
             else:
                 self.validate()  # the baseline before any training
-                if self.sample_prompts and self.sample_prompts.settings.pretrain:  # ED2's generate_pretrain_samples
+                if self.samples and self.samples.prompts.settings.pretrain:  # ED2's generate_pretrain_samples
                     self.sample()
             self.plugins.training_start()
             self.check_for_stop()
@@ -192,7 +176,8 @@ class Trainer:
             for epoch in range(first_epoch, plan.epochs):
                 first_step = progress.global_step - plan.first_step_of(epoch)  # > 0 where a resumed run starts
                 if self.config.load_settings_every_epoch and epoch > first_epoch:
-                    self.reload_settings()
+                    for line in agree_on_live_settings(self.config, self.is_main):
+                        self.say(f"note: {line}")
                 self.plugins.epoch_start(epoch, progress.global_step, plan.batches_in_epoch(epoch))
                 loader = next(loaders)
                 for step_in_epoch in range(first_step, plan.steps_in_epoch(epoch)):
@@ -202,7 +187,7 @@ class Trainer:
                 if self.stop:
                     break
                 self.plugins.epoch_end(epoch, progress.global_step)
-                if self.epoch_save_due(epoch):
+                if epoch_save_due(self.config, epoch, progress.global_step, plan):
                     self.save()
                     self.check_for_stop()
         finally:
@@ -238,25 +223,17 @@ class Trainer:
         if progress.nonfinite_in_a_row >= config.max_nan_steps:
             self.stop = self.stop or diverged(config, progress)  # every process counts the same agreed losses
         images = sum(len(batch["captions"]) for batch in micro_batches) * accelerator.num_processes
-        show_step(
-            self.logger,
-            bar,
-            progress,
-            self.plan,
-            config.log_step,
-            loss_train=agreement.loss,
-            lr_unet=lrs.get("unet"),
-            lr_text_encoder=lrs.get("text_encoder"),
-            images_per_second=images / (time.monotonic() - started),
-        )
+        seconds = time.monotonic() - started
+        show_step(self.logger, bar, progress, self.plan, config.log_step, agreement.loss, lrs, images / seconds)
 
         # Then each unit of work that is due, checking for a stop after each one: a stopping run has little time
         # left, and its one save comes from finish(). Validation still runs at the stop's step: the resumed run
         # starts after it, and its metrics must be the uninterrupted run's.
-        if self.validation_due(step):
+        if self.validation_sets and validation_due(step, self.plan, config.validation.every_n_epochs):
             self.validate()
+            self.watch_validation_curve()
             self.check_for_stop()
-        if self.sample_prompts and samples_due(step, self.plan, config, self.sample_prompts.settings) and not self.stop:
+        if self.samples and self.samples.due(step, self.plan, config) and not self.stop:
             self.sample()
             self.check_for_stop()
         if agreement.checkpoint_due and not self.stop:
@@ -267,26 +244,17 @@ class Trainer:
             self.check_for_stop()
         return agreement
 
-    def validation_due(self, step: int) -> bool:
-        if not (self.validator or self.extra_validators):
-            return False
-        every = max(1, round(self.config.validation.every_n_epochs * self.plan.steps_per_epoch))
-        return step % every == 0 or step == self.plan.total_steps
-
-    def epoch_save_due(self, epoch: int) -> bool:
-        """save_every_n_epochs after `epoch` (0-based) ends; the final save comes from finish()."""
-        every, finished = self.config.save_every_n_epochs, epoch + 1
-        due = every and finished % every == 0 and finished >= self.config.save_ckpts_from_n_epochs
-        return bool(due) and self.progress.global_step < self.plan.total_steps
-
-    def reload_settings(self) -> None:
-        """load_settings_every_epoch: the main process reads the config file again; the keys the loop reads as it
-        goes take the new values on every process (LIVE_KEYS), the others wait for a resume."""
-        live, lines = agreed(settings_changes(self.config) if self.is_main else ({}, []))
-        for key, value in live.items():
-            setattr(self.config, key, value)  # the one config object every part of the run reads
-        for line in lines:
-            self.say(f"note: {line}")
+    def watch_validation_curve(self) -> None:
+        """stop_when_val_rises: a new lowest validation loss is saved as the `-best` checkpoint; that many
+        validations in a row above it end the run as complete. Every process has the same losses: they agree."""
+        patience = self.config.stop_when_val_rises
+        if not patience or self.stop or not self.progress.val_losses:
+            return
+        since = self.progress.validations_since_minimum()
+        if since == 0:
+            self._stop_if_failed(self.saver.save_best(self.training_parts(), self.progress))
+        elif since >= patience:
+            self.stop = validation_rose(self.config, self.progress)
 
     def check_for_stop(self) -> None:
         """A stop asked while a unit of work ran (validation, samples, a save) takes effect now, not after one more
@@ -309,87 +277,53 @@ class Trainer:
         except PluginError as error:
             self.plugins.failed(error)
             return []
-        if failed:
-            self._report_failed_images(failed)
-        return batches
-
-    def _report_failed_images(self, failed: list[SkippedImage]) -> None:
         step = self.progress.global_step + 1
         for entry in failed:
             self.say(f"step {step}: could not load {entry.path}: {entry.reason}; left out of the step")
             self.progress.failed_images.append((step, str(entry.path), entry.reason))
-        if self.is_main:
+        if failed and self.is_main:
             write_skipped_images(self.data, self.progress.failed_images, self.run_dir)
+        return batches
 
     def update(self, micro_batches: list[dict], skip_nonfinite: bool = False) -> float:
         """One optimizer step on the given micro-batches and one LR-schedule step; the mean loss (NaN with no
         micro-batch: a skipped update still counts as a step, so the LR and the data order stay aligned).
         `skip_nonfinite`: a NaN/inf loss skips the update (the run's steps do; a sweep wants to see it)."""
-        loss = (
-            optimizer_step(
-                self.model,
-                micro_batches,
-                self.optimizer,
-                self.accelerator,
-                self.config,
-                self.trained_modules,
-                skip_nonfinite=skip_nonfinite,
-            )
-            if micro_batches
-            else math.nan
-        )
+        parts = (self.model, micro_batches, self.optimizer, self.accelerator, self.config, self.trained_modules)
+        loss = optimizer_step(*parts, skip_nonfinite=skip_nonfinite) if micro_batches else math.nan
         self.lr_scheduler.step()
         return loss
 
     def use_lr_functions(self, functions: dict[str, callable]) -> None:
         """Train on other LR functions (one per parameter group, by name) from now on, with beta1 held at the
         configured value where the run's schedule would have cycled it."""
-        if self.config.lr_cycle_momentum:
-            for group in self.optimizer.param_groups:
-                group["betas"] = tuple(self.config.betas)
-        self.lr_scheduler = FunctionLR(
-            self.optimizer, [functions[group["name"]] for group in self.optimizer.param_groups]
-        )
+        betas = self.config.betas if self.config.lr_cycle_momentum else None
+        self.lr_scheduler = scheduler_following(self.optimizer, functions, betas)
 
     # --- measurements -------------------------------------------------------------------------------
     def validate(self) -> float | None:
         """The extra validation sets, the EMA's loss when asked, then the held-out validation loss (logged,
         returned)."""
-        step, extra = self.progress.global_step, dict(self.extra_validators)
-        if self.ema and self.config.ema_validate and self.validator:
-            extra["val_ema"] = self.validator
+        step = self.progress.global_step
         with self.caches.parts_on_device("text_encoder"):  # back from the CPU if the text cache moved it there
-            for name, validator in extra.items():
-                with self.accelerator.autocast(), self.weights_of(ema=name == "val_ema"):
-                    extra_loss = validator(self.unwrapped_model(), self.accelerator)
-                self.logger.scalar(f"loss/{name}", extra_loss, step)
-                self.say(f"step {step}: {name} loss {extra_loss:.5f}")
-            if not self.validator:
-                return None
-            with self.accelerator.autocast():
-                loss = self.validator(self.unwrapped_model(), self.accelerator)
-        self.progress.val_losses.append((step, loss))
-        self.logger.log(step, self.plan.epochs_at(step), loss_val=loss)
-        self.say(f"step {step}: validation loss {loss:.5f}")
-        return loss
+            losses = score_sets(self.unwrapped_model(), self.validation_sets, self.accelerator, self.weights_of)
+        for name, loss in losses.items():
+            self.say(f"step {step}: {'validation' if name == 'val' else name} loss {loss:.5f}")
+            if name != "val":
+                self.logger.scalar(f"loss/{name}", loss, step)
+        if "val" not in losses:
+            return None
+        self.progress.val_losses.append((step, losses["val"]))
+        self.logger.log(step, self.plan.epochs_at(step), loss_val=losses["val"])
+        return losses["val"]
 
     def sample(self) -> None:
         if not self.is_main:
             return
         step = self.progress.global_step
-        weights = {name: partial(self.weights_of, ema=name == "ema") for name in sampled_weights(self.config, self.ema)}
         try:
             with self.caches.parts_on_device("vae", "text_encoder"):  # back from the CPU if a cache moved them
-                grids = sample_round(
-                    self.unwrapped_model(),
-                    self.sample_prompts.reread(),
-                    self.run_dir,
-                    step,
-                    self.config.resolution,
-                    self.accelerator.device,
-                    self.seed,
-                    weights,
-                )
+                grids = self.samples.round(self.unwrapped_model(), step)
         except OSError as error:  # a full disk: the run stops as after a failed save (at its end: said only)
             self.say(f"error: writing the samples of step {step} failed: {error}")
             self.stop_request(save_failed("samples", error, self.progress))
@@ -409,77 +343,55 @@ class Trainer:
         return self._stop_if_failed(self.saver.save_state(self.training_parts(), self.progress)).saved
 
     def _stop_if_failed(self, outcome: SaveOutcome) -> SaveOutcome:
-        self.stop = self.stop or outcome.stop
+        self.stop = outranking(self.stop, outcome.stop)
         return outcome
 
     def restore(self, state: TrainingState) -> None:
-        """Continue exactly where the state left off: weights, optimizer, LR position, grad scaler, progress and,
-        last, the random generators (nothing may draw from them between here and the next step)."""
-        self.progress = restore_training(state, self.training_parts(), self.resume_state, self.run_dir)
-        ema_note = restore_average(self.ema, state, self.trained_models())
-        if ema_note:
-            self.say(f"note: {ema_note}")
-        if self.is_main:
-            write_skipped_images(self.data, self.progress.failed_images, self.run_dir)
-        global_batch = self.config.batch_size * self.config.grad_accum
-        for line in resumed_lines(state, self.resume_state, self.plan, self.accelerator.num_processes, global_batch):
-            self.say(line)
-        if checkpoint_missing(self.resume_state, state.info, single_file=not self.config.no_save_ckpt):
-            self.say(f"the interrupted run was killed while writing the checkpoint of step {state.step}: writing it")
-            self.stop = self.stop or self.saver.rewrite_checkpoint(self.training_parts(), self.progress)
-        for warning in restore_process_rng(state, self.accelerator.process_index, self.seed):
-            self.say(f"warning: {warning}")
+        """Continue exactly where the state left off (trainer/resume.py `restore_run`)."""
+        self.progress, stop = restore_run(state, self.training_parts(), self.saver, self.resume_state)
+        self.stop = self.stop or stop
 
     # --- the end ------------------------------------------------------------------------------------
     def finish(self) -> dict:
-        """The end of the run, complete or stopped: final saves, samples, plots, summary. A stopped run says
-        how to resume it; its summary carries the exit code."""
+        """The end of the run, complete, ended early or stopped: final saves, samples, plots, summary. A stopped run
+        says how to resume it; its summary carries the exit code."""
         progress = self.progress
-        if self.stop and self.stop.save and progress.global_step >= self.plan.total_steps:
+        if self.stop and self.stop.save and progress.global_step >= self.plan.total_steps and not self.stop.complete:
             self.stop = None  # the signal came during the last step: nothing is left to resume
         if self.stop and self.stop.save and progress.global_step == self.first_step:
             self.close()
             return end_before_training(
                 self.run_dir, self.resume_state, self.stop, progress.global_step, self.is_main, self.say
             )
-        if self.stop is None:
+        if self.ends_complete:
             self.plugins.training_end()
         final = self.save() if self.stop is None or self.stop.save else {}
-        if self.stop is None:  # complete, and its final save worked
+        if self.ends_complete:  # and its final save worked
             if self.is_main:
-                self.stop = copy_final_checkpoint(final, self.config.save_ckpt_dir)
-            if self.sample_prompts and self.stop is None:
+                best = best_checkpoints(self.run_dir / "ckpts")[-1:] if self.config.stop_when_val_rises else []
+                self.stop = outranking(self.stop, copy_final_checkpoint(final, self.config.save_ckpt_dir, *best))
+            if self.samples and self.ends_complete:
                 self.sample()
         seconds = time.monotonic() - self.started
-        summary = run_summary(
-            self.run_dir, final, progress, self.plan, self.data, self.seed, seconds, self.resume_state, self.stop
+        summary = self.saver.write_summary(
+            final, progress, seconds, self.resume_state, self.stop, self.trained_models()
         )
-        summary["processes"] = weights_across_processes(self.trained_models(), self.accelerator.num_processes)
-        if not summary["processes"].get("weights_identical", True):
-            self.say(
-                f"warning: the processes ended with different weights ({summary['processes']}); the saved "
-                f"checkpoint holds the main process's"
-            )
-        if self.is_main:
-            write_outputs(self.run_dir, summary, self.schedules, progress, self.plan, self.say)
         self.close()
+        for line in minimum_lines(summary["validation_minimum"]):
+            self.say(line)
         if self.stop:
             self.say(how_it_stopped(self.stop, progress, self.plan.total_steps))
         return summary
 
+    @property
+    def ends_complete(self) -> bool:
+        """No stop, or an early stop: the run ends with its final save, copy and samples."""
+        return self.stop is None or self.stop.complete
+
     def close(self) -> None:
-        """Logs closed, then the process group. The DDP wrappers go first, while the group is still registered:
-        freed after it, a wrapper takes the group's last reference down with it while holding the GIL, and gloo's
-        destructor can then wait forever on a worker thread that needs the GIL (seen as a hang at exit)."""
-        self.logger.close()
-        if self.run_lock:
-            self.run_lock.release()
-        self.accelerator.wait_for_everyone()
-        self.model = self.unwrapped_model()
-        self.trained_modules = []
-        self.accelerator.free_memory()  # accelerate's own references to the prepared models and optimizer
-        gc.collect()
-        self.accelerator.end_training()
+        """Logs, the run folder's lock, then the process group (trainer/finish.py `close_run`)."""
+        self.model, self.trained_modules = self.unwrapped_model(), []  # the DDP wrappers go before the group
+        close_run(self.logger, self.run_lock, self.accelerator)
 
     # --- views ------------------------------------------------------------------------------------------
     def say(self, message: str) -> None:

@@ -59,13 +59,22 @@ import numpy as np  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from optimizer.lr import text_encoder_scale  # noqa: E402
 from trainer.loop import Trainer  # noqa: E402
 from trainer.saving import write_json  # noqa: E402
 from trainer.setup import stabilized_loss  # noqa: E402
 from trainer.step import finite_everywhere  # noqa: E402
 from trainer.validation import StabilizedLoss  # noqa: E402
 from utils.checkpoint import atomic_path  # noqa: E402
-from utils.config import PATH_KEYS, ConfigError, TrainConfig, holds_path, load_config, read_json_file  # noqa: E402
+from utils.config import (  # noqa: E402
+    PATH_KEYS,
+    ConfigError,
+    TrainConfig,
+    holds_path,
+    load_config,
+    read_json_file,
+    text_encoder_setting,
+)
 from utils.launch import launcher_prefix  # noqa: E402
 
 DEFAULT_STEPS = 200  # with the default 4-decade exponential ramp: 50 steps per decade
@@ -156,19 +165,18 @@ def describe_sweep(config: TrainConfig, sweep: Sweep) -> str:
     )
 
 
-def text_encoder_ratio(config: TrainConfig) -> float:
-    """The text encoder's LR relative to the UNet's, as in training: text_encoder_lr / lr, or the scale."""
-    if config.text_encoder_lr is not None:
-        return config.text_encoder_lr / config.lr
-    return config.text_encoder_lr_scale
+def text_encoder_ratio(config: TrainConfig, part: str = "text_encoder") -> float:
+    """A text encoder's LR relative to the UNet's, as in training: its explicit LR / lr, or its scale (`part`:
+    "text_encoder" or SDXL's "text_encoder_2"; optimizer/lr.py text_encoder_peak)."""
+    explicit = text_encoder_setting(config, part, "lr")
+    return explicit / config.lr if explicit is not None else text_encoder_scale(config, part)
 
 
 def ramp_functions(config: TrainConfig, sweep: Sweep, groups) -> dict[str, Callable[[int], float]]:
-    """The sweep's LR per parameter group, for Trainer.use_lr_functions: the text encoder follows the ramp at its
+    """The sweep's LR per parameter group, for Trainer.use_lr_functions: each text encoder follows the ramp at its
     usual ratio to the UNet."""
     ramp = ramp_lr(sweep.start, sweep.end, sweep.steps, sweep.ramp)
-    ratios = {"text_encoder": text_encoder_ratio(config)}
-    return {group: _scaled(ramp, ratios.get(group, 1.0)) for group in groups}
+    return {group: _scaled(ramp, 1.0 if group == "unet" else text_encoder_ratio(config, group)) for group in groups}
 
 
 def _scaled(function: Callable[[int], float], ratio: float) -> Callable[[int], float]:
@@ -435,8 +443,9 @@ def find_lr(config: TrainConfig) -> FinderResult:
     run_dir = trainer.run_dir
     sweep = sweep_settings(config, trainer.plan.steps_per_epoch)
     trainer.use_lr_functions(ramp_functions(config, sweep, trainer.schedules.lr))
-    probe = trainer.validator or training_subset_probe(trainer)
-    source = "held-out validation" if trainer.validator else "training (validation is off)"
+    held_out = trainer.validation_sets.get("val")
+    probe = held_out or training_subset_probe(trainer)
+    source = "held-out validation" if held_out else "training (validation is off)"
     probe_source = f"{probe.num_images} {source} images x {len(probe.timesteps)} fixed timesteps"
     trainer.say(describe_sweep(config, sweep))
     trainer.say(f"probe: {probe_source}")
@@ -606,11 +615,11 @@ def suggested_config(raw: dict, config: TrainConfig, fragment: dict) -> tuple[di
     if written.get("lr_cycle_decay") == "stages":
         written.pop("lr_cycle_decay")
     dropped = [key for key in KEYS_A_PLAIN_CYCLE_DROPS if written.pop(key, None) is not None]
-    ratio = text_encoder_ratio(config)  # keep explicit text encoder LRs at the ratio the sweep ramped them
-    if raw.get("text_encoder_lr") is not None:
-        written["text_encoder_lr"] = _round(fragment["lr"] * ratio)
-    if raw.get("text_encoder_lr_min") is not None:
-        written["text_encoder_lr_min"] = _round(fragment["lr_min"] * ratio)
+    for part in ("text_encoder", "text_encoder_2"):  # explicit text encoder LRs keep the ratio the sweep ramped
+        ratio = text_encoder_ratio(config, part)
+        for setting in ("lr", "lr_min"):
+            if raw.get(f"{part}_{setting}") is not None:
+                written[f"{part}_{setting}"] = _round(fragment[setting] * ratio)
     return written, dropped
 
 

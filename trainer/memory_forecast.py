@@ -56,7 +56,7 @@ from data.buckets import bucket_sizes
 from trainer.model import SINGLE_FILE_SUFFIXES, freeze_text_encoder_front, resolve_model_source, trained_weight_dtype
 from trainer.random_model import RANDOM_MODELS, is_random_model
 from trainer.single_file import BUNDLED, architecture_of, bundled_config_name
-from utils.config import RANDOM_MODEL_PREFIX, ConfigError, TrainConfig
+from utils.config import RANDOM_MODEL_PREFIX, ConfigError, TrainConfig, text_encoder_setting
 from utils.convert import ConversionError, inspect_checkpoint
 from utils.disk import GIGABYTE
 
@@ -123,8 +123,8 @@ class Recipe:
     optimizer_args: dict
     betas: tuple[float, float]
     train_unet: bool
-    train_text_encoder: bool
-    text_encoder_unfreeze_last_n_layers: int | None
+    trained_text_encoders: tuple[str, ...]  # "text_encoder", SDXL's "text_encoder_2" (TrainConfig's)
+    unfrozen_layers: dict[str, int]  # trained text encoder -> its last N layers that train (all when absent)
     gradient_checkpointing: bool
     fused_backward_pass: bool
     stochastic_rounding: bool
@@ -150,8 +150,12 @@ def recipe_of(config: TrainConfig, bucket: tuple[int, int] | None = None, mixed_
         optimizer_args=dict(config.optimizer_args),
         betas=tuple(config.betas),
         train_unet=not config.disable_unet_training,
-        train_text_encoder=config.train_text_encoder,
-        text_encoder_unfreeze_last_n_layers=config.text_encoder_unfreeze_last_n_layers,
+        trained_text_encoders=config.trained_text_encoders,
+        unfrozen_layers={
+            name: layers
+            for name in config.trained_text_encoders
+            if (layers := text_encoder_setting(config, name, "unfreeze_last_n_layers")) is not None
+        },
         gradient_checkpointing=config.gradient_checkpointing,
         fused_backward_pass=config.fused_backward_pass,
         stochastic_rounding=config.stochastic_rounding,
@@ -185,7 +189,8 @@ def describe_recipe(recipe: Recipe) -> str:
             (recipe.fused_backward_pass, "fused backward pass"),
             (recipe.cache_latents, "cached latents"),
             (recipe.cache_text_embeddings, "cached embeddings"),
-            (not recipe.train_text_encoder, "frozen text encoder"),
+            (not recipe.trained_text_encoders, "frozen text encoder"),
+            ("text_encoder_2" in recipe.trained_text_encoders, f"trained {' and '.join(recipe.trained_text_encoders)}"),
         )
         if on
     ]
@@ -297,8 +302,8 @@ def build_meta_model(folder: Path) -> MetaModel:
 
 
 def trained_part_names(recipe: Recipe) -> list[str]:
-    """As trainer/model.py configure_for_training: SDXL's second text encoder stays frozen."""
-    return (["unet"] if recipe.train_unet else []) + (["text_encoder"] if recipe.train_text_encoder else [])
+    """As trainer/setup.py trained_part_names."""
+    return (["unet"] if recipe.train_unet else []) + list(recipe.trained_text_encoders)
 
 
 def on_gpu_part_names(model: MetaModel, recipe: Recipe) -> list[str]:
@@ -315,9 +320,9 @@ def configure_meta_model(model: MetaModel, recipe: Recipe) -> None:
         part.requires_grad_(name in trained)
         part.train(name in trained)
         part.to(recipe.weight_dtype if name in trained else recipe.compute_dtype)
-    encoder = model.text_encoders.get("text_encoder")
-    if "text_encoder" in trained and recipe.text_encoder_unfreeze_last_n_layers is not None and encoder is not None:
-        freeze_text_encoder_front(encoder, recipe.text_encoder_unfreeze_last_n_layers)
+    for name, layers in recipe.unfrozen_layers.items():
+        if name in model.text_encoders:
+            freeze_text_encoder_front(model.text_encoders[name], layers)
     if recipe.attn_type == "slice":
         model.unet.set_attention_slice("auto")  # the attention matrix of each slice is saved for the backward
 
@@ -564,17 +569,18 @@ def run_text_encoder(encoder: torch.nn.Module, batch_size: int):
     return encoder(token_ids(encoder, batch_size), output_hidden_states=True)
 
 
-def unet_conditioning(model: MetaModel, recipe: Recipe, dtype: torch.dtype, requires_grad: bool) -> dict:
+def unet_conditioning(model: MetaModel, recipe: Recipe, dtype: torch.dtype, trained: list[str]) -> dict:
     """The UNet's inputs besides the latents, in its dtype (as trainer/diffusion.py gives them): the text hidden
-    states and, for SDXL, the pooled text embedding and the size/crop ids. They require grad when a text encoder
-    trains (they are its output)."""
+    states and, for SDXL, the pooled text embedding and the size/crop ids. They require grad when the text encoder
+    whose output they are trains (the hidden states: any; the pooled embedding: SDXL's second)."""
     config, batch = model.unet.config, recipe.batch_size
     hidden = torch.empty(batch, 77, config.cross_attention_dim, device="meta", dtype=dtype)
-    inputs = {"encoder_hidden_states": hidden.requires_grad_(requires_grad)}
+    inputs = {"encoder_hidden_states": hidden.requires_grad_(any(name in trained for name in model.text_encoders))}
     if config.addition_embed_type == "text_time":
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        pooled_embeds = torch.empty(batch, pooled, device="meta", dtype=dtype)
         inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.empty(batch, pooled, device="meta", dtype=dtype),
+            "text_embeds": pooled_embeds.requires_grad_("text_encoder_2" in trained),
             "time_ids": torch.empty(batch, 6, device="meta", dtype=dtype),
         }
     return inputs
@@ -631,7 +637,7 @@ def measure_activations(model: MetaModel, recipe: Recipe) -> Activations:
             latents = torch.empty(latent_shape(model, recipe), device="meta")
             timesteps = torch.zeros(recipe.batch_size, dtype=torch.long, device="meta")
             unet_dtype = next(model.unet.parameters()).dtype
-            conditioning = unet_conditioning(model, recipe, unet_dtype, requires_grad="text_encoder" in trained)
+            conditioning = unet_conditioning(model, recipe, unet_dtype, trained)
             # As trainer/diffusion.py denoising_loss: the UNet gets its own dtype, the loss compares in fp32.
             prediction = model.unet(latents.to(unet_dtype), timesteps, **conditioning).sample
             outputs.append(F.mse_loss(prediction.float(), latents))

@@ -8,7 +8,9 @@ the second pair in optional fields, None for SD 1.x/2.x.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +35,7 @@ from trainer.tiny_model import (
     tiny_model_path,
     tiny_sdxl_model_path,
 )
-from utils.config import ConfigError
+from utils.config import ConfigError, refuse_second_text_encoder, text_encoder_setting
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -53,6 +55,15 @@ class SDModel:
     @property
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
+
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The text encoders by part name: "text_encoder", and SDXL's "text_encoder_2"."""
+        second = {"text_encoder_2": self.text_encoder_2} if self.is_sdxl else {}
+        return {"text_encoder": self.text_encoder, **second}
+
+    def trainable_parts(self) -> dict[str, torch.nn.Module]:
+        """The parts that can train, by name (the VAE never does): the UNet and the text encoders."""
+        return {"unet": self.unet, **self.text_encoders()}
 
     @property
     def prediction_type(self) -> str:
@@ -202,19 +213,22 @@ def load_pretrained(source: str, resume_ckpt: str) -> SDModel:
 def configure_for_training(model: SDModel, config) -> None:
     """Which parts train (and which text encoder layers), the attention kernel, gradient checkpointing, the
     memory format."""
-    train_unet, train_text_encoder = not config.disable_unet_training, config.train_text_encoder
+    refuse_second_text_encoder(config, model.is_sdxl)
+    train_unet = not config.disable_unet_training
     model.vae.requires_grad_(False)
     model.vae.eval()
-    if model.is_sdxl:  # SDXL's second text encoder is not trained (yet): frozen, as the VAE
-        model.text_encoder_2.requires_grad_(False)
-        model.text_encoder_2.eval()
     model.unet.requires_grad_(train_unet)
     model.unet.train(train_unet)
-    model.text_encoder.requires_grad_(train_text_encoder)
-    model.text_encoder.train(train_text_encoder)
-    if train_text_encoder and config.text_encoder_unfreeze_last_n_layers is not None:
-        freeze_text_encoder_front(model.text_encoder, config.text_encoder_unfreeze_last_n_layers)
-    if train_text_encoder:
+    for name, encoder in model.text_encoders().items():
+        trains = name in config.trained_text_encoders
+        encoder.requires_grad_(trains)
+        encoder.train(trains)
+        unfrozen_layers = text_encoder_setting(config, name, "unfreeze_last_n_layers")
+        if trains and unfrozen_layers is not None:
+            freeze_text_encoder_front(encoder, unfrozen_layers)
+        if trains and config.gradient_checkpointing:
+            encoder.activation_checkpointing_enable()  # gradient_checkpointing_enable: deprecated
+    if config.train_text_encoder:  # SDXL's second encoder uses every layer: its last one feeds the pooled output
         freeze_unused_text_layers(model.text_encoder, config.clip_skip, model.is_sdxl)
     if config.attn_type == "xformers":
         enable_xformers(model)
@@ -222,8 +236,6 @@ def configure_for_training(model: SDModel, config) -> None:
         model.unet.set_attention_slice("auto")
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-        if train_text_encoder:
-            model.text_encoder.activation_checkpointing_enable()  # gradient_checkpointing_enable: deprecated
     if config.channels_last:
         # NHWC activations: cuDNN's tensor-core convolutions run without layout transposes. Only 4-D weights
         # change layout; later .to(device, dtype) calls keep it (they preserve the memory format).
@@ -286,17 +298,35 @@ def freeze_unused_text_layers(text_encoder: CLIPTextModel, clip_skip: int, sdxl:
         text_encoder.final_layer_norm.requires_grad_(False)
 
 
-def freeze_text_encoder_front(text_encoder: CLIPTextModel, unfrozen_layers: int) -> None:
-    """Train only the last N transformer layers and the final norm; the embeddings only when all layers train.
+def freeze_text_encoder_front(text_encoder: CLIPTextModel | CLIPTextModelWithProjection, unfrozen_layers: int) -> None:
+    """Train only the last N transformer layers and the final norm (and SDXL's second encoder's projection, which
+    follows them); the embeddings only when all layers train.
 
     Frozen parameters get requires_grad=False (ED2 only left them out of the optimizer and still computed
     their gradients)."""
-    layers = text_encoder.encoder.layers
+    transformer = getattr(text_encoder, "text_model", text_encoder)  # the CLIP transformer under a projection
+    layers = transformer.encoder.layers
     text_encoder.requires_grad_(False)
     for layer in layers[len(layers) - min(unfrozen_layers, len(layers)) :] if unfrozen_layers else []:
         layer.requires_grad_(True)
-    text_encoder.final_layer_norm.requires_grad_(unfrozen_layers > 0)
-    text_encoder.embeddings.requires_grad_(unfrozen_layers >= len(layers))
+    transformer.final_layer_norm.requires_grad_(unfrozen_layers > 0)
+    transformer.embeddings.requires_grad_(unfrozen_layers >= len(layers))
+    if transformer is not text_encoder:
+        text_encoder.text_projection.requires_grad_(unfrozen_layers > 0)
+
+
+@contextlib.contextmanager
+def evaluating(model: SDModel) -> Iterator[None]:
+    """eval() for inference (validation, samples: no dropout), then back to each part's training mode."""
+    parts = model.trainable_parts().values()
+    modes = [part.training for part in parts]
+    for part in parts:
+        part.eval()
+    try:
+        yield
+    finally:
+        for part, mode in zip(parts, modes, strict=True):
+            part.train(mode)
 
 
 def enable_xformers(model: SDModel) -> None:

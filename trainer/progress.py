@@ -45,22 +45,33 @@ class Progress:
         self.skipped_updates.append((self.global_step, reason))
         return reason
 
+    def val_minimum(self) -> tuple[int, float] | None:
+        """The (step, loss) of the lowest validation loss so far (the first one, on a tie)."""
+        return min(self.val_losses, key=lambda entry: entry[1]) if self.val_losses else None
+
+    def validations_since_minimum(self) -> int:
+        """How many validations came after the lowest one (0: the last validation is the lowest so far)."""
+        best = self.val_minimum()
+        return sum(step > best[0] for step, _ in self.val_losses) if best else 0
+
     def recent_train_loss(self, window: int) -> float:
         """The mean of the last `window` finite training losses (the progress bar's figure)."""
         recent = [value for _, value in self.train_losses[-window:]]
         return sum(recent) / len(recent) if recent else math.nan
 
 
-def show_step(logger, bar, progress: Progress, plan, log_step: int, **measured) -> None:
+def show_step(logger, bar, progress: Progress, plan, log_step: int, loss: float, lrs: dict, images_per_second: float):
     """One step's row in metrics.csv (and TensorBoard every `log_step` steps) and the progress bar's figures.
-    `measured`: loss_train, lr_unet, lr_text_encoder, images_per_second."""
+    `lrs`: the LR each param group trained with, by group name (logged as lr_<group>: lr_unet, lr_text_encoder,
+    lr_text_encoder_2)."""
     step = progress.global_step
-    logger.log(step, plan.epochs_at(step), to_tensorboard=step % log_step == 0, **measured)
+    measured = {"loss_train": loss, **{f"lr_{group}": lr for group, lr in lrs.items()}}
+    logger.log(step, plan.epochs_at(step), step % log_step == 0, images_per_second=images_per_second, **measured)
     # refresh=False: update() redraws at most every mininterval (0.1 s), not at every step.
     bar.set_postfix(
         loss=f"{progress.recent_train_loss(log_step):.4f}",
-        lr=f"{measured['lr_unet']:.3g}",
-        img_s=f"{measured['images_per_second']:.1f}",
+        lr=f"{lrs.get('unet', next(iter(lrs.values()), math.nan)):.3g}",  # the UNet's; a frozen UNet has none
+        img_s=f"{images_per_second:.1f}",
         refresh=False,
     )
     bar.update(1)

@@ -15,9 +15,11 @@ import os
 import re
 from pathlib import Path
 
+from trainer.ema import restore_average
 from trainer.progress import Progress
-from trainer.saving import TrainingParts
+from trainer.saving import RunSaver, TrainingParts, write_skipped_images
 from trainer.step import agreed
+from trainer.stops import Stop
 from utils.checkpoint import saved_checkpoints
 from utils.config import ConfigError, TrainConfig
 from utils.state import (
@@ -40,7 +42,8 @@ CONFIGURED_HYPERPARAMETERS = ("betas", "eps", "weight_decay")
 REFUSED_CHANGES = {
     "model_layout": ("resume_ckpt", "the model (the UNet / text encoder layout or prediction type differ)"),
     "trained_parameters": (
-        "disable_unet_training / disable_textenc_training / text_encoder_unfreeze_last_n_layers",
+        "disable_unet_training / disable_textenc_training / train_text_encoder_2 / "
+        "text_encoder_unfreeze_last_n_layers / text_encoder_2_unfreeze_last_n_layers",
         "which parameters train",
     ),
     "optimizer": ("optimizer", "the optimizer"),
@@ -273,6 +276,31 @@ def restore_training(state: TrainingState, parts: TrainingParts, resume_state: P
     progress.checkpoints = saved_checkpoints(run_dir / "ckpts", state.step)
     progress.last_state = str(resume_state)
     return progress
+
+
+def restore_run(
+    state: TrainingState, parts: TrainingParts, saver: RunSaver, resume_state: Path
+) -> tuple[Progress, Stop | None]:
+    """Continue exactly where the state left off: weights, optimizer, LR position, grad scaler and EMA, the
+    progress, the checkpoint a kill left unwritten (a failed write is the returned stop) and, last, this process's
+    random generators (nothing may draw from them between here and the next step). Every process calls this."""
+    say, config, accelerator = saver.say, saver.config, saver.accelerator
+    progress = restore_training(state, parts, resume_state, saver.run_dir)
+    ema_note = restore_average(parts.ema, state, parts.trained)
+    if ema_note:
+        say(f"note: {ema_note}")
+    if saver.is_main:
+        write_skipped_images(saver.data, progress.failed_images, saver.run_dir)
+    global_batch = config.batch_size * config.grad_accum
+    for line in resumed_lines(state, resume_state, saver.plan, accelerator.num_processes, global_batch):
+        say(line)
+    stop = None
+    if checkpoint_missing(resume_state, state.info, single_file=not config.no_save_ckpt):
+        say(f"the interrupted run was killed while writing the checkpoint of step {state.step}: writing it")
+        stop = saver.rewrite_checkpoint(parts, progress)
+    for warning in restore_process_rng(state, accelerator.process_index, saver.seed):
+        say(f"warning: {warning}")
+    return progress, stop
 
 
 def load_optimizer_state(optimizer, saved: dict) -> None:

@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from trainer.diffusion import decode_latents
-from trainer.model import SDModel
+from trainer.model import SDModel, evaluating
 from trainer.sample_index import record_in_index
 from utils.config import ConfigError, TrainConfig, read_sample_prompts
 from utils.ed2_compat import (
@@ -174,6 +174,11 @@ class SamplePrompts:
         return settings
 
 
+def sample_prompts_of(config: TrainConfig, items, say: Callable[[str], None]) -> SamplePrompts | None:
+    """The run's sample prompts (None when sample_prompts is unset); `items`: the images captions may come from."""
+    return SamplePrompts(config.sample_prompts, items, config, say) if config.sample_prompts else None
+
+
 def _notes(settings: SampleSettings, batches_per_step: int) -> list[str]:
     """What this file gets that ED2 would do otherwise (docs/ed2.md lists each)."""
     notes = []
@@ -251,7 +256,7 @@ def make_samples(
     pipeline = model.pipeline(scheduler=build_scheduler(settings.scheduler, model.noise_scheduler.config))
     pipeline.set_progress_bar_config(disable=not settings.show_progress_bars)
     grids: dict[int, np.ndarray] = {}
-    with training_rng_untouched(device), inference_mode(model), _autocast_for(model, device):
+    with training_rng_untouched(device), evaluating(model), _autocast_for(model, device):
         for batch in batches_of_alike(requests, settings.batch_size):
             alike = [requests[i] for i in batch]
             prompts = _prompt_arguments(pipeline, alike)
@@ -297,6 +302,27 @@ def sample_round(
             made = make_samples(model, settings, run_dir / folder, step, resolution, device, seed)
         grids += [(f"{tag}/prompt_{index}", grid) for index, (_, grid) in enumerate(made)]
     return grids
+
+
+@dataclass(frozen=True)
+class RunSamples:
+    """A run's sample rounds: its prompts (read again before each round), where the grids go, and which weights
+    draw them (name -> a context manager that puts them in the model)."""
+
+    prompts: SamplePrompts
+    run_dir: Path
+    resolution: int
+    device: torch.device
+    seed: int
+    weights: dict[str, Callable[[], contextlib.AbstractContextManager]]
+
+    def due(self, step: int, plan, config: TrainConfig) -> bool:
+        return samples_due(step, plan, config, self.prompts.settings)
+
+    def round(self, model: SDModel, step: int) -> list[tuple[str, np.ndarray]]:
+        """`sample_round` at `step`; raises OSError when the disk refuses."""
+        settings = self.prompts.reread()
+        return sample_round(model, settings, self.run_dir, step, self.resolution, self.device, self.seed, self.weights)
 
 
 def index_entry(path: Path, asked: SampleRequest, request: SampleRequest, settings: SampleSettings) -> dict:
@@ -447,19 +473,6 @@ def training_rng_untouched(device):
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)
-
-
-@contextlib.contextmanager
-def inference_mode(model: SDModel):
-    """eval() for sampling (no dropout), then back to each part's training mode."""
-    modes = (model.unet.training, model.text_encoder.training)
-    model.unet.eval()
-    model.text_encoder.eval()
-    try:
-        yield
-    finally:
-        model.unet.train(modes[0])
-        model.text_encoder.train(modes[1])
 
 
 def _autocast_for(model: SDModel, device):

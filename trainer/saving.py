@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from data.images import SkippedImage, write_skipped_report
 from data.plan import RunPlan
 from data.prepare import PreparedData
 from optimizer.lr import Schedules
@@ -25,7 +27,14 @@ from trainer.model import SDModel
 from trainer.progress import Progress
 from trainer.step import agreed
 from trainer.stops import Stop, save_failed
-from utils.checkpoint import atomic_path, checkpoint_name, save_checkpoint
+from utils.checkpoint import (
+    BEST_SUFFIX,
+    atomic_path,
+    best_checkpoints,
+    checkpoint_name,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from utils.config import TrainConfig
 from utils.plots import plot_losses, plot_lr, plotted_steps
 from utils.state import (
@@ -69,6 +78,7 @@ class RunSaver:
     seed: int
     fingerprint: dict
     schedules: Schedules
+    data: PreparedData
     accelerator: Accelerator
     say: Callable[[str], None]
 
@@ -117,6 +127,23 @@ class RunSaver:
         self.say(f"saved checkpoint {paths['diffusers']}")
         return paths, None
 
+    def save_best(self, parts: TrainingParts, progress: Progress) -> SaveOutcome:
+        """stop_when_val_rises: the weights at a new lowest validation loss as `<name>-best` (a checkpoint, no state:
+        it is an output, not a point to resume from); the older `-best` one is removed once this one is written."""
+        step, ckpts, stop, paths = progress.global_step, self.run_dir / "ckpts", None, {}
+        if self.is_main:
+            try:
+                paths = write_checkpoint(parts.model, self.config, self.plan, step, self.run_dir, suffix=BEST_SUFFIX)
+            except OSError as error:
+                stop = save_failed("best checkpoint", error, progress)
+            for older in best_checkpoints(ckpts) if paths else []:
+                if older["diffusers"] != paths["diffusers"]:
+                    remove_checkpoint(older)
+            if paths:
+                self.say(f"step {step}: lowest validation loss so far: saved {paths['diffusers']}")
+        failed, stop = agreed((stop is not None, stop))
+        return SaveOutcome(not failed, paths, stop)
+
     def rewrite_checkpoint(self, parts: TrainingParts, progress: Progress) -> Stop | None:
         """The checkpoint of the resumed state's step, which a kill left unwritten (every process calls this)."""
         progress.checkpoints = [entry for entry in progress.checkpoints if entry["step"] != progress.global_step]
@@ -149,9 +176,45 @@ class RunSaver:
         )
         return None
 
+    def write_summary(
+        self, final: dict, progress: Progress, seconds: float, resumed_from: Path | None, stop: Stop | None, trained
+    ) -> dict:
+        """run_summary.json and the plots, at the end of the run (every process calls this: it compares the
+        processes' weights); returns the summary."""
+        summary = run_summary(
+            self.run_dir, final, progress, self.plan, self.data, self.seed, seconds, resumed_from, stop
+        )
+        summary["processes"] = weights_across_processes(trained, self.accelerator.num_processes)
+        if not summary["processes"].get("weights_identical", True):
+            self.say(
+                f"warning: the processes ended with different weights ({summary['processes']}); the saved "
+                f"checkpoint holds the main process's"
+            )
+        summary["validation_minimum"] = minimum_report(progress, self.plan, self.run_dir)
+        if self.is_main:
+            write_outputs(self.run_dir, summary, self.schedules, progress, self.plan, self.say)
+        return summary
+
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+
+def epoch_save_due(config: TrainConfig, epoch: int, step: int, plan: RunPlan) -> bool:
+    """save_every_n_epochs after `epoch` (0-based) ends at `step`; the final save is the end of the run's."""
+    every, finished = config.save_every_n_epochs, epoch + 1
+    due = every and finished % every == 0 and finished >= config.save_ckpts_from_n_epochs
+    return bool(due) and step < plan.total_steps
+
+
+def write_skipped_images(data: PreparedData, failed_images: list[tuple[int, str, str]], run_dir: Path) -> None:
+    """skipped_images.txt: images skipped by the scan, then those that failed to load during training (with the
+    step)."""
+    failed = [
+        SkippedImage(Path(path), f"failed to load at step {step}: {reason}") for step, path, reason in failed_images
+    ]
+    if data.skipped or failed:
+        write_skipped_report(list(data.skipped) + failed, run_dir / "skipped_images.txt")
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -238,6 +301,20 @@ def write_plots(run_dir: Path, schedules: Schedules, progress: Progress, plan: R
     plot_losses(progress.train_losses, progress.val_losses, run_dir / "plots" / "loss.png", plan.steps_per_epoch)
 
 
+def write_outputs(
+    run_dir: Path, summary: dict, schedules: Schedules, progress: Progress, plan: RunPlan, say: Callable[[str], None]
+) -> None:
+    """Plots and run_summary.json, last; a full disk here is said, not raised: every save is already done."""
+    try:
+        write_plots(run_dir, schedules, progress, plan)
+        write_json(run_dir / "run_summary.json", summary)
+    except OSError as error:
+        say(
+            f"error: writing the plots or run_summary.json in {run_dir} failed ({error}); the checkpoints and "
+            f"states are intact, and metrics.csv holds the measurements"
+        )
+
+
 def run_summary(
     run_dir: Path,
     final: dict,
@@ -285,6 +362,56 @@ def run_summary(
         "stopped": stop.reason if stop else None,
         "exit_code": stop.exit_code if stop else 0,
     }
+
+
+def minimum_report(progress: Progress, plan: RunPlan, run_dir: Path) -> dict | None:
+    """Where the validation loss was lowest, the checkpoint nearest to that step and how to keep that point next
+    time: the post picks its best epoch by eye from the curve; this names it. None without validation."""
+    lowest = progress.val_minimum()
+    if lowest is None:
+        return None
+    step, loss = lowest
+    saved = progress.checkpoints + best_checkpoints(run_dir / "ckpts")
+    nearest = min(saved, key=lambda entry: abs(entry["step"] - step), default=None)
+    return {
+        "step": step,
+        "epoch": round(plan.epochs_at(step), 4),
+        "loss": loss,
+        "nearest_checkpoint": {**nearest, "steps_from_minimum": nearest["step"] - step} if nearest else None,
+        "advice": keep_minimum_advice(step, plan, nearest),
+    }
+
+
+def keep_minimum_advice(step: int, plan: RunPlan, nearest: dict | None) -> str | None:
+    """What would have saved the weights of the validation minimum (None when a checkpoint holds them)."""
+    if step == 0:
+        return (
+            "the validation loss never went below the base model's: the run only moved away from it; try lower "
+            "learning rates (lr, lr_min), e.g. from --find_lr"
+        )
+    if nearest and nearest["step"] == step:
+        return None
+    epoch = plan.epochs_at(step)
+    automatic = "or stop_when_val_rises: 3, which keeps the checkpoint of the lowest validation loss by itself"
+    if abs(epoch - round(epoch)) > 1e-6:
+        return f"the minimum fell inside epoch {math.ceil(epoch)}: set stop_when_val_rises (e.g. 3) to keep it"
+    whole = round(epoch)
+    # The smallest interval that lands on the minimum's epoch and saves at most ~10 times, else the epoch itself.
+    every = next((d for d in range(1, whole + 1) if whole % d == 0 and plan.epochs / d <= 10), whole)
+    return f"save_every_n_epochs: {every} saves at epoch {whole}, where the minimum was, {automatic}"
+
+
+def minimum_lines(report: dict | None) -> list[str]:
+    """What the end of a run says about its validation minimum."""
+    if report is None:
+        return []
+    nearest = report["nearest_checkpoint"]
+    lines = [f"lowest validation loss {report['loss']:.5f} at step {report['step']} (epoch {report['epoch']:g})"]
+    if nearest:
+        away = nearest["steps_from_minimum"]
+        where = "at that step" if away == 0 else f"{abs(away)} steps {'after' if away > 0 else 'before'} it"
+        lines.append(f"nearest checkpoint: {nearest['diffusers']} ({where})")
+    return lines + ([f"advice: {report['advice']}"] if report["advice"] else [])
 
 
 def weights_across_processes(trained: dict[str, torch.nn.Module], num_processes: int) -> dict:

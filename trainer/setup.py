@@ -18,7 +18,6 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from data.images import SkippedImage, write_skipped_report
 from data.loader import assign_buckets
 from data.plan import RunPlan
 from data.prepare import PreparedData, as_validation_item, prepare_data
@@ -35,16 +34,23 @@ from trainer.model import (
     trained_weight_dtype,
     use_tf32,
 )
-from trainer.resume import images_fingerprint, model_layout, project_run_dirs, run_dir_of, trained_parameters
-from trainer.saving import write_json
+from trainer.resume import (
+    find_state_to_resume,
+    images_fingerprint,
+    model_layout,
+    project_run_dirs,
+    run_dir_of,
+    trained_parameters,
+)
+from trainer.saving import RunSaver, write_json, write_skipped_images
 from trainer.step import agreed
-from trainer.validation import StabilizedLoss
+from trainer.validation import StabilizedLoss, validation_sets
 from utils.config import ConfigError, TrainConfig
 from utils.disk import SaveSizes, check_writable, disk_space_note, estimate_save_sizes
 from utils.launch import launched_processes
 from utils.metrics import RunLogger, start_wandb
 from utils.run_lock import RunLock
-from utils.state import remove_leftovers, trim_metrics
+from utils.state import remove_leftovers, seed_everything, trim_metrics
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -97,6 +103,18 @@ def resolve_num_workers(setting: int, device: torch.device, num_processes: int, 
 
 def resolve_seed(seed: int) -> int:
     return random.SystemRandom().randrange(2**31) if seed == -1 else seed
+
+
+def seed_and_resume_state(config: TrainConfig, accelerator: Accelerator, say) -> tuple[int, Path | None, dict | None]:
+    """The run's seed, the state it continues and that state's trainer_state.json (None, None for a new run). A
+    continued run keeps the seed the interrupted one drew for seed -1. Each process then draws its own noise and
+    timesteps (seed + rank); the data order comes from the seed alone."""
+    seed = agreed(resolve_seed(config.seed))
+    resume_state, saved = find_state_to_resume(config, accelerator.is_main_process, say)
+    if saved and config.seed == -1:
+        seed = saved["seed"]
+    seed_everything(seed + accelerator.process_index)
+    return seed, resume_state, saved
 
 
 def create_new_run_dir(logdir: Path, name: str) -> Path:
@@ -168,8 +186,8 @@ def remove_abandoned_leftovers(config: TrainConfig) -> None:
 
 
 def trained_part_names(config: TrainConfig) -> list[str]:
-    """The parts of the model whose weights train."""
-    return ([] if config.disable_unet_training else ["unet"]) + (["text_encoder"] if config.train_text_encoder else [])
+    """The parts of the model whose weights train: the UNet and the text encoders (SDXL's second one too) that do."""
+    return ([] if config.disable_unet_training else ["unet"]) + list(config.trained_text_encoders)
 
 
 def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
@@ -182,10 +200,9 @@ def place_parts(model: SDModel, accelerator: Accelerator, config: TrainConfig) -
     when it is given CUDA parameters (accelerator.prepare would move them only after it was built)."""
     dtype = weight_dtype_of(accelerator)
     model.vae.to(accelerator.device, dtype=vae_dtype(model, dtype))  # SDXL's VAE: never fp16
-    if not config.train_text_encoder:
-        model.text_encoder.to(accelerator.device, dtype=dtype)
-    if model.is_sdxl:  # SDXL's second text encoder is frozen (trainer/model.py configure_for_training)
-        model.text_encoder_2.to(accelerator.device, dtype=dtype)
+    for name, encoder in model.text_encoders().items():
+        if name not in config.trained_text_encoders:
+            encoder.to(accelerator.device, dtype=dtype)
     for name in trained_part_names(config):
         getattr(model, name).to(accelerator.device, dtype=trained_weight_dtype(config))
 
@@ -217,8 +234,8 @@ def prepare_for_accelerator(model: SDModel, optimizer, accelerator: Accelerator,
         model.unet = accelerator.prepare(model.unet)
     if config.torch_compile:
         model.unet = compile_unet(model.unet)
-    if config.train_text_encoder:
-        model.text_encoder = accelerator.prepare(model.text_encoder)
+    for name in config.trained_text_encoders:
+        setattr(model, name, accelerator.prepare(getattr(model, name)))
     return accelerator.prepare(optimizer), [getattr(model, name) for name in trained_part_names(config)]
 
 
@@ -237,7 +254,8 @@ def build_model_and_optimizer(config: TrainConfig, accelerator: Accelerator, sch
     # The Trainer seeded torch with seed + process index; the main process's seed is the run's, and stochastic
     # rounding must round alike on every process (their weights stay equal).
     seed = agreed(torch.initial_seed()) if config.stochastic_rounding else 0
-    optimizer = build_optimizer(config, model_param_groups(config, model.unet, model.text_encoder), seed)
+    groups = model_param_groups(config, model.unet, model.text_encoder, model.text_encoder_2)
+    optimizer = build_optimizer(config, groups, seed)
     lr_scheduler = build_lr_scheduler(optimizer, schedules)
     optimizer, trained_modules = prepare_for_accelerator(model, optimizer, accelerator, config)
     return model, optimizer, lr_scheduler, trained_modules
@@ -250,8 +268,8 @@ def unwrapped(model: SDModel, accelerator: Accelerator) -> SDModel:
     def unwrap(module):
         return accelerator.unwrap_model(module, keep_torch_compile=False)
 
-    # replace: SDXL's second text encoder and tokenizer (and any later field) stay with the model
-    return dataclasses.replace(model, unet=unwrap(model.unet), text_encoder=unwrap(model.text_encoder))
+    # replace: the tokenizers and the other fields stay with the model
+    return dataclasses.replace(model, **{name: unwrap(part) for name, part in model.trainable_parts().items()})
 
 
 def stabilized_loss(model: SDModel, config: TrainConfig, items) -> StabilizedLoss:
@@ -267,20 +285,21 @@ def stabilized_loss(model: SDModel, config: TrainConfig, items) -> StabilizedLos
     )
 
 
-def build_validators(model: SDModel, config: TrainConfig, data: PreparedData):
-    """The held-out validation loss (None without a split), and the extra measurements by name: ED2's extra manual
-    validation sets (loss/<name>) and the stabilized training subset (loss/stabilize-train): the same fixed-noise
-    measurement on other images."""
+def build_validators(model: SDModel, config: TrainConfig, data: PreparedData, ema: bool) -> dict[str, StabilizedLoss]:
+    """What a validation pass scores, by name (trainer/validation.py `validation_sets`): the held-out validation
+    loss ("val", none without a split; "val_ema" too with an EMA and ema_validate), ED2's extra manual validation
+    sets (loss/<name>) and the stabilized training subset (loss/stabilize-train): the same fixed-noise measurement
+    on other images."""
     settings = config.validation
-    validator = stabilized_loss(model, config, data.val) if data.val else None
-    if not settings.enabled:
-        return validator, {}
-    extras = {name: stabilized_loss(model, config, items) for name, items in data.extra_validation.items()}
-    if settings.stabilize_training_loss:
+    held_out = stabilized_loss(model, config, data.val) if data.val else None
+    extras = {}
+    if settings.enabled:
+        extras = {name: stabilized_loss(model, config, items) for name, items in data.extra_validation.items()}
+    if settings.enabled and settings.stabilize_training_loss:
         count = max(1, round(len(data.train) * settings.stabilize_split_proportion))
         subset = sorted(random.Random(settings.seed).sample(data.train, count), key=lambda i: i.path)
         extras["stabilize-train"] = stabilized_loss(model, config, [as_validation_item(i) for i in subset])
-    return validator, extras
+    return validation_sets(held_out, extras, ema_validate=ema and config.ema_validate)
 
 
 def undersized_images(data: PreparedData, resolution: int) -> list[str]:
@@ -293,19 +312,10 @@ def undersized_images(data: PreparedData, resolution: int) -> list[str]:
     return found
 
 
-def write_skipped_images(data: PreparedData, failed_images: list[tuple[int, str, str]], run_dir: Path) -> None:
-    """skipped_images.txt: images skipped by the scan, then those that failed to load during training (with the
-    step)."""
-    failed = [
-        SkippedImage(Path(path), f"failed to load at step {step}: {reason}") for step, path, reason in failed_images
-    ]
-    if data.skipped or failed:
-        write_skipped_report(list(data.skipped) + failed, run_dir / "skipped_images.txt")
-
-
 def save_sizes(model: SDModel, trained: dict[str, torch.nn.Module], config: TrainConfig, epochs: int) -> SaveSizes:
     trained_count = sum(p.numel() for module in trained.values() for p in module.parameters())
-    everything = sum(p.numel() for part in (model.unet, model.vae, model.text_encoder) for p in part.parameters())
+    parts = [model.vae, *model.trainable_parts().values()]  # every part a checkpoint holds (SDXL: both encoders)
+    everything = sum(p.numel() for part in parts for p in part.parameters())
     every = config.save_every_n_epochs
     checkpoints = 1 + ((epochs - 1) // every if every else 0)
     return estimate_save_sizes(
@@ -413,23 +423,14 @@ def open_logs(run_dir: Path, config: TrainConfig, is_main: bool, resumed_step: i
     return RunLogger(run_dir, enabled=is_main, purge_step=resumed_step + 1, wandb_run=wandb_run)
 
 
-def write_run_start(
-    run_dir: Path,
-    run_lock: RunLock | None,
-    config: TrainConfig,
-    seed: int,
-    data: PreparedData,
-    sizes: SaveSizes,
-    resumed_step: int | None,
-    is_main: bool,
-    say,
-) -> RunLogger:
+def write_run_start(saver: RunSaver, run_lock: RunLock | None, sizes: SaveSizes, resumed_step: int | None) -> RunLogger:
     """The first writes into the claimed run folder: config.json, the data report, the disk note, the opened logs.
     A full disk here removes a new run's folder (a resumed one keeps what it had) and raises."""
+    run_dir, config, is_main, say = saver.run_dir, saver.config, saver.is_main, saver.say
     try:
         if is_main:
-            write_json(run_dir / "config.json", {**config.model_dump(mode="json"), "seed": seed})
-        report_data_problems(data, config.resolution, run_dir, is_main, say)
+            write_json(run_dir / "config.json", {**config.model_dump(mode="json"), "seed": saver.seed})
+        report_data_problems(saver.data, config.resolution, run_dir, is_main, say)
         say(disk_space_note(sizes, run_dir))
         return open_logs(run_dir, config, is_main, resumed_step, say)
     except OSError:

@@ -17,7 +17,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from trainer.diffusion import training_loss
 from trainer.progress import Progress
 from trainer.stops import Stop
-from utils.config import TrainConfig
+from utils.config import TrainConfig, settings_changes
 
 
 def optimizer_step(
@@ -130,3 +130,13 @@ def agreed(value):
     state to resume, whether a save worked) must be the same everywhere. (accelerate's collectives return their
     input on one process.)"""
     return broadcast_object_list([value], from_process=0)[0]
+
+
+def agree_on_live_settings(config: TrainConfig, is_main: bool) -> list[str]:
+    """load_settings_every_epoch: the main process reads the config file again; the keys the loop reads as it goes
+    (LIVE_KEYS) take the new values in `config` on every process, the others wait for a resume. Returns what to
+    say about the changes."""
+    live, lines = agreed(settings_changes(config) if is_main else ({}, []))
+    for key, value in live.items():
+        setattr(config, key, value)  # the one config object every part of the run reads
+    return lines

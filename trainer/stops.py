@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from trainer.progress import Progress
+from utils.checkpoint import BEST_SUFFIX
 from utils.config import TrainConfig
 from utils.launch import launched_processes, resume_command
 
@@ -27,6 +28,7 @@ class Stop:
     exit_code: int
     save: bool  # save a state and a checkpoint before exiting
     message: str = ""
+    complete: bool = False  # early stopping: the run ends as a complete one (final save, copy, samples; exit 0)
 
     @classmethod
     def by_signal(cls, name: str) -> Stop:
@@ -116,6 +118,35 @@ def diverged(config: TrainConfig, progress: Progress) -> Stop:
     )
 
 
+def validation_rose(config: TrainConfig, progress: Progress) -> Stop:
+    """stop_when_val_rises: the validation loss stayed above its minimum for that many validations in a row."""
+    step, loss = progress.val_minimum()
+    count = progress.validations_since_minimum()
+    return Stop(
+        "validation loss rising",
+        0,
+        save=True,
+        complete=True,
+        message=(
+            f"early stop: the validation loss stayed above its minimum ({loss:.5f} at step {step}) for {count} "
+            f"validations in a row (stop_when_val_rises {config.stop_when_val_rises}); "
+            + (
+                f"the checkpoint of the minimum is ckpts/*-gs{step:05d}{BEST_SUFFIX}"
+                if step
+                else "the base model scored lowest: no training step improved on it"
+            )
+        ),
+    )
+
+
+def outranking(current: Stop | None, new: Stop | None) -> Stop | None:
+    """The stop that decides how the run ends: the first one asked, except that a failure (a save that did not
+    work) outranks an early stop, which would otherwise report success."""
+    if current is None or (current.complete and new is not None):
+        return new or current
+    return current
+
+
 def save_failed(what: str, error: OSError, progress: Progress) -> Stop:
     """A save (or a log, or samples) failed: nothing half-written was left (atomic writes) and the previous saves
     are intact."""
@@ -136,6 +167,8 @@ def how_it_stopped(stop: Stop, progress: Progress, total_steps: int) -> str:
     """The last line of a stopped run: the error, or where it stopped and the command that resumes it."""
     if not stop.save:
         return f"error: {stop.message}"
+    if stop.complete:
+        return stop.message
     return (
         (f"error: {stop.message}\n" if stop.message else "")
         + f"stopped ({stop.reason}) after step {progress.global_step} of {total_steps}; state "

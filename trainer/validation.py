@@ -16,7 +16,7 @@ import torch
 from data.images import ImageItem, load_image, size_and_crop
 from data.loader import assign_buckets
 from trainer.diffusion import HIDDEN_STATES, added_conditioning, denoising_loss, encode_latents, encode_text
-from trainer.model import SDModel
+from trainer.model import SDModel, evaluating
 
 
 @dataclass
@@ -75,24 +75,45 @@ class StabilizedLoss:
         batches and the sums are added up, so every process gets the same mean of the whole set."""
         rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
         device = model.unet.device
-        was_training = (model.unet.training, model.text_encoder.training)
-        model.unet.eval()
-        model.text_encoder.eval()
         total, count = 0.0, 0
-        for batch in self.batches[rank::world]:
-            latents = batch.latents.to(device)
-            text = encode_text(model, batch.captions, self.clip_skip, device)
-            added = added_conditioning(model, text, batch.time_ids)
-            generator = torch.Generator(device="cpu").manual_seed(batch.noise_seed)
-            for t in self.timesteps:
-                noise = torch.randn(latents.shape, generator=generator).to(device)
-                timesteps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
-                loss = denoising_loss(model, latents, text[HIDDEN_STATES], noise, timesteps, added_cond=added)
-                total += loss.sum().item()
-                count += loss.numel()
-        model.unet.train(was_training[0])
-        model.text_encoder.train(was_training[1])
+        with evaluating(model):
+            for batch in self.batches[rank::world]:
+                latents = batch.latents.to(device)
+                text = encode_text(model, batch.captions, self.clip_skip, device)
+                added = added_conditioning(model, text, batch.time_ids)
+                generator = torch.Generator(device="cpu").manual_seed(batch.noise_seed)
+                for t in self.timesteps:
+                    noise = torch.randn(latents.shape, generator=generator).to(device)
+                    timesteps = torch.full((latents.shape[0],), t, device=device, dtype=torch.long)
+                    loss = denoising_loss(model, latents, text[HIDDEN_STATES], noise, timesteps, added_cond=added)
+                    total += loss.sum().item()
+                    count += loss.numel()
         if world > 1:
             sums = accelerator.reduce(torch.tensor([total, float(count)], device=device, dtype=torch.float64), "sum")
             total, count = sums[0].item(), int(sums[1].item())
         return total / max(count, 1)
+
+
+def validation_due(step: int, plan, every_n_epochs: float) -> bool:
+    """Every `every_n_epochs` (counted in steps, at least one) and at the run's last step."""
+    every = max(1, round(every_n_epochs * plan.steps_per_epoch))
+    return step % every == 0 or step == plan.total_steps
+
+
+def validation_sets(held_out: StabilizedLoss | None, extra: dict, ema_validate: bool) -> dict[str, StabilizedLoss]:
+    """What a validation pass scores, by name, in order: the extra sets, the held-out split with the EMA's weights
+    ("val_ema", when ema_validate), and last the held-out split itself ("val")."""
+    sets = dict(extra)
+    if held_out:
+        sets.update({"val_ema": held_out} if ema_validate else {})
+        sets["val"] = held_out
+    return sets
+
+
+def score_sets(model: SDModel, sets: dict[str, StabilizedLoss], accelerator, weights_of) -> dict[str, float]:
+    """Each set's loss under autocast; "val_ema" inside `weights_of(ema=True)` (the EMA's weights swapped in)."""
+    losses = {}
+    for name, validator in sets.items():
+        with accelerator.autocast(), weights_of(ema=name == "val_ema"):
+            losses[name] = validator(model, accelerator)
+    return losses

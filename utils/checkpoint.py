@@ -111,6 +111,30 @@ def saved_checkpoints(ckpts_dir: Path, up_to_step: int) -> list[dict]:
     return sorted(found, key=lambda entry: entry["step"])
 
 
+BEST_SUFFIX = "-best"  # stop_when_val_rises: the checkpoint of the lowest validation loss so far
+
+
+def best_checkpoints(ckpts_dir: Path) -> list[dict]:
+    """The complete `<name>-gs<step>-best` checkpoints of a run folder, oldest first (one, but for a run killed
+    between writing a new one and removing the old)."""
+    found = []
+    for folder in Path(ckpts_dir).glob(f"*-gs*{BEST_SUFFIX}"):
+        match = re.search(rf"-gs(\d+){BEST_SUFFIX}$", folder.name)
+        if folder.name.startswith(".") or not match or not (folder / "model_index.json").is_file():
+            continue
+        single_file = folder.with_name(f"{folder.name}.safetensors")
+        extra = {"single_file": str(single_file)} if single_file.is_file() else {}
+        found.append({"step": int(match.group(1)), "diffusers": str(folder), **extra})
+    return sorted(found, key=lambda entry: entry["step"])
+
+
+def remove_checkpoint(entry: dict) -> None:
+    """A checkpoint's folder and single file (after a newer one of its kind was written)."""
+    shutil.rmtree(entry["diffusers"], ignore_errors=True)
+    if "single_file" in entry:
+        Path(entry["single_file"]).unlink(missing_ok=True)
+
+
 def save_checkpoint(pipeline, ckpts_dir: Path, name: str, half: bool, single_file: bool) -> dict[str, str]:
     """A diffusers folder (StableDiffusionPipeline / StableDiffusionXLPipeline.from_pretrained loads it) and, unless
     turned off, a single-file .safetensors in the original SD or SDXL layout (A1111, ComfyUI, from_single_file)."""

@@ -270,6 +270,35 @@ class TrainConfig(_Strict):
     text_encoder_lr_decay_steps: int | None = Field(
         None, ge=0, description="with text_encoder_lr_scheduler: its decay steps"
     )
+    text_encoder_2_lr: float | None = Field(
+        None,
+        gt=0,
+        description="SDXL's second text encoder (train_text_encoder_2): its peak LR (default: lr x "
+        "text_encoder_2_lr_scale; with none of text_encoder_2_lr / _lr_min / _lr_scale given, the first text "
+        "encoder's LRs)",
+    )
+    text_encoder_2_lr_min: float | None = Field(
+        None,
+        ge=0,
+        description="second text encoder lower bound (default: lr_min x text_encoder_2_lr_scale; see "
+        "text_encoder_2_lr)",
+    )
+    text_encoder_2_lr_scale: float | None = Field(
+        None,
+        gt=0,
+        description="second text encoder LRs relative to the UNet's when not given (null: 1; see text_encoder_2_lr)",
+    )
+    text_encoder_2_lr_scheduler: str | None = Field(
+        None,
+        description="a different schedule for the second text encoder (ED2 names only; default: "
+        "text_encoder_lr_scheduler)",
+    )
+    text_encoder_2_lr_warmup_steps: int | None = Field(
+        None, ge=0, description="with a separate second text encoder schedule: its warmup (default: the first's)"
+    )
+    text_encoder_2_lr_decay_steps: int | None = Field(
+        None, ge=0, description="with a separate second text encoder schedule: its decay steps (default: the first's)"
+    )
 
     # --- LR range test (train.py --find_lr) --------------------------------------------------------------
     lr_find_start: float = Field(1e-8, gt=0, description="LR finder: LR of the first step of the sweep")
@@ -306,7 +335,9 @@ class TrainConfig(_Strict):
         5, ge=1, description="stop after this many steps in a row with a NaN/inf loss (each one's update is skipped)"
     )
     optimizer_config: str | None = Field(
-        None, description="ED2's optimizer.json (base, text_encoder_overrides, text_encoder_freezing); see ED2 section"
+        None,
+        description="ED2's optimizer.json (base, text_encoder_overrides, text_encoder_freezing; for SDXL's second "
+        "text encoder also text_encoder_2_overrides, text_encoder_2_freezing); see ED2 section",
     )
     optimizer_args: dict[str, Any] = Field(
         default_factory=dict,
@@ -320,13 +351,35 @@ class TrainConfig(_Strict):
     text_encoder_unfreeze_last_n_layers: int | None = Field(
         None, ge=0, description="train only the last N text encoder layers (and its final norm); null: all"
     )
+    text_encoder_2_weight_decay: float | None = Field(
+        None, ge=0, description="second text encoder weight decay (default: the first text encoder's)"
+    )
+    text_encoder_2_betas: tuple[float, float] | None = Field(
+        None, description="second text encoder betas (default: the first text encoder's)"
+    )
+    text_encoder_2_epsilon: float | None = Field(
+        None, gt=0, description="second text encoder epsilon (default: the first text encoder's)"
+    )
+    text_encoder_2_unfreeze_last_n_layers: int | None = Field(
+        None,
+        ge=0,
+        description="train only the last N layers of the second text encoder (and its final norm and projection); "
+        "null: all (not the first's: SDXL's encoders have 12 and 32 layers)",
+    )
 
     # --- what trains, how --------------------------------------------------------------------------------
     disable_textenc_training: bool = Field(False, description="freeze the text encoder")
+    train_text_encoder_2: bool = Field(
+        False,
+        description="SDXL: also train the second text encoder (OpenCLIP ViT-bigG and its projection), in a param "
+        "group of its own (text_encoder_2_* keys); SD 1.x/2.x have none",
+    )
     disable_unet_training: bool = Field(
         False, description="freeze the UNet (train the text encoder only; not recommended)"
     )
-    gradient_checkpointing: bool = Field(False, description="trade compute for memory (UNet and text encoder)")
+    gradient_checkpointing: bool = Field(
+        False, description="trade compute for memory (UNet and the trained text encoders)"
+    )
     attn_type: Literal["sdp", "xformers", "slice"] = Field(
         "sdp", description="attention kernel: torch SDPA, xformers (CUDA), or slice (sliced attention, least memory)"
     )
@@ -418,6 +471,12 @@ class TrainConfig(_Strict):
         None, description="validation JSON file (ED2 keys) or an inline object; null: validation off"
     )
     save_every_n_epochs: int | None = Field(None, ge=1, description="save a checkpoint every N epochs")
+    stop_when_val_rises: int | None = Field(
+        None,
+        ge=1,
+        description="early stopping: each new lowest validation loss is saved as a checkpoint (replacing the "
+        "previous such one), and the run ends after N validations in a row above it; null: off",
+    )
     ckpt_every_n_minutes: float | None = Field(None, gt=0, description="save a checkpoint every N minutes")
     save_ckpts_from_n_epochs: int = Field(0, ge=0, description="no epoch-based checkpoints before this epoch")
     save_full_precision: bool = Field(False, description="single-file checkpoints in fp32 instead of fp16")
@@ -528,7 +587,7 @@ class TrainConfig(_Strict):
             )
         return _one_of(value.lower(), OPTIMIZER_NAMES)
 
-    @field_validator("text_encoder_lr_scheduler")
+    @field_validator("text_encoder_lr_scheduler", "text_encoder_2_lr_scheduler")
     @classmethod
     def _known_text_encoder_scheduler(cls, value: str | None) -> str | None:
         return None if value is None else _one_of(value, SCHEDULE_NAMES)
@@ -544,12 +603,17 @@ class TrainConfig(_Strict):
                 "key 'rated_dataset': the share of images an epoch trains falls over max_epochs epochs, so "
                 "max_epochs must be given (max_steps may still set the run length)"
             )
-        if self.disable_textenc_training and self.disable_unet_training:
+        if self.disable_textenc_training and self.disable_unet_training and not self.train_text_encoder_2:
             raise ValueError("disable_unet_training and disable_textenc_training are both true: nothing would train")
         if self.timestep_start >= self.timestep_end:
             raise ValueError(f"timestep_start ({self.timestep_start}) must be below timestep_end ({self.timestep_end})")
         if self.lr_cycle_stages and self.lr_cycle_decay != "stages":
             self.__dict__["lr_cycle_decay"] = "stages"  # giving stages is choosing them; avoid a pointless error
+        if self.stop_when_val_rises and not self.validation.enabled:
+            raise ValueError(
+                f"key 'stop_when_val_rises' = {self.stop_when_val_rises}: it watches the validation loss, and "
+                f"validation is off; give a validation_config with a split, or set stop_when_val_rises null"
+            )
         self._check_caches()
         self._check_memory_recipes()
         return self
@@ -566,6 +630,11 @@ class TrainConfig(_Strict):
                 "key 'cache_text_embeddings': the text encoder trains (disable_textenc_training is "
                 "false), so its embeddings change every step; set disable_textenc_training true or "
                 "turn cache_text_embeddings off"
+            )
+        if self.cache_text_embeddings and self.train_text_encoder_2:
+            raise ValueError(
+                "key 'cache_text_embeddings': SDXL's second text encoder trains (train_text_encoder_2 is true), so "
+                "its embeddings change every step; set train_text_encoder_2 false or turn cache_text_embeddings off"
             )
         if self.cache_text_embeddings and self.shuffle_tags:
             raise ValueError(
@@ -622,6 +691,12 @@ class TrainConfig(_Strict):
         return not self.disable_textenc_training
 
     @property
+    def trained_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders that train, by model part name: "text_encoder", and SDXL's "text_encoder_2"."""
+        parts = (("text_encoder", self.train_text_encoder), ("text_encoder_2", self.train_text_encoder_2))
+        return tuple(name for name, trains in parts if trains)
+
+    @property
     def from_ed2(self) -> bool:
         """The config file was written for ED2 (ed2_compat.is_ed2_config): its step counts were batch counts."""
         return self._from_ed2
@@ -638,6 +713,38 @@ class TrainConfig(_Strict):
     def notes(self) -> list[str]:
         """What loading the config noted: ED2 keys accepted but not used, renamed keys."""
         return self._notes
+
+
+# A text encoder's LR bounds: the keys <part>_lr, <part>_lr_min, <part>_lr_scale (text_encoder_key).
+LR_BOUNDS = ("lr", "lr_min", "lr_scale")
+
+
+def text_encoder_key(config: TrainConfig, part: str, setting: str) -> str:
+    """The key that sets text encoder `part`'s `setting` ("lr", "betas", ...): `<part>_<setting>`, except that
+    SDXL's second text encoder takes the first's key where its own is null. Its LR bounds go together: with none
+    of text_encoder_2_lr / _lr_min / _lr_scale given, all three are the first's. Its unfreeze_last_n_layers is
+    always its own (the two encoders' layer counts differ)."""
+    own = f"{part}_{setting}"
+    if part != "text_encoder_2" or setting == "unfreeze_last_n_layers":
+        return own
+    given = [getattr(config, f"{part}_{bound}") is not None for bound in LR_BOUNDS]
+    inherits = not any(given) if setting in LR_BOUNDS else getattr(config, own) is None
+    return f"text_encoder_{setting}" if inherits else own
+
+
+def text_encoder_setting(config: TrainConfig, part: str, setting: str) -> Any:
+    """The value of text encoder `part`'s `setting` (see text_encoder_key)."""
+    return getattr(config, text_encoder_key(config, part, setting))
+
+
+def refuse_second_text_encoder(config: TrainConfig, sdxl: bool) -> None:
+    """train_text_encoder_2 trains SDXL's second text encoder, which an SD 1.x/2.x model does not have."""
+    if config.train_text_encoder_2 and not sdxl:
+        raise ConfigError(
+            f"key 'train_text_encoder_2' = true: it trains SDXL's second text encoder, and resume_ckpt "
+            f"'{config.resume_ckpt}' is an SD 1.x/2.x model, which has one text encoder (disable_textenc_training "
+            f"false trains it). Set train_text_encoder_2 false, or give an SDXL model as resume_ckpt."
+        )
 
 
 # Characters a run folder name cannot hold: the path separators, and those Windows refuses in file names (run
@@ -1109,6 +1216,8 @@ def load_config(config_path: Path | None = None, overrides: dict | None = None) 
         notes.append(f"ema_resume_model 'findlast': the newest EMA checkpoint is {config.ema_resume_model}")
     check_paths(config)
     _default_sdxl_resolution(config, notes)
+    if config.train_text_encoder_2:
+        refuse_second_text_encoder(config, names_sdxl_model(config.resume_ckpt))
     config._from_ed2 = from_ed2
     config._source = (config_path, dict(overrides))
     config._notes = notes + (ed2_compat.difference_notes(config) if from_ed2 else [])
@@ -1169,6 +1278,7 @@ LIVE_KEYS = (
     "sample_steps",
     "sample_every_n_epochs",
     "save_every_n_epochs",
+    "stop_when_val_rises",
     "save_ckpts_from_n_epochs",
     "ckpt_every_n_minutes",
     "save_state_every_n_minutes",

@@ -67,6 +67,24 @@ TEXT_ENCODER_KEYS = {
     "weight_decay": "text_encoder_weight_decay",
 }
 FREEZING_KEYS = {"unfreeze_last_n_layers": "text_encoder_unfreeze_last_n_layers"}
+# ED2 trains SD 1.x/2.x only; for SDXL's second text encoder EveryCycle reads sections of the same form, named after
+# its text_encoder_2_* keys: text_encoder_2_overrides and text_encoder_2_freezing.
+SECOND_ENCODER_PREFIX = "text_encoder_2_"
+
+
+def _for_second_encoder(mapping: dict) -> dict:
+    return {key: SECOND_ENCODER_PREFIX + name.removeprefix("text_encoder_") for key, name in mapping.items()}
+
+
+# optimizer.json section -> (its keys -> TrainConfig keys, the notes of keys it ignores)
+ENCODER_OVERRIDES = {
+    "text_encoder_overrides": TEXT_ENCODER_KEYS,
+    "text_encoder_2_overrides": _for_second_encoder(TEXT_ENCODER_KEYS),
+}
+ENCODER_FREEZING = {
+    "text_encoder_freezing": FREEZING_KEYS,
+    "text_encoder_2_freezing": _for_second_encoder(FREEZING_KEYS),
+}
 # Keys of ED2's adaptive optimizers (dadapt, prodigy): passed to those optimizers, noted for the others.
 ADAPTIVE_KEYS = ("d0", "decouple", "momentum", "growth_rate", "safeguard_warmup", "no_prox")
 OPTIMIZER_NOTED = {
@@ -122,33 +140,24 @@ def read_optimizer_json(
     for key, value in data.items():
         if key == "base":
             settings.update(_section(value, BASE_KEYS, where + " base", notes, unknown_key))
-        elif key == "text_encoder_overrides":
+        elif key in ENCODER_OVERRIDES:
             overrides = dict(value or {})
             te_optimizer = overrides.pop("optimizer", None)
             if te_optimizer is not None:
                 notes.append(
-                    f"{where}: text_encoder_overrides.optimizer '{te_optimizer}' is not used: both models "
+                    f"{where}: {key}.optimizer '{te_optimizer}' is not used: all models "
                     f"share one optimizer (its settings per model still apply)."
                 )
+            settings.update(_section(overrides, ENCODER_OVERRIDES[key], f"{where} {key}", notes, unknown_key))
+        elif key in ENCODER_FREEZING:
             settings.update(
-                _section(overrides, TEXT_ENCODER_KEYS, where + " text_encoder_overrides", notes, unknown_key)
-            )
-        elif key == "text_encoder_freezing":
-            settings.update(
-                _section(
-                    value or {},
-                    FREEZING_KEYS,
-                    where + " text_encoder_freezing",
-                    notes,
-                    unknown_key,
-                    noted=FREEZING_NOTED,
-                )
+                _section(value or {}, ENCODER_FREEZING[key], f"{where} {key}", notes, unknown_key, FREEZING_NOTED)
             )
         elif key in OPTIMIZER_NOTED:
             if OPTIMIZER_NOTED[key]:
                 notes.append(f"{where}: '{key}' {OPTIMIZER_NOTED[key]}.")
         else:
-            unknown_key(key, ["base", "text_encoder_overrides", "text_encoder_freezing", *OPTIMIZER_NOTED], where)
+            unknown_key(key, ["base", *ENCODER_OVERRIDES, *ENCODER_FREEZING, *OPTIMIZER_NOTED], where)
     return settings
 
 
@@ -183,6 +192,8 @@ BATCH_COUNTED_KEYS = (
     "lr_decay_steps",
     "text_encoder_lr_warmup_steps",
     "text_encoder_lr_decay_steps",
+    "text_encoder_2_lr_warmup_steps",
+    "text_encoder_2_lr_decay_steps",
 )
 
 

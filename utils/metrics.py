@@ -7,10 +7,21 @@ import csv
 import math
 from pathlib import Path
 
-METRIC_COLUMNS = ("step", "epoch", "lr_unet", "lr_text_encoder", "loss_train", "loss_val", "images_per_second")
+# lr_<group>: the LR of each optimizer param group (optimizer/optimizers.py model_param_groups names them).
+METRIC_COLUMNS = (
+    "step",
+    "epoch",
+    "lr_unet",
+    "lr_text_encoder",
+    "lr_text_encoder_2",
+    "loss_train",
+    "loss_val",
+    "images_per_second",
+)
 TENSORBOARD_TAGS = {
     "lr_unet": "lr/unet",
     "lr_text_encoder": "lr/text_encoder",
+    "lr_text_encoder_2": "lr/text_encoder_2",
     "loss_train": "loss/train",
     "loss_val": "loss/val",
     "images_per_second": "performance/images_per_second",
@@ -53,10 +64,12 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
-            is_new = not self.csv_path.exists()
+            columns = _header_of(self.csv_path)
             self._csv = open(self.csv_path, "a", newline="", encoding="utf-8")
-            self._rows = csv.DictWriter(self._csv, fieldnames=METRIC_COLUMNS)
-            if is_new:
+            # A resumed run appends under the header its file has (one written before lr_text_encoder_2 existed
+            # lacks that column, which such a run never filled).
+            self._rows = csv.DictWriter(self._csv, fieldnames=columns or METRIC_COLUMNS, extrasaction="ignore")
+            if not columns:
                 self._rows.writeheader()
 
     def log(self, step: int, epoch: float, to_tensorboard: bool = True, **values: float | None) -> None:
@@ -99,6 +112,14 @@ class RunLogger:
                 self._wandb.finish()
             with contextlib.suppress(OSError):  # a full disk was reported when it happened
                 self._csv.close()
+
+
+def _header_of(csv_path: Path) -> list[str] | None:
+    """The column names of an existing metrics.csv (None for a new or empty file)."""
+    if not csv_path.is_file():
+        return None
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        return next(csv.reader(handle), None)
 
 
 def _fmt(value: float | None) -> str:
