@@ -1,4 +1,4 @@
-"""Does the LR finder's suggestion land where training works best? The tiny demo model, on the CPU.
+"""Does the LR finder's suggestion land where training works best? The random tiny model on the demo data, on the CPU.
 
 1. `--find_lr` on the demo data (configs/demo.json: 16 training images, 4 held out, batch 4, AdamW, fp32).
 2. Short trainings of the same length at a grid of constant LRs, below, inside and above the suggested range,
@@ -51,6 +51,7 @@ def demo_values(logdir: Path) -> dict:
     base = json.loads(DEMO.read_text())
     values = {key: value for key, value in base.items() if key not in SCHEDULE_KEYS}
     values.update(
+        resume_ckpt="tiny",  # training from scratch: the random tiny model (the demo itself fine-tunes tiny-pretrained)
         data_root=str(ROOT / base["data_root"]),
         logdir=str(logdir),
         sample_prompts=None,

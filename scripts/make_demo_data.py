@@ -1,133 +1,131 @@
-"""Generate the demo training set: 20 small, procedurally drawn scenes with captions.
+"""Generate the demo training set: 20 drawn images of "a zorb", a concept `tiny-pretrained` has never seen.
 
     python scripts/make_demo_data.py [--out demo/data]
 
-The output is deterministic (fixed scene list, shape placement from a seeded generator),
-so re-running it reproduces the committed files. Most images are 96x96; two are 128x96 and
-two 96x128 so that resolutions above 64 exercise several aspect buckets. Captions come
-from .txt sidecars, except for one .caption sidecar and one file-name caption
-("a green square_001.png"), which exercise the other two caption rules.
+A zorb is a thick blue ring. `tiny-pretrained` (docs/tiny-models.md) was trained on filled circles, squares
+and triangles on the same white, gray and black backgrounds (plain, striped, checkered, speckled); it has
+never seen a ring, nor the word "zorb" (nor a "z"). The ring's blue is the base's own, because the base's
+frozen VAE can only draw its palette colours: the new thing is the shape, a disc with a hole. Fine-tuning on
+these images teaches it what "a zorb" is. Captions follow the base's wording: "a zorb on a striped gray
+background", "a zorb at the top left on a black background".
+
+The output is deterministic (fixed scene list, jitter from generators seeded by the scene's index), so
+re-running it reproduces the committed files. Each scene is drawn at 64-px scale onto a square, the size of
+the image's short side: most images are 96x96; two are 128x96 and two 96x128 (the background extends past
+the square, which a 64 px bucket crops off) so that resolutions above 64 exercise several aspect buckets.
+Captions come from .txt sidecars, except for one .caption sidecar and one file-name caption
+("a zorb_001.png"), which exercise the other two caption rules.
 """
 
 from __future__ import annotations
 
 import argparse
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "demo" / "data"
 
-COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (240, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
-SKIN = (230, 190, 150)
-RGB = tuple[int, int, int]
-Box = tuple[int, int, int, int]
+SCALE = 64  # the scene is laid out in pixels of a 64 px image, the base model's size
+SUPERSAMPLE = 4  # the ring is drawn this much larger, then box-filtered down: smooth edges
+ZORB_RGB = (40, 75, 220)  # tiny-pretrained's blue (scripts/pretrain_tiny.py COLOURS)
+OUTER_RADIUS = (17, 21)  # pixels at 64 px scale, drawn from this range
+HOLE_FRACTION = 0.5  # the hole's radius over the ring's
+GREY_LEVELS = {"white": 232, "gray": 128, "black": 28}  # the base's backgrounds
+TEXTURE_CONTRAST = 22  # the base's brightness step of stripes, checks and speckles
+ROWS = {"top": -12, "": 0, "bottom": 12}  # centre offsets at 64 px scale, as the base's positions
+COLUMNS = {"left": -12, "": 0, "right": 12}
+JITTER = 2  # pixels at 64 px scale, added to the centre
 SQUARE, LANDSCAPE, PORTRAIT = (96, 96), (128, 96), (96, 128)
 
 
 @dataclass(frozen=True)
 class Scene:
     file_stem: str
-    shape: str  # circle, square, triangle or person
-    color: str
-    background: str
+    background: str  # white, gray or black
+    texture: str = "plain"  # plain, striped, checkered or speckled
+    row: str = ""  # top, bottom or "" (the middle)
+    column: str = ""  # left, right or "" (the middle)
     size: tuple[int, int] = SQUARE
     caption_file: str | None = ".txt"  # None: the caption comes from the file name
 
     @property
     def caption(self) -> str:
-        if self.shape == "person":
-            subject = f"a person in {self.color} clothes"
-        else:
-            subject = f"{_article(self.color)} {self.color} {self.shape}"
-        return f"{subject} on {_article(self.background)} {self.background} background"
+        texture = "" if self.texture == "plain" else f"{self.texture} "
+        return f"a zorb{position_phrase(self.row, self.column)} on a {texture}{self.background} background"
 
 
 SCENES = [
-    Scene("scene01", "circle", "red", "blue"),
-    Scene("scene02", "square", "blue", "yellow"),
-    Scene("scene03", "triangle", "yellow", "purple"),
-    Scene("scene04", "circle", "green", "white"),
-    Scene("scene05", "square", "orange", "black"),
-    Scene("scene06", "triangle", "purple", "green"),
-    Scene("scene07", "circle", "white", "red"),
-    Scene("scene08", "square", "black", "orange"),
-    Scene("scene09", "triangle", "red", "white"),
-    Scene("scene10", "circle", "blue", "green"),
-    Scene("scene11", "person", "blue", "white"),
-    Scene("scene12", "person", "green", "blue"),
-    Scene("scene13", "circle", "yellow", "black"),
-    Scene("scene14", "triangle", "orange", "blue"),
-    Scene("scene15", "square", "red", "green", caption_file=".caption"),
-    Scene("a green square_001", "square", "green", "white", caption_file=None),
-    Scene("scene17", "circle", "purple", "yellow", size=LANDSCAPE),
-    Scene("scene18", "person", "red", "yellow", size=LANDSCAPE),
-    Scene("scene19", "person", "orange", "green", size=PORTRAIT),
-    Scene("scene20", "triangle", "blue", "orange", size=PORTRAIT),
+    Scene("scene01", "gray"),
+    Scene("scene02", "white", "striped", "top", "left"),
+    Scene("scene03", "black", row="bottom", column="right"),
+    Scene("scene04", "gray", "checkered", column="left"),
+    Scene("scene05", "white"),
+    Scene("scene06", "black", "speckled", "top"),
+    Scene("scene07", "gray", "striped", "bottom", "left"),
+    Scene("scene08", "white", "checkered", column="right"),
+    Scene("scene09", "black", "striped"),
+    Scene("scene10", "gray", "speckled", "top", "right"),
+    Scene("scene11", "white", row="bottom"),
+    Scene("scene12", "black", "checkered", "top", "left"),
+    Scene("scene13", "gray", row="top"),
+    Scene("scene14", "white", "speckled", "bottom", "right"),
+    Scene("scene15", "black", column="left", caption_file=".caption"),
+    Scene("a zorb_001", "gray", "striped", caption_file=None),
+    Scene("scene17", "white", "striped", size=LANDSCAPE),
+    Scene("scene18", "black", row="bottom", size=LANDSCAPE),
+    Scene("scene19", "gray", "checkered", column="right", size=PORTRAIT),
+    Scene("scene20", "white", "speckled", "top", size=PORTRAIT),
 ]
 
 
-def _article(word: str) -> str:
-    return "an" if word[0] in "aeiou" else "a"
+def position_phrase(row: str, column: str) -> str:
+    """The base's wording: " at the top left", " on the left", "" for the centre."""
+    if row:
+        return f" at the {' '.join(part for part in (row, column) if part)}"
+    return f" on the {column}" if column else ""
 
 
-def draw_scene(scene: Scene, rng: random.Random) -> Image.Image:
-    image = Image.new("RGB", scene.size, COLORS[scene.background])
+def background_levels(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """[height, width] grey levels: the background's level, its texture as brightness steps towards mid-grey."""
     width, height = scene.size
-    # The shape fills 40-60 % of the short side, placed anywhere it fits.
-    extent = int(min(width, height) * rng.uniform(0.4, 0.6))
-    left = rng.randint(4, width - extent - 4)
-    top = rng.randint(4, height - extent - 4)
-    box = (left, top, left + extent, top + extent)
-    DRAWERS[scene.shape](ImageDraw.Draw(image), box, COLORS[scene.color])
-    return image
+    level = GREY_LEVELS[scene.background]
+    sign = -1 if level > 128 else 1
+    period = int(rng.integers(4, 9)) * min(width, height) // SCALE
+    y, x = np.mgrid[0:height, 0:width]
+    if scene.texture == "striped":
+        pattern = (x // period) % 2
+    elif scene.texture == "checkered":
+        pattern = (x // period + y // period) % 2
+    elif scene.texture == "speckled":
+        pattern = rng.random((height, width)) < 0.3
+    else:
+        pattern = np.zeros((height, width))
+    return level + sign * TEXTURE_CONTRAST * pattern.astype(np.float32)
 
 
-def _draw_circle(draw: ImageDraw.ImageDraw, box: Box, color: RGB) -> None:
-    draw.ellipse(box, fill=color)
+def ring_alpha(scene: Scene, rng: np.random.Generator) -> np.ndarray:
+    """[height, width] coverage in [0, 1] of the ring, centred in the image's central square."""
+    width, height = scene.size
+    unit = min(width, height) / SCALE * SUPERSAMPLE  # canvas pixels per 64-px-scale pixel
+    outer = rng.uniform(*OUTER_RADIUS) * unit
+    centre_x = width * SUPERSAMPLE / 2 + (COLUMNS[scene.column] + rng.uniform(-JITTER, JITTER)) * unit
+    centre_y = height * SUPERSAMPLE / 2 + (ROWS[scene.row] + rng.uniform(-JITTER, JITTER)) * unit
+    canvas = Image.new("L", (width * SUPERSAMPLE, height * SUPERSAMPLE), 0)
+    draw = ImageDraw.Draw(canvas)
+    for radius, fill in ((outer, 255), (outer * HOLE_FRACTION, 0)):
+        draw.ellipse((centre_x - radius, centre_y - radius, centre_x + radius, centre_y + radius), fill=fill)
+    return np.asarray(canvas.resize(scene.size, Image.Resampling.BOX), dtype=np.float32) / 255
 
 
-def _draw_square(draw: ImageDraw.ImageDraw, box: Box, color: RGB) -> None:
-    draw.rectangle(box, fill=color)
-
-
-def _draw_triangle(draw: ImageDraw.ImageDraw, box: Box, color: RGB) -> None:
-    left, top, right, bottom = box
-    draw.polygon([((left + right) // 2, top), (right, bottom), (left, bottom)], fill=color)
-
-
-def _draw_person(draw: ImageDraw.ImageDraw, box: Box, color: RGB) -> None:
-    """A stick figure: round head, a body in the clothes colour, arms and legs."""
-    left, top, right, bottom = box
-    unit = (bottom - top) / 10
-    middle = (left + right) / 2
-    draw.ellipse((middle - 1.5 * unit, top, middle + 1.5 * unit, top + 3 * unit), fill=SKIN)
-    body = (middle - 1.5 * unit, top + 3 * unit, middle + 1.5 * unit, top + 7 * unit)
-    draw.rectangle(body, fill=color)
-    limb = max(1, round(unit / 2))
-    draw.line((middle - 1.5 * unit, top + 3.5 * unit, left, top + 6 * unit), fill=SKIN, width=limb)
-    draw.line((middle + 1.5 * unit, top + 3.5 * unit, right, top + 6 * unit), fill=SKIN, width=limb)
-    draw.line((middle - unit, top + 7 * unit, middle - 2 * unit, bottom), fill=SKIN, width=limb)
-    draw.line((middle + unit, top + 7 * unit, middle + 2 * unit, bottom), fill=SKIN, width=limb)
-
-
-DRAWERS = {
-    "circle": _draw_circle,
-    "square": _draw_square,
-    "triangle": _draw_triangle,
-    "person": _draw_person,
-}
+def draw_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    """The ring composited over its background."""
+    background = background_levels(scene, rng)[..., None]
+    alpha = ring_alpha(scene, rng)[..., None]
+    pixels = background * (1 - alpha) + np.array(ZORB_RGB, dtype=np.float32) * alpha
+    return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
 
 
 def write_demo_data(out: Path) -> list[Path]:
@@ -136,7 +134,7 @@ def write_demo_data(out: Path) -> list[Path]:
     written = []
     for index, scene in enumerate(SCENES):
         image_path = out / f"{scene.file_stem}.png"
-        draw_scene(scene, random.Random(index)).save(image_path, optimize=True)
+        draw_scene(scene, np.random.default_rng(index)).save(image_path, optimize=True)
         if scene.caption_file is not None:
             caption_path = out / f"{scene.file_stem}{scene.caption_file}"
             caption_path.write_text(scene.caption + "\n", encoding="utf-8")

@@ -424,9 +424,9 @@ def test_demo_data_scans_cleanly_with_all_three_caption_rules(demo_items):
     result = scan_images(DEMO_DATA)
     assert (len(result.items), result.skipped, result.warnings) == (20, [], [])
     captions = {item.path.name: item.caption for item in result.items}
-    assert captions["scene01.png"] == "a red circle on a blue background"
-    assert captions["scene15.png"] == "a red square on a green background"  # .caption sidecar
-    assert captions["a green square_001.png"] == "a green square"  # file name
+    assert captions["scene01.png"] == "a zorb on a gray background"
+    assert captions["scene15.png"] == "a zorb on the left on a black background"  # .caption sidecar
+    assert captions["a zorb_001.png"] == "a zorb"  # file name
     assert {(item.width, item.height) for item in result.items} == {(96, 96), (128, 96), (96, 128)}
 
 
