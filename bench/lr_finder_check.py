@@ -51,7 +51,9 @@ def demo_values(logdir: Path) -> dict:
     base = json.loads(DEMO.read_text())
     values = {key: value for key, value in base.items() if key not in SCHEDULE_KEYS}
     values.update(
-        resume_ckpt="tiny",  # training from scratch: the random tiny model (the demo itself fine-tunes tiny-pretrained)
+        # Training from scratch: the random tiny model, text encoder too (the demo fine-tunes tiny-pretrained's UNet).
+        resume_ckpt="tiny",
+        disable_textenc_training=False,
         data_root=str(ROOT / base["data_root"]),
         logdir=str(logdir),
         sample_prompts=None,
