@@ -1,14 +1,23 @@
-"""Does the LR finder's suggestion land where training works best? The random tiny model on the demo data, on the CPU.
+"""Does the LR finder's suggestion land where training works best? Two cases, on the CPU.
 
-1. `--find_lr` on the demo data (configs/demo.json: 16 training images, 4 held out, batch 4, AdamW, fp32).
-2. Short trainings of the same length at a grid of constant LRs, below, inside and above the suggested range,
-   and one cyclic run over the suggested range (the config --find_lr_write would write), each scored by the
-   stabilized validation loss it reaches.
+From scratch: the random tiny model on the demo data (configs/demo.json's data: 16 training images, 4 held out,
+batch 4, AdamW, fp32, the text encoder trained too).
+1. `--find_lr`, then short trainings of the same length at a grid of constant LRs, below, inside and above the
+   suggested range, and one cyclic run over the suggested range (the config --find_lr_write would write), each
+   scored by the stabilized validation loss it ends with.
 
-    python bench/lr_finder_check.py            # about 4-5 minutes on 2 idle CPU cores
-    python bench/lr_finder_check.py --quick    # a smaller grid, for a smoke test
+Fine-tuning: `tiny-pretrained` (which draws coloured shapes) learning a concept it has never seen, as the demo does
+(UNet only): "a zorb" (the demo's rings) and "a quib" (plus signs, scripts/make_demo_data.py --concept quib), each
+with three training seeds.
+2. The same sweep, grid and cyclic run at fine-tuning LRs, each scored by its lowest validation loss (validated
+   every 2 epochs), as a user picks the best epoch. Goal: the best constant LR inside the suggested
+   [lr_min, lr] in every case, and the cyclic run within 5% of the best constant's loss.
 
-The output is also written to bench/results/lr_finder_check.txt.
+    python bench/lr_finder_check.py                     # both cases: about an hour on one free CPU core
+    python bench/lr_finder_check.py --case scratch      # about 11 minutes
+    python bench/lr_finder_check.py --case finetune --quick   # one concept, one seed, three grid points
+
+Results: bench/results/lr_finder_check.txt (from scratch) and lr_finder_check_finetune.txt.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import argparse
 import io
 import json
 import math
+import runpy
 import sys
 import tempfile
 import time
@@ -29,9 +39,12 @@ sys.path.insert(0, str(ROOT))
 from trainer.loop import train  # noqa: E402
 from trainer.lr_finder import find_lr  # noqa: E402
 from utils.config import load_config  # noqa: E402
+from utils.quiet import quiet_third_party_output  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.json"
 RESULTS = ROOT / "bench" / "results" / "lr_finder_check.txt"
+RESULTS_FINETUNE = ROOT / "bench" / "results" / "lr_finder_check_finetune.txt"
+RECORD_FINETUNE = ROOT / "bench" / "results" / "lr_finder_check_finetune.json"
 STEPS = 120  # each training of the grid, and the sweep: 30 epochs of 4 steps
 SWEEP = {
     "lr_find_start": 1e-5,
@@ -42,6 +55,18 @@ SWEEP = {
 }
 GRID = (3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 QUICK_GRID = (3e-5, 3e-3, 1e-1)
+# Fine-tuning: the demo's base and trained part, validation every 2 epochs (the score is the lowest validation loss).
+FINE_TUNE = {
+    "resume_ckpt": "tiny-pretrained",
+    "disable_textenc_training": True,
+}
+FINE_TUNE_VALIDATE_EVERY = 2  # epochs
+FINE_TUNE_SWEEP = {**SWEEP, "lr_find_start": 1e-7, "lr_find_end": 0.03}
+GRID_FT = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+QUICK_GRID_FT = (1e-5, 1e-4, 1e-3)
+FINE_TUNE_CONCEPTS = ("zorb", "quib")
+FINE_TUNE_SEEDS = (1, 2, 3)
+GOAL_RATIO = 1.05
 # demo.json's own schedule keys; the grid replaces them with a constant LR.
 SCHEDULE_KEYS = ("lr", "lr_min", "lr_scheduler", "lr_stepsize_epochs", "lr_cycle_start", "lr_end_at_low")
 
@@ -71,71 +96,135 @@ def quietly(function, *args):
         return function(*args)
 
 
-def train_at(values: dict, **schedule) -> tuple[float, float]:
-    """(final validation loss, seconds) of one training run."""
+def train_at(values: dict, score: str, **schedule) -> tuple[float, float]:
+    """(validation loss `score`: "final" or "min", seconds) of one training run."""
     started = time.monotonic()
     summary = quietly(train, load_config(None, {**values, **schedule}))
-    return summary["val_loss"]["final"], time.monotonic() - started
+    return summary["val_loss"][score], time.monotonic() - started
 
 
 def where(lr: float, low: float, high: float) -> str:
     return "below" if lr < low else "above" if lr > high else "inside"
 
 
-def write_results(lines: list[str]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n", encoding="utf-8")
+def write_results(path: Path, lines: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def sweep_and_grid(values: dict, sweep: dict, grid, score: str, say) -> dict | None:
+    """The LR finder's suggestion, then constant runs on `grid` and a cyclic run over the suggestion, each scored by
+    the summary's validation loss `score` ("final" or "min"). None when the finder backs no range."""
+    result = quietly(find_lr, load_config(None, {**values, **sweep}))
+    suggestion, log = result.suggestion, result.log
+    say(
+        f"  sweep: {log.rows[-1]['step']} steps in {log.seconds:.0f} s, {log.probe_count} probes "
+        f"({result.probe_source}) took {log.probe_seconds:.0f} s = {100 * log.probe_seconds / log.seconds:.0f}%"
+        + (f"; stopped early: {log.stopped_early}" if log.stopped_early else "")
+    )
+    say(f"  {suggestion.status}: {suggestion.reason}")
+    if not suggestion.backed:
+        say("  no backed range, so no grid to compare it with")
+        return None
+    low, high = suggestion.lr_min, suggestion.lr
+    say(f"  suggested: lr_min {low:.3g}, lr {high:.3g}, steepest {suggestion.lr_steepest:.3g}")
+    before = log.rows[0]["probe_loss"]
+    say(f"  {'lr':>9}  {'where':>6}  {score + ' val':>9}  {'seconds':>7}   (before training: {before:.4f})")
+    scores = {}
+    for lr in grid:
+        scores[lr], seconds = train_at(values, score, lr=lr, lr_scheduler="constant")
+        say(f"  {lr:9.3g}  {where(lr, low, high):>6}  {scores[lr]:9.4f}  {seconds:7.0f}")
+    # Three whole cycles fill the run exactly and end on a low point, as the paper advises.
+    cyclic, seconds = train_at(values, score, lr_scheduler="cyclic", lr_min=low, lr=high, lr_cycles=3)
+    say(f"  cyclic {low:.3g} to {high:.3g}, 3 cycles: {cyclic:.4f} ({seconds:.0f} s)")
+    finite = {lr: value for lr, value in scores.items() if math.isfinite(value)}
+    best = min(finite, key=finite.get)
+    verdict = {
+        "low": low,
+        "high": high,
+        "best": best,
+        "inside": low <= best <= high,
+        "ratio": cyclic / finite[best],
+        "constant": scores,
+        "cyclic": cyclic,
+        "sweep": [(row["lr"], row["probe_loss"]) for row in log.rows if row["probe_loss"] is not None],
+    }
+    say(
+        f"  best constant: {best:g} ({finite[best]:.4f}), {where(best, low, high)} the range; cyclic / best "
+        f"constant: {verdict['ratio']:.3f}"
+    )
+    return verdict
+
+
+def from_scratch(quick: bool, logdir: Path, say) -> bool:
+    values = demo_values(logdir)
+    say(f"LR finder on the demo data, the random tiny model: {json.dumps(SWEEP)}")
+    verdict = sweep_and_grid(values, SWEEP, QUICK_GRID if quick else GRID, "final", say)
+    return verdict is not None and verdict["inside"]
+
+
+def concept_data(concept: str, folder: Path) -> Path:
+    """The 20 images of `concept` (scripts/make_demo_data.py), written into `folder`."""
+    generator = runpy.run_path(str(ROOT / "scripts" / "make_demo_data.py"), run_name="make_demo_data")
+    generator["write_demo_data"](folder, concept)
+    return folder
+
+
+def fine_tuning(quick: bool, logdir: Path, say) -> bool:
+    """Every concept x seed: the verdicts, and whether all meet the goal."""
+    verdicts = []
+    say(f"LR finder on fine-tuning tiny-pretrained (UNet only): {json.dumps(FINE_TUNE_SWEEP)}")
+    for concept in FINE_TUNE_CONCEPTS[:1] if quick else FINE_TUNE_CONCEPTS:
+        data = concept_data(concept, logdir / f"data-{concept}")
+        for seed in FINE_TUNE_SEEDS[:1] if quick else FINE_TUNE_SEEDS:
+            say()
+            say(f"a {concept}, seed {seed}:")
+            values = {**demo_values(logdir), **FINE_TUNE, "data_root": str(data), "seed": seed}
+            values["validation_config"] = {**values["validation_config"], "every_n_epochs": FINE_TUNE_VALIDATE_EVERY}
+            verdict = sweep_and_grid(values, FINE_TUNE_SWEEP, QUICK_GRID_FT if quick else GRID_FT, "min", say)
+            verdicts.append((concept, seed, verdict))
+    say()
+    say("summary: concept  seed  suggested range        best constant  inside  cyclic / best")
+    for concept, seed, verdict in verdicts:
+        if verdict is None:
+            say(f"         {concept:7}  {seed:4}  (no backed range)")
+            continue
+        say(
+            f"         {concept:7}  {seed:4}  {verdict['low']:.3g} to {verdict['high']:<9.3g}  {verdict['best']:<13g}  "
+            f"{'yes' if verdict['inside'] else 'NO':6}  {verdict['ratio']:.3f}"
+        )
+    # The sweeps' probe points and every run's score, to try a change of suggest_range on them without training.
+    RECORD_FINETUNE.write_text(json.dumps([{"concept": c, "seed": s, **(v or {})} for c, s, v in verdicts]) + "\n")
+    met = all(v is not None and v["inside"] and v["ratio"] <= GOAL_RATIO for _, _, v in verdicts)
+    say(
+        f"goal (best constant inside the range, cyclic within {GOAL_RATIO - 1:.0%} of it) in every case: "
+        f"{'met' if met else 'NOT met'}"
+    )
+    return met
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="three grid points only")
+    parser.add_argument("--quick", action="store_true", help="three grid points (and one concept and seed) only")
+    parser.add_argument("--case", choices=("all", "scratch", "finetune"), default="all")
     args = parser.parse_args()
-    lines: list[str] = []
+    quiet_third_party_output()
+    ok = True
+    for case, run, results in (("scratch", from_scratch, RESULTS), ("finetune", fine_tuning, RESULTS_FINETUNE)):
+        if args.case not in ("all", case):
+            continue
+        lines: list[str] = []
 
-    def say(line: str = "") -> None:
-        print(line, flush=True)
-        lines.append(line)
+        def say(line: str = "", lines=lines) -> None:
+            print(line, flush=True)
+            lines.append(line)
 
-    started = time.monotonic()
-    with tempfile.TemporaryDirectory() as logdir:
-        values = demo_values(Path(logdir))
-        result = quietly(find_lr, load_config(None, {**values, **SWEEP}))
-        suggestion, log = result.suggestion, result.log
-        say(f"LR finder on the demo data: {json.dumps(SWEEP)}")
-        say(
-            f"  {log.rows[-1]['step']} steps in {log.seconds:.0f} s, {log.probe_count} probes "
-            f"({result.probe_source}) took {log.probe_seconds:.0f} s = {100 * log.probe_seconds / log.seconds:.0f}%"
-            + (f"; stopped early: {log.stopped_early}" if log.stopped_early else "")
-        )
-        say(f"  {suggestion.status}: {suggestion.reason}")
-        if not suggestion.backed:
-            say("  no backed range, so no grid to compare it with")
-            write_results(lines)
-            return 1
-        low, high = suggestion.lr_min, suggestion.lr
-        say(f"  suggested: lr_min {low:.3g}, lr {high:.3g}, steepest {suggestion.lr_steepest:.3g}")
-        say()
-        say(f"Constant LR, {STEPS} steps each (validation loss before training: {log.rows[0]['probe_loss']:.4f}):")
-        say(f"  {'lr':>9}  {'where':>6}  {'val loss':>9}  {'seconds':>7}")
-        scores = {}
-        for lr in QUICK_GRID if args.quick else GRID:
-            loss, seconds = train_at(values, lr=lr, lr_scheduler="constant")
-            scores[lr] = loss
-            say(f"  {lr:9.3g}  {where(lr, low, high):>6}  {loss:9.4f}  {seconds:7.0f}")
-        # Three whole cycles fill the run exactly and end on a low point, as the paper advises.
-        loss, seconds = train_at(values, lr_scheduler="cyclic", lr_min=low, lr=high, lr_cycles=3)
-        say(f"  cyclic {low:.3g} to {high:.3g}, 3 cycles: val loss {loss:.4f} ({seconds:.0f} s)")
-        finite = {lr: value for lr, value in scores.items() if math.isfinite(value)}
-        best = min(finite, key=finite.get)
-        say()
-        say(
-            f"best constant LR of the grid: {best:g} (val loss {finite[best]:.4f}), {where(best, low, high)} the "
-            f"suggested range {low:.3g} to {high:.3g}; the cyclic run over the range: {loss:.4f}"
-        )
-    say(f"total {time.monotonic() - started:.0f} s")
-    write_results(lines)
-    return 0
+        started = time.monotonic()
+        with tempfile.TemporaryDirectory() as logdir:
+            ok = run(args.quick, Path(logdir), say) and ok
+        say(f"total {time.monotonic() - started:.0f} s")
+        write_results(results, lines)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

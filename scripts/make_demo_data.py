@@ -1,6 +1,6 @@
 """Generate the demo training set: 20 drawn images of "a zorb", a concept `tiny-pretrained` has never seen.
 
-    python scripts/make_demo_data.py [--out demo/data]
+    python scripts/make_demo_data.py [--out demo/data] [--concept zorb]
 
 A zorb is a thick blue ring. `tiny-pretrained` (docs/tiny-models.md) was trained on filled circles, squares
 and triangles on the same white, gray and black backgrounds (plain, striped, checkered, speckled); it has
@@ -8,6 +8,9 @@ never seen a ring, nor the word "zorb" (nor a "z"). The ring's blue is the base'
 frozen VAE can only draw its palette colours: the new thing is the shape, a disc with a hole. Fine-tuning on
 these images teaches it what "a zorb" is. Captions follow the base's wording: "a zorb on a striped gray
 background", "a zorb at the top left on a black background".
+
+`--concept quib` draws a second new concept the same way: "a quib", a thick yellow plus sign (bench/lr_finder_check.py
+checks the LR finder on both).
 
 The output is deterministic (fixed scene list, jitter from generators seeded by the scene's index), so
 re-running it reproduces the committed files. Each scene is drawn at 64-px scale onto a square, the size of
@@ -30,9 +33,22 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "demo" / "data"
 
 SCALE = 64  # the scene is laid out in pixels of a 64 px image, the base model's size
 SUPERSAMPLE = 4  # the ring is drawn this much larger, then box-filtered down: smooth edges
-ZORB_RGB = (40, 75, 220)  # tiny-pretrained's blue (scripts/pretrain_tiny.py COLOURS)
+
+@dataclass(frozen=True)
+class Concept:
+    word: str  # the new word of the captions and of the file-name caption
+    rgb: tuple[int, int, int]  # one of tiny-pretrained's colours (scripts/pretrain_tiny.py COLOURS)
+    shape: str  # "ring" or "plus": shapes the base has never seen
+
+
+CONCEPTS = {
+    "zorb": Concept("zorb", (40, 75, 220), "ring"),  # a thick blue ring: the demo's
+    "quib": Concept("quib", (235, 200, 40), "plus"),  # a thick yellow plus sign
+}
+DEFAULT_CONCEPT = "zorb"
 OUTER_RADIUS = (17, 21)  # pixels at 64 px scale, drawn from this range
 HOLE_FRACTION = 0.5  # the hole's radius over the ring's
+BAR_FRACTION = 0.45  # the plus sign's bar width over its span
 GREY_LEVELS = {"white": 232, "gray": 128, "black": 28}  # the base's backgrounds
 TEXTURE_CONTRAST = 22  # the base's brightness step of stripes, checks and speckles
 ROWS = {"top": -12, "": 0, "bottom": 12}  # centre offsets at 64 px scale, as the base's positions
@@ -51,10 +67,13 @@ class Scene:
     size: tuple[int, int] = SQUARE
     caption_file: str | None = ".txt"  # None: the caption comes from the file name
 
-    @property
-    def caption(self) -> str:
+    def caption(self, word: str) -> str:
         texture = "" if self.texture == "plain" else f"{self.texture} "
-        return f"a zorb{position_phrase(self.row, self.column)} on a {texture}{self.background} background"
+        return f"a {word}{position_phrase(self.row, self.column)} on a {texture}{self.background} background"
+
+    def stem(self, word: str) -> str:
+        """The file name without its suffix, the concept's word in the file-name caption ("a zorb_001")."""
+        return self.file_stem.replace(DEFAULT_CONCEPT, word)
 
 
 SCENES = [
@@ -106,8 +125,9 @@ def background_levels(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     return level + sign * TEXTURE_CONTRAST * pattern.astype(np.float32)
 
 
-def ring_alpha(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """[height, width] coverage in [0, 1] of the ring, centred in the image's central square."""
+def shape_alpha(scene: Scene, shape: str, rng: np.random.Generator) -> np.ndarray:
+    """[height, width] coverage in [0, 1] of the concept's shape (a ring or a plus sign), centred in the image's
+    central square."""
     width, height = scene.size
     unit = min(width, height) / SCALE * SUPERSAMPLE  # canvas pixels per 64-px-scale pixel
     outer = rng.uniform(*OUTER_RADIUS) * unit
@@ -115,29 +135,35 @@ def ring_alpha(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     centre_y = height * SUPERSAMPLE / 2 + (ROWS[scene.row] + rng.uniform(-JITTER, JITTER)) * unit
     canvas = Image.new("L", (width * SUPERSAMPLE, height * SUPERSAMPLE), 0)
     draw = ImageDraw.Draw(canvas)
-    for radius, fill in ((outer, 255), (outer * HOLE_FRACTION, 0)):
-        draw.ellipse((centre_x - radius, centre_y - radius, centre_x + radius, centre_y + radius), fill=fill)
+    if shape == "ring":
+        for radius, fill in ((outer, 255), (outer * HOLE_FRACTION, 0)):
+            draw.ellipse((centre_x - radius, centre_y - radius, centre_x + radius, centre_y + radius), fill=fill)
+    else:
+        bar = outer * BAR_FRACTION
+        draw.rectangle((centre_x - outer, centre_y - bar, centre_x + outer, centre_y + bar), fill=255)
+        draw.rectangle((centre_x - bar, centre_y - outer, centre_x + bar, centre_y + outer), fill=255)
     return np.asarray(canvas.resize(scene.size, Image.Resampling.BOX), dtype=np.float32) / 255
 
 
-def draw_scene(scene: Scene, rng: np.random.Generator) -> Image.Image:
-    """The ring composited over its background."""
+def draw_scene(scene: Scene, concept: Concept, rng: np.random.Generator) -> Image.Image:
+    """The concept's shape composited over the scene's background."""
     background = background_levels(scene, rng)[..., None]
-    alpha = ring_alpha(scene, rng)[..., None]
-    pixels = background * (1 - alpha) + np.array(ZORB_RGB, dtype=np.float32) * alpha
+    alpha = shape_alpha(scene, concept.shape, rng)[..., None]
+    pixels = background * (1 - alpha) + np.array(concept.rgb, dtype=np.float32) * alpha
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
 
 
-def write_demo_data(out: Path) -> list[Path]:
-    """Write every scene (image plus caption sidecar) into out; returns the image paths."""
+def write_demo_data(out: Path, concept: str = DEFAULT_CONCEPT) -> list[Path]:
+    """Write every scene (image plus caption sidecar) of `concept` into out; returns the image paths."""
+    drawn = CONCEPTS[concept]
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for index, scene in enumerate(SCENES):
-        image_path = out / f"{scene.file_stem}.png"
-        draw_scene(scene, np.random.default_rng(index)).save(image_path, optimize=True)
+        image_path = out / f"{scene.stem(drawn.word)}.png"
+        draw_scene(scene, drawn, np.random.default_rng(index)).save(image_path, optimize=True)
         if scene.caption_file is not None:
-            caption_path = out / f"{scene.file_stem}{scene.caption_file}"
-            caption_path.write_text(scene.caption + "\n", encoding="utf-8")
+            caption_path = out / f"{scene.stem(drawn.word)}{scene.caption_file}"
+            caption_path.write_text(scene.caption(drawn.word) + "\n", encoding="utf-8")
         written.append(image_path)
     return written
 
@@ -145,8 +171,9 @@ def write_demo_data(out: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: demo/data)")
+    parser.add_argument("--concept", choices=list(CONCEPTS), default=DEFAULT_CONCEPT)
     args = parser.parse_args()
-    written = write_demo_data(args.out)
+    written = write_demo_data(args.out, args.concept)
     print(f"wrote {len(written)} images to {args.out}")
 
 
