@@ -16,6 +16,7 @@ with three training seeds.
     python bench/lr_finder_check.py                     # both cases: about an hour on one free CPU core
     python bench/lr_finder_check.py --case scratch      # about 11 minutes
     python bench/lr_finder_check.py --case finetune --quick   # one concept, one seed, three grid points
+    python bench/lr_finder_check.py --case replay       # the recorded fine-tuning sweeps through today's rule
 
 Results: bench/results/lr_finder_check.txt (from scratch) and lr_finder_check_finetune.txt.
 """
@@ -37,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from trainer.loop import train  # noqa: E402
-from trainer.lr_finder import find_lr  # noqa: E402
+from trainer.lr_finder import find_lr, suggest_range  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.quiet import quiet_third_party_output  # noqa: E402
 
@@ -45,6 +46,7 @@ DEMO = ROOT / "configs" / "demo.json"
 RESULTS = ROOT / "bench" / "results" / "lr_finder_check.txt"
 RESULTS_FINETUNE = ROOT / "bench" / "results" / "lr_finder_check_finetune.txt"
 RECORD_FINETUNE = ROOT / "bench" / "results" / "lr_finder_check_finetune.json"
+RESULTS_REPLAY = ROOT / "bench" / "results" / "lr_finder_check_replay.txt"
 STEPS = 120  # each training of the grid, and the sweep: 30 epochs of 4 steps
 SWEEP = {
     "lr_find_start": 1e-5,
@@ -134,9 +136,20 @@ def sweep_and_grid(values: dict, sweep: dict, grid, score: str, say) -> dict | N
     for lr in grid:
         scores[lr], seconds = train_at(values, score, lr=lr, lr_scheduler="constant")
         say(f"  {lr:9.3g}  {where(lr, low, high):>6}  {scores[lr]:9.4f}  {seconds:7.0f}")
+    cyclic = cyclic_run(values, score, low, high, say)
+    sweep = [(row["lr"], row["probe_loss"]) for row in log.rows if row["probe_loss"] is not None]
+    return verdict_of(low, high, scores, cyclic, sweep, say)
+
+
+def cyclic_run(values: dict, score: str, low: float, high: float, say) -> float:
     # Three whole cycles fill the run exactly and end on a low point, as the paper advises.
     cyclic, seconds = train_at(values, score, lr_scheduler="cyclic", lr_min=low, lr=high, lr_cycles=3)
     say(f"  cyclic {low:.3g} to {high:.3g}, 3 cycles: {cyclic:.4f} ({seconds:.0f} s)")
+    return cyclic
+
+
+def verdict_of(low: float, high: float, scores: dict, cyclic: float, sweep: list, say) -> dict:
+    """Where the best constant LR lies against the range, and the cyclic run's score over the best constant's."""
     finite = {lr: value for lr, value in scores.items() if math.isfinite(value)}
     best = min(finite, key=finite.get)
     verdict = {
@@ -147,7 +160,7 @@ def sweep_and_grid(values: dict, sweep: dict, grid, score: str, say) -> dict | N
         "ratio": cyclic / finite[best],
         "constant": scores,
         "cyclic": cyclic,
-        "sweep": [(row["lr"], row["probe_loss"]) for row in log.rows if row["probe_loss"] is not None],
+        "sweep": sweep,
     }
     say(
         f"  best constant: {best:g} ({finite[best]:.4f}), {where(best, low, high)} the range; cyclic / best "
@@ -170,19 +183,54 @@ def concept_data(concept: str, folder: Path) -> Path:
     return folder
 
 
+def fine_tune_values(logdir: Path, concept: str, seed: int) -> dict:
+    data = logdir / f"data-{concept}"
+    if not data.is_dir():
+        concept_data(concept, data)
+    values = {**demo_values(logdir), **FINE_TUNE, "data_root": str(data), "seed": seed}
+    values["validation_config"] = {**values["validation_config"], "every_n_epochs": FINE_TUNE_VALIDATE_EVERY}
+    return values
+
+
 def fine_tuning(quick: bool, logdir: Path, say) -> bool:
-    """Every concept x seed: the verdicts, and whether all meet the goal."""
+    """Every concept x seed: sweep, grid and cyclic run; whether all meet the goal."""
     verdicts = []
     say(f"LR finder on fine-tuning tiny-pretrained (UNet only): {json.dumps(FINE_TUNE_SWEEP)}")
     for concept in FINE_TUNE_CONCEPTS[:1] if quick else FINE_TUNE_CONCEPTS:
-        data = concept_data(concept, logdir / f"data-{concept}")
         for seed in FINE_TUNE_SEEDS[:1] if quick else FINE_TUNE_SEEDS:
             say()
             say(f"a {concept}, seed {seed}:")
-            values = {**demo_values(logdir), **FINE_TUNE, "data_root": str(data), "seed": seed}
-            values["validation_config"] = {**values["validation_config"], "every_n_epochs": FINE_TUNE_VALIDATE_EVERY}
+            values = fine_tune_values(logdir, concept, seed)
             verdict = sweep_and_grid(values, FINE_TUNE_SWEEP, QUICK_GRID_FT if quick else GRID_FT, "min", say)
             verdicts.append((concept, seed, verdict))
+    # The sweeps' probe points and every run's score, to try a change of suggest_range on them without training.
+    RECORD_FINETUNE.write_text(json.dumps([{"concept": c, "seed": s, **(v or {})} for c, s, v in verdicts]) + "\n")
+    return summarise(verdicts, say)
+
+
+def replay(quick: bool, logdir: Path, say) -> bool:
+    """The recorded fine-tuning sweeps read by today's suggest_range, a cyclic run over each range it gives, against
+    the recorded constant runs: a change of the rule checked without sweeping and training the grid again. The
+    sweep does not depend on the rule; the same seed gives the same cyclic run."""
+    verdicts = []
+    say(f"Replay of {RECORD_FINETUNE.name}: the recorded sweeps through today's suggest_range")
+    for case in json.loads(RECORD_FINETUNE.read_text()):
+        say()
+        say(f"a {case['concept']}, seed {case['seed']}:")
+        points = [(lr, loss) for lr, loss in case["sweep"] if lr > 0]  # SweepLog.probe_points: after an update
+        suggestion = suggest_range([lr for lr, _ in points], [loss for _, loss in points], "exponential")
+        say(f"  {suggestion.status}: {suggestion.reason}")
+        if not suggestion.backed:
+            verdicts.append((case["concept"], case["seed"], None))
+            continue
+        low, high = suggestion.lr_min, suggestion.lr
+        cyclic = cyclic_run(fine_tune_values(logdir, case["concept"], case["seed"]), "min", low, high, say)
+        scores = {float(lr): value for lr, value in case["constant"].items()}  # JSON keys are strings
+        verdicts.append((case["concept"], case["seed"], verdict_of(low, high, scores, cyclic, case["sweep"], say)))
+    return summarise(verdicts, say)
+
+
+def summarise(verdicts: list, say) -> bool:
     say()
     say("summary: concept  seed  suggested range        best constant  inside  cyclic / best")
     for concept, seed, verdict in verdicts:
@@ -193,8 +241,6 @@ def fine_tuning(quick: bool, logdir: Path, say) -> bool:
             f"         {concept:7}  {seed:4}  {verdict['low']:.3g} to {verdict['high']:<9.3g}  {verdict['best']:<13g}  "
             f"{'yes' if verdict['inside'] else 'NO':6}  {verdict['ratio']:.3f}"
         )
-    # The sweeps' probe points and every run's score, to try a change of suggest_range on them without training.
-    RECORD_FINETUNE.write_text(json.dumps([{"concept": c, "seed": s, **(v or {})} for c, s, v in verdicts]) + "\n")
     met = all(v is not None and v["inside"] and v["ratio"] <= GOAL_RATIO for _, _, v in verdicts)
     say(
         f"goal (best constant inside the range, cyclic within {GOAL_RATIO - 1:.0%} of it) in every case: "
@@ -206,12 +252,17 @@ def fine_tuning(quick: bool, logdir: Path, say) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="three grid points (and one concept and seed) only")
-    parser.add_argument("--case", choices=("all", "scratch", "finetune"), default="all")
+    parser.add_argument("--case", choices=("all", "scratch", "finetune", "replay"), default="all")
     args = parser.parse_args()
     quiet_third_party_output()
     ok = True
-    for case, run, results in (("scratch", from_scratch, RESULTS), ("finetune", fine_tuning, RESULTS_FINETUNE)):
-        if args.case not in ("all", case):
+    cases = (
+        ("scratch", from_scratch, RESULTS),
+        ("finetune", fine_tuning, RESULTS_FINETUNE),
+        ("replay", replay, RESULTS_REPLAY),
+    )
+    for case, run, results in cases:
+        if args.case != case and not (args.case == "all" and case != "replay"):
             continue
         lines: list[str] = []
 

@@ -34,6 +34,7 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "demo" / "data"
 SCALE = 64  # the scene is laid out in pixels of a 64 px image, the base model's size
 SUPERSAMPLE = 4  # the ring is drawn this much larger, then box-filtered down: smooth edges
 
+
 @dataclass(frozen=True)
 class Concept:
     word: str  # the new word of the captions and of the file-name caption

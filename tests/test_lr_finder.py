@@ -103,20 +103,22 @@ def suggest(losses) -> Suggestion:
 def test_clean_curve_gives_the_range_around_its_descent():
     result = suggest(u_curve())
     assert result.backed, result.reason
-    assert -7.1 <= math.log10(result.lr_min) <= -6.8  # 10% of the fall is reached at 10^-6.94
+    assert -7.1 <= math.log10(result.lr_onset) <= -6.8  # 10% of the fall is reached at 10^-6.94
     assert -6.6 <= math.log10(result.lr_steepest) <= -6.4
     assert -6.1 <= math.log10(result.lr) <= -5.5
-    assert result.lr_min < result.lr_steepest < result.lr
+    assert result.lr_onset < result.lr_steepest < result.lr
+    assert result.lr_min == result.lr_steepest  # the cycle's floor: where the loss falls fastest, not the onset
 
 
 @pytest.mark.parametrize("seed", range(8))
 def test_noisy_curve_gives_about_the_same_range(seed):
     result = suggest(u_curve(noise=0.001, seed=seed))
     assert result.backed, result.reason
-    assert -7.2 <= math.log10(result.lr_min) <= -6.6
+    assert -7.2 <= math.log10(result.lr_onset) <= -6.6
     assert -6.8 <= math.log10(result.lr_steepest) <= -6.2
     assert -6.3 <= math.log10(result.lr) <= -5.5
-    assert result.lr_min < result.lr_steepest <= result.lr
+    assert result.lr_onset < result.lr_steepest <= result.lr
+    assert result.lr_min == result.lr_steepest
 
 
 def test_the_noise_level_is_read_from_the_curve():

@@ -22,14 +22,18 @@ How the range is read (`suggest_range`, a pure function of the probe points):
    exceeds the margin `max(3 sigma, 0.5% of the median smoothed loss)`.
 4. Descent: from the highest smoothed point before the lowest one (the top) down to the lowest (the best).
    A fall smaller than the margin is no descent.
-5. `lr_min` (where the loss starts to fall): the first probe at which the smoothed loss has fallen from the
+5. The onset (where the loss starts to fall): the first probe at which the smoothed loss has fallen from the
    top by the margin and by at least 10% of the whole descent.
-6. `lr` (where the loss stops falling): the first probe from `lr_min` on whose smoothed loss is within the
+6. `lr` (where the loss stops falling): the first probe from the onset on whose smoothed loss is within the
    margin of the best; past it the loss no longer falls measurably, and where exactly on that floor the
    minimum sits is noise.
 7. It must turn: after the best point the smoothed loss rises by more than the margin (or turns NaN/inf).
    Without a turn the upper bound lies beyond the sweep, and no `lr` is given.
-8. `lr_steepest`: the most negative slope of the smoothed curve (on the ramp's axis) between `lr_min` and `lr`.
+8. `lr_steepest`: the most negative slope of the smoothed curve (on the ramp's axis) between the onset and `lr`.
+9. `lr_min` is `lr_steepest`, not the onset: an exponential sweep's onset can lie decades below `lr`, where the
+   loss barely moves, and a cycle spends half its time in the lower half of its range. Fine-tuning
+   `tiny-pretrained`, cycles down to the onset reached a validation loss up to 10% above the best constant LR's,
+   cycles from the steepest point within 5% (bench/lr_finder_check.py, docs/lr-finder.md).
 
 Anything short of that (too few probes, no clear fall, a fall too small to place both bounds, no turn) gives
 no backed range: the status and reason say what was seen and how to sweep instead.
@@ -195,6 +199,7 @@ class Suggestion:
     lr_min: float | None = None
     lr: float | None = None
     lr_steepest: float | None = None
+    lr_onset: float | None = None  # where the loss starts to fall (with no turn, lr_min; otherwise below it)
     smoothed: tuple[float, ...] = ()  # one value per finite probe point, in order
     noise: float | None = None  # sigma of the probe loss around the curve
     margin: float | None = None  # the smallest change the rule calls clear
@@ -268,16 +273,18 @@ def suggest_range(lrs: Sequence[float], losses: Sequence[float], ramp: str) -> S
                 f"(LR {lrs[-1]:.3g}): the upper bound lies beyond it. Sweep to a higher lr_find_end."
             ),
             lr_min=lrs[onset],
+            lr_onset=lrs[onset],
             **measured,
         )
     slopes = np.gradient(smoothed)
     steepest = onset + int(np.argmin(slopes[onset : upper + 1]))
     return Suggestion(
         "ok",
-        _ok_reason(lrs, onset, upper, best, truncated, ramp),
-        lr_min=lrs[onset],
+        _ok_reason(lrs, (onset, steepest, upper, best), truncated, ramp),
+        lr_min=lrs[steepest],
         lr=lrs[upper],
         lr_steepest=lrs[steepest],
+        lr_onset=lrs[onset],
         **measured,
     )
 
@@ -312,13 +319,15 @@ def _no_descent_reason(drop: float, margin: float, smoothed: np.ndarray, truncat
     return seen + "Sweep to a higher lr_find_end, or over more steps (lr_find_steps / lr_find_epochs)."
 
 
-def _ok_reason(lrs, onset: int, upper: int, best: int, truncated: bool, ramp: str) -> str:
+def _ok_reason(lrs, points: tuple[int, int, int, int], truncated: bool, ramp: str) -> str:
+    """`points`: the indices of the onset, the steepest fall, the upper bound and the lowest point."""
+    onset, steepest, upper, best = points
     turn = "turns NaN/inf" if truncated else "turns up"
     if best > upper:
         turn += f" after LR {lrs[best]:.3g}"
     reason = (
-        f"the smoothed probe loss falls clearly from LR {lrs[onset]:.3g}, stops falling at {lrs[upper]:.3g} "
-        f"and then {turn} ({ramp} sweep)."
+        f"the smoothed probe loss falls clearly from LR {lrs[onset]:.3g}, fastest at {lrs[steepest]:.3g}, stops "
+        f"falling at {lrs[upper]:.3g} and then {turn} ({ramp} sweep)."
     )
     if onset == 0:
         reason += " It falls from the first probe: learning may start below lr_find_start."
@@ -509,6 +518,7 @@ def result_json(result: FinderResult) -> dict:
         "lr_min": suggestion.lr_min,
         "lr": suggestion.lr,
         "lr_steepest": suggestion.lr_steepest,
+        "lr_onset": suggestion.lr_onset,
         "status": suggestion.status,
         "reason": suggestion.reason,
         "noise": suggestion.noise,
