@@ -37,10 +37,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from utils.quiet import quiet_third_party_output  # noqa: E402
+
+quiet_third_party_output()  # before torch, diffusers and transformers load (as train.py does)
+
 from trainer.loop import train  # noqa: E402
 from trainer.lr_finder import find_lr, suggest_range  # noqa: E402
 from utils.config import load_config  # noqa: E402
-from utils.quiet import quiet_third_party_output  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.json"
 RESULTS = ROOT / "bench" / "results" / "lr_finder_check.txt"
@@ -254,7 +257,6 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="three grid points (and one concept and seed) only")
     parser.add_argument("--case", choices=("all", "scratch", "finetune", "replay"), default="all")
     args = parser.parse_args()
-    quiet_third_party_output()
     ok = True
     cases = (
         ("scratch", from_scratch, RESULTS),
