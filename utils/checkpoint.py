@@ -91,24 +91,22 @@ def checkpoint_name(project_name: str, epoch: int, global_step: int) -> str:
     return f"{project_name}-ep{epoch:03d}-gs{global_step:05d}"
 
 
-def saved_checkpoints(ckpts_dir: Path, up_to_step: int) -> list[dict]:
-    """The complete checkpoints of a run folder up to a step, oldest first (a resumed run's list)."""
+def checkpoints_in(ckpts_dir: Path, suffix: str = "") -> list[dict]:
+    """The complete checkpoints `<name>-gs<step><suffix>` of a run folder, oldest first."""
     found = []
-    for folder in Path(ckpts_dir).glob("*-gs*"):
-        match = re.search(r"-gs(\d+)$", folder.name)
+    for folder in Path(ckpts_dir).glob(f"*-gs*{suffix}"):
+        match = re.search(rf"-gs(\d+){suffix}$", folder.name)
         if folder.name.startswith(".") or not match or not (folder / "model_index.json").is_file():
             continue  # hidden: the temporary folder of a save in progress
-        step = int(match.group(1))
         single_file = folder.with_name(f"{folder.name}.safetensors")
-        if step <= up_to_step:
-            found.append(
-                {
-                    "step": step,
-                    "diffusers": str(folder),
-                    **({"single_file": str(single_file)} if single_file.is_file() else {}),
-                }
-            )
+        extra = {"single_file": str(single_file)} if single_file.is_file() else {}
+        found.append({"step": int(match.group(1)), "diffusers": str(folder), **extra})
     return sorted(found, key=lambda entry: entry["step"])
+
+
+def saved_checkpoints(ckpts_dir: Path, up_to_step: int) -> list[dict]:
+    """The complete checkpoints of a run folder up to a step, oldest first (a resumed run's list)."""
+    return [entry for entry in checkpoints_in(ckpts_dir) if entry["step"] <= up_to_step]
 
 
 BEST_SUFFIX = "-best"  # stop_when_val_rises: the checkpoint of the lowest validation loss so far
@@ -117,15 +115,7 @@ BEST_SUFFIX = "-best"  # stop_when_val_rises: the checkpoint of the lowest valid
 def best_checkpoints(ckpts_dir: Path) -> list[dict]:
     """The complete `<name>-gs<step>-best` checkpoints of a run folder, oldest first (one, but for a run killed
     between writing a new one and removing the old)."""
-    found = []
-    for folder in Path(ckpts_dir).glob(f"*-gs*{BEST_SUFFIX}"):
-        match = re.search(rf"-gs(\d+){BEST_SUFFIX}$", folder.name)
-        if folder.name.startswith(".") or not match or not (folder / "model_index.json").is_file():
-            continue
-        single_file = folder.with_name(f"{folder.name}.safetensors")
-        extra = {"single_file": str(single_file)} if single_file.is_file() else {}
-        found.append({"step": int(match.group(1)), "diffusers": str(folder), **extra})
-    return sorted(found, key=lambda entry: entry["step"])
+    return checkpoints_in(ckpts_dir, BEST_SUFFIX)
 
 
 def remove_checkpoint(entry: dict) -> None:
