@@ -60,7 +60,6 @@ def model_param_groups(
     """The trained parameters, grouped by model (named as the model's parts), with each model's own
     hyperparameters. `text_encoder_2`: SDXL's second text encoder, needed when train_text_encoder_2."""
     models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
-    trained = ([] if config.disable_unet_training else ["unet"]) + list(config.trained_text_encoders)
     if text_encoder_2 is None and config.train_text_encoder_2:
         raise ValueError("train_text_encoder_2: the model's second text encoder must be given")
     groups = [
@@ -69,7 +68,7 @@ def model_param_groups(
             "params": [p for p in models[name].parameters() if p.requires_grad],
             **_hyperparameters(config, name),
         }
-        for name in trained
+        for name in config.trained_parts
     ]
     return [group for group in groups if group["params"]]
 

@@ -40,7 +40,6 @@ from trainer.setup import (
     run_fingerprint,
     save_sizes,
     seed_and_resume_state,
-    trained_part_names,
     unwrapped,
     write_run_start,
     write_skipped_images,
@@ -401,7 +400,7 @@ class Trainer:
     def trained_models(self) -> dict[str, torch.nn.Module]:
         """The models whose weights train, unwrapped, by name."""
         model = self.unwrapped_model()
-        return {name: getattr(model, name) for name in trained_part_names(self.config)}
+        return {name: getattr(model, name) for name in self.config.trained_parts}
 
     def training_parts(self) -> TrainingParts:
         model = self.unwrapped_model()

@@ -302,7 +302,7 @@ def build_meta_model(folder: Path) -> MetaModel:
 
 
 def trained_part_names(recipe: Recipe) -> list[str]:
-    """As trainer/setup.py trained_part_names."""
+    """As utils/config.py TrainConfig.trained_parts."""
     return (["unet"] if recipe.train_unet else []) + list(recipe.trained_text_encoders)
 
 

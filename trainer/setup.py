@@ -185,11 +185,6 @@ def remove_abandoned_leftovers(config: TrainConfig) -> None:
             lock.release()
 
 
-def trained_part_names(config: TrainConfig) -> list[str]:
-    """The parts of the model whose weights train: the UNet and the text encoders (SDXL's second one too) that do."""
-    return ([] if config.disable_unet_training else ["unet"]) + list(config.trained_text_encoders)
-
-
 def weight_dtype_of(accelerator: Accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
@@ -203,7 +198,7 @@ def place_parts(model: SDModel, accelerator: Accelerator, config: TrainConfig) -
     for name, encoder in model.text_encoders().items():
         if name not in config.trained_text_encoders:
             encoder.to(accelerator.device, dtype=dtype)
-    for name in trained_part_names(config):
+    for name in config.trained_parts:
         getattr(model, name).to(accelerator.device, dtype=trained_weight_dtype(config))
 
 
@@ -236,7 +231,7 @@ def prepare_for_accelerator(model: SDModel, optimizer, accelerator: Accelerator,
         model.unet = compile_unet(model.unet)
     for name in config.trained_text_encoders:
         setattr(model, name, accelerator.prepare(getattr(model, name)))
-    return accelerator.prepare(optimizer), [getattr(model, name) for name in trained_part_names(config)]
+    return accelerator.prepare(optimizer), [getattr(model, name) for name in config.trained_parts]
 
 
 def build_model_and_optimizer(config: TrainConfig, accelerator: Accelerator, schedules: Schedules, say):

@@ -697,6 +697,11 @@ class TrainConfig(_Strict):
         return tuple(name for name, trains in parts if trains)
 
     @property
+    def trained_parts(self) -> tuple[str, ...]:
+        """The model parts whose weights train, by name: the UNet and the text encoders that do."""
+        return (() if self.disable_unet_training else ("unet",)) + self.trained_text_encoders
+
+    @property
     def from_ed2(self) -> bool:
         """The config file was written for ED2 (ed2_compat.is_ed2_config): its step counts were batch counts."""
         return self._from_ed2
