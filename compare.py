@@ -1,11 +1,12 @@
 """Compare training runs the way the cyclical-LR post does: LR graphs, validation-loss graphs, a table, and
 sample images side by side.
 
-    python compare.py RUN_DIR [RUN_DIR ...] -o OUT_DIR [--steps 400 final]
+    python compare.py RUN_DIR [RUN_DIR ...] -o OUT_DIR [--steps min 400 final]
 
 Writes to OUT_DIR: lr.png (the LR of every run), val_loss.png (their validation losses on one step axis,
-each run's minimum marked), summary.csv (the table), samples_<k>.png (prompt k: a row per run, a column
-per chosen step) and report.html, one self-contained page with all of it (images embedded; opens offline).
+each run's minimum starred and its LR peaks marked along the top, so bumps at the peaks show), summary.csv
+(the table), samples_<k>.png (prompt k: a row per run, a column per chosen step: 'min' is each run's
+validation minimum) and report.html, one self-contained page with all of it (images embedded; opens offline).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from trainer.sample_index import read_index  # noqa: E402
 from utils.metrics import read_metrics  # noqa: E402
 
 FINAL = "final"
+AT_MINIMUM = "min"  # --steps min: each run's samples nearest to its validation minimum
 # Config keys that name where a run went, not how it trained: left out of "settings that differ".
 LOCAL_KEYS = {
     "data_root",
@@ -61,6 +63,11 @@ class Run:
     @property
     def val_losses(self) -> list[tuple[int, float]]:
         return self.metrics.get("loss_val", [])
+
+    @property
+    def val_minimum(self) -> tuple[int, float] | None:
+        """(step, loss) of the lowest validation loss; None without validation."""
+        return min(self.val_losses, key=lambda item: item[1]) if self.val_losses else None
 
 
 class CompareError(Exception):
@@ -145,7 +152,8 @@ def plot_val_losses(runs: list[Run], path: Path) -> Path:
         if not run.val_losses:
             zoomed.plot([], [], " ", label=f"{run.name}: no validation")
             continue
-        best_step, best = min(run.val_losses, key=lambda item: item[1])
+        best_step, best = run.val_minimum
+        peaks = lr_peaks(run.metrics.get("lr_unet", []))
         for axis in (whole, zoomed):
             (line,) = axis.plot(
                 *zip(*run.val_losses, strict=True),
@@ -155,11 +163,29 @@ def plot_val_losses(runs: list[Run], path: Path) -> Path:
                 label=f"{run.name} (min {best:.4f} @ {best_step})",
             )
             axis.plot([best_step], [best], "*", color=line.get_color(), markersize=13, markeredgecolor="black")
+            # Along the top edge (x in steps, y in axis units), where a bump at each LR peak would sit below.
+            top_edge = axis.get_xaxis_transform()
+            axis.plot(peaks, [0.97] * len(peaks), "v", color=line.get_color(), markersize=6, transform=top_edge)
+    if any(lr_peaks(run.metrics.get("lr_unet", [])) for run in runs):
+        zoomed.plot([], [], "v", color="gray", label="LR peaks (each run's colour)")
     _zoom_past_the_start(zoomed, runs)
     whole.set(xlabel="optimizer step", ylabel="validation loss", title="Validation loss (stabilized)")
     whole.grid(alpha=0.3)
     zoomed.set(xlabel="optimizer step", title=f"from step {int(zoomed.get_xlim()[0])}")
     return _finish(figure, zoomed, path)
+
+
+def lr_peaks(series: list[tuple[int, float]]) -> list[int]:
+    """The steps where a logged LR series peaks: higher than the next value and not lower than the one before (a
+    run that starts high peaks at its first step). A constant or only falling or rising LR has none."""
+    values = [value for _, value in series]
+    peaks = []
+    for index, (step, value) in enumerate(series):  # the last value is never one: nothing after it is lower
+        before = values[index - 1] if index else -np.inf
+        after = values[index + 1] if index + 1 < len(values) else np.inf
+        if value >= before and value > after:
+            peaks.append(step)
+    return peaks if min(values, default=0) < max(values, default=0) else []
 
 
 def _zoom_past_the_start(axis, runs: list[Run]) -> None:
@@ -196,7 +222,7 @@ TABLE_COLUMNS = ("run", "steps", "epochs", "min val loss", "at step", "final val
 
 def summary_row(run: Run) -> dict:
     val = run.val_losses
-    best = min(val, key=lambda item: item[1]) if val else None
+    best = run.val_minimum
     lrs = [value for _, value in run.metrics.get("lr_unet", [])]
     seconds = run.summary.get("seconds")
     return {
@@ -262,10 +288,13 @@ def comparable_prompts(runs: list[Run]) -> list[tuple]:
 
 
 def sample_step(run: Run, wanted: str | int, key: tuple) -> int | None:
-    """The step of the run's samples of `key` shown for `wanted`: its last one for 'final', else the one
-    nearest to the wanted step (the runs may have sampled at different steps)."""
+    """The step of the run's samples of `key` shown for `wanted`: its last one for 'final', else the one nearest
+    to the wanted step, or to its validation minimum for 'min' (the runs may have sampled at different steps).
+    None when the run has no such samples (or, for 'min', no validation)."""
     steps = [step for step, entries in run.samples.items() if any(prompt_key(e) == key for e in entries.values())]
-    if not steps:
+    if wanted == AT_MINIMUM:
+        wanted = run.val_minimum[0] if run.val_minimum else None
+    if not steps or wanted is None:
         return None
     if wanted == FINAL:
         return max(steps)
@@ -294,11 +323,14 @@ def plot_sample_comparison(runs: list[Run], key: tuple, wanted_steps: list, path
             axis = axes[row][column]
             axis.set_xticks([])
             axis.set_yticks([])
+            wanted = wanted_steps[column]
             if step is None:
-                axis.text(0.5, 0.5, "no samples", ha="center", va="center", transform=axis.transAxes, color="gray")
+                missing = "no validation" if wanted == AT_MINIMUM and not run.val_minimum else "no samples"
+                axis.text(0.5, 0.5, missing, ha="center", va="center", transform=axis.transAxes, color="gray")
             else:
                 axis.imshow(np.asarray(Image.open(sample_file(run, step, key)).convert("RGB")), interpolation="nearest")
-                axis.set_title(f"step {step}", fontsize=8)
+                at_minimum = f" (val min @ {run.val_minimum[0]})" if wanted == AT_MINIMUM else ""
+                axis.set_title(f"step {step}{at_minimum}", fontsize=8)
                 axis.set_xticks(
                     [(i + 0.5) * width for i in range(len(key[4]))], [f"cfg {scale:g}" for scale in key[4]], fontsize=7
                 )
@@ -398,12 +430,12 @@ def _image(png: Path, alt: str) -> str:
 def parse_steps(values: list[str]) -> list:
     steps = []
     for value in values:
-        if value == FINAL:
-            steps.append(FINAL)
+        if value in (FINAL, AT_MINIMUM):
+            steps.append(value)
         elif value.isdigit():
             steps.append(int(value))
         else:
-            raise CompareError(f"--steps: '{value}' is neither a step number nor 'final'")
+            raise CompareError(f"--steps: '{value}' is neither a step number, 'min' nor 'final'")
     return steps
 
 
@@ -437,8 +469,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=[FINAL],
         metavar="STEP",
-        help="steps whose samples to show side by side ('final': each run's last samples; "
-        "a number: each run's samples nearest to it). Default: final",
+        help="steps whose samples to show side by side ('final': each run's last samples; 'min': each run's "
+        "samples nearest to its validation minimum; a number: each run's samples nearest to it). Default: final",
     )
     args = parser.parse_args(argv)
     try:

@@ -133,6 +133,31 @@ def test_samples_are_matched_by_prompt_and_seed_at_the_chosen_steps(runs, tmp_pa
     assert len(keys) == 2  # a different seed is a different picture, not a comparison
 
 
+def test_samples_at_each_runs_validation_minimum(runs, tmp_path):
+    """--steps min: each run's samples nearest to its own lowest validation loss (constant: min at 4, samples 4
+    and 8; cyclic: min at 2, samples 3 and 6); a run without validation has none to show."""
+    loaded = compare.load_runs(runs)
+    key = compare.prompt_key(PROMPT)
+    constant, cyclic, no_validation = loaded
+    assert [compare.sample_step(run, "min", key) for run in loaded] == [4, 3, None]
+    assert (constant.val_minimum, cyclic.val_minimum, no_validation.val_minimum) == ((4, 0.3), (2, 0.28), None)
+    assert compare.parse_steps(["min", "400", "final"]) == ["min", 400, "final"]
+    with pytest.raises(compare.CompareError, match="'best' is neither a step number, 'min' nor 'final'"):
+        compare.parse_steps(["best"])
+    compare.compare(runs, tmp_path / "out", ["min", "final"])
+    assert Image.open(tmp_path / "out" / "samples_0.png").size[0] > 400
+
+
+def test_lr_peaks_are_where_the_logged_lr_turns_down():
+    """The val-loss graph marks these steps: a cycle starting high peaks at its first step, a flat top counts once
+    (its last step), the last value never counts, a constant LR has none."""
+    assert compare.lr_peaks([(0, 1.0), (1, 0.5), (2, 0.0), (3, 0.5), (4, 1.0), (5, 0.5)]) == [0, 4]
+    assert compare.lr_peaks([(10, 0.0), (20, 1.0), (30, 1.0), (40, 0.0)]) == [30]
+    assert compare.lr_peaks([(1, 0.1), (2, 0.2), (3, 0.3)]) == []
+    assert compare.lr_peaks([(1, 5e-4)] * 4) == []
+    assert compare.lr_peaks([]) == []
+
+
 def test_command_line(runs, tmp_path, capsys):
     assert compare.main([str(p) for p in runs] + ["-o", str(tmp_path / "cli"), "--steps", "4", "final"]) == 0
     assert (tmp_path / "cli" / "report.html").is_file()
@@ -176,7 +201,7 @@ def test_the_page_renders_in_headless_chromium(runs, tmp_path):
 
 
 def test_reproduce_post_script_on_the_demo_images(tmp_path):
-    """One of the post's runs on the tiny model, cut to 2 steps: its config scaled and shortened (every length
+    """One of the post's runs on tiny-pretrained, cut to 2 steps: its config scaled and shortened (every length
     and stepsize halved, so the run keeps its cycles), trained, compared."""
     out = tmp_path / "post"
     quick_samples = tmp_path / "quick.json"  # the script's own sample file, at 2 denoising steps
@@ -206,8 +231,11 @@ def test_reproduce_post_script_on_the_demo_images(tmp_path):
     )
     assert result.returncode == 0, result.stderr + result.stdout
     x10 = json.loads((out / "configs" / "post_cyclic_x10.json").read_text())
-    assert x10["lr"] == 1e-3 and Path(x10["validation_config"]).is_absolute()  # 1.13e-6 x 885, to 3 digits
+    assert x10["lr"] == 2.2e-4 and Path(x10["validation_config"]).is_absolute()  # 1.13e-6 x 195, to 3 digits
     assert (x10["max_epochs"], x10["lr_stepsize_epochs"], x10["save_every_n_epochs"]) == (100, 5, 25)
+    (run_config,) = (out / "runs").glob("cyclic_x10/*/config.json")
+    as_run = json.loads(run_config.read_text())
+    assert (as_run["resume_ckpt"], as_run["disable_textenc_training"]) == ("tiny-pretrained", True)
     assert "damon_cycling_x10" in (out / "compare" / "report.html").read_text()
     assert len(list((out / "runs").glob("cyclic_x10/*/samples/gs00002-p*.png"))) == 4
     assert len(list((out / "compare").glob("samples_*.png"))) == 4

@@ -27,6 +27,7 @@ from trainer.lr_finder import (
     config_fragment,
     divergence,
     find_lr,
+    last_before_a_jump,
     ramp_functions,
     ramp_lr,
     suggest_range,
@@ -119,6 +120,20 @@ def test_noisy_curve_gives_about_the_same_range(seed):
     assert -6.3 <= math.log10(result.lr) <= -5.5
     assert result.lr_onset < result.lr_steepest <= result.lr
     assert result.lr_min == result.lr_steepest
+
+
+def test_a_jump_above_the_lowest_loss_caps_the_range_below_it():
+    """Smith's "becomes ragged": one probe 0.02 (20 x the noise margin) above the curve at 10^-6.2, past the
+    steepest fall, while the smoothed loss goes on falling; the range ends at the probe before it."""
+    losses = u_curve()
+    jump_at = int(np.argmin(np.abs(LOG_LRS + 6.2)))
+    losses[jump_at] += 0.02
+    result = suggest(losses)
+    assert result.backed and "turns ragged after" in result.reason
+    assert math.log10(result.lr) == pytest.approx(LOG_LRS[jump_at - 1])
+    assert -6.6 <= math.log10(result.lr_steepest) <= -6.4  # the floor stays where it was
+    assert last_before_a_jump([0.5, 0.4, 0.3, 0.2], 0, 3, jump=0.01) == 3  # no jump: the stop
+    assert last_before_a_jump([0.5, 0.9, 0.3, 0.2], 0, 3, jump=0.01) == 1  # a jump right after: one probe wide
 
 
 def test_the_noise_level_is_read_from_the_curve():

@@ -90,6 +90,9 @@ MIN_PROBES = 8
 NOISE_MULTIPLE = 3.0
 RELATIVE_FLOOR = 0.005
 ONSET_SHARE = 0.1
+# A probe this many margins (6 sigma) above the lowest raw loss since the steepest point is a jump, not noise:
+# Smith's "becomes ragged", the top of the range even where the smoothed curve still falls.
+RAGGED_MARGINS = 2.0
 MAD_TO_SIGMA = 1.4826  # the median absolute deviation of a normal distribution is 0.6745 sigma
 
 # The stepsize the written config gets when it has none: Smith's 2-10 x the epoch size; 4 is what he used on
@@ -278,15 +281,29 @@ def suggest_range(lrs: Sequence[float], losses: Sequence[float], ramp: str) -> S
         )
     slopes = np.gradient(smoothed)
     steepest = onset + int(np.argmin(slopes[onset : upper + 1]))
+    ragged = last_before_a_jump(losses, steepest, upper, RAGGED_MARGINS * margin)
     return Suggestion(
         "ok",
-        _ok_reason(lrs, (onset, steepest, upper, best), truncated, ramp),
+        _ok_reason(lrs, (onset, steepest, min(upper, ragged), best), truncated, ramp, ragged < upper),
         lr_min=lrs[steepest],
-        lr=lrs[upper],
+        lr=lrs[min(upper, ragged)],
         lr_steepest=lrs[steepest],
         lr_onset=lrs[onset],
         **measured,
     )
+
+
+def last_before_a_jump(losses: Sequence[float], start: int, stop: int, jump: float) -> int:
+    """The last probe before the first raw loss in (start, stop] that lies more than `jump` above the lowest raw
+    loss since `start` (at least start + 1, so the range keeps a width); `stop` when none does. From scratch
+    the smoothed loss can go on falling slowly through LRs that already throw single probes up: the sweep's
+    training carries it down, and such an LR breaks a run that holds it for a while."""
+    lowest = losses[start]
+    for index in range(start + 1, stop + 1):
+        if losses[index] - lowest > jump:
+            return max(start + 1, index - 1)
+        lowest = min(lowest, losses[index])
+    return stop
 
 
 def _finite_prefix(lrs: Sequence[float], losses: Sequence[float]) -> tuple[list[float], list[float], bool]:
@@ -319,15 +336,17 @@ def _no_descent_reason(drop: float, margin: float, smoothed: np.ndarray, truncat
     return seen + "Sweep to a higher lr_find_end, or over more steps (lr_find_steps / lr_find_epochs)."
 
 
-def _ok_reason(lrs, points: tuple[int, int, int, int], truncated: bool, ramp: str) -> str:
-    """`points`: the indices of the onset, the steepest fall, the upper bound and the lowest point."""
+def _ok_reason(lrs, points: tuple[int, int, int, int], truncated: bool, ramp: str, ragged: bool) -> str:
+    """`points`: the indices of the onset, the steepest fall, the upper bound and the lowest point; `ragged`:
+    the upper bound is the last probe before a jump, not where the loss stops falling."""
     onset, steepest, upper, best = points
     turn = "turns NaN/inf" if truncated else "turns up"
     if best > upper:
         turn += f" after LR {lrs[best]:.3g}"
+    top = f"turns ragged after {lrs[upper]:.3g} (a probe jumps up)" if ragged else f"stops falling at {lrs[upper]:.3g}"
     reason = (
-        f"the smoothed probe loss falls clearly from LR {lrs[onset]:.3g}, fastest at {lrs[steepest]:.3g}, stops "
-        f"falling at {lrs[upper]:.3g} and then {turn} ({ramp} sweep)."
+        f"the smoothed probe loss falls clearly from LR {lrs[onset]:.3g}, fastest at {lrs[steepest]:.3g}, {top} "
+        f"and then {turn} ({ramp} sweep)."
     )
     if onset == 0:
         reason += " It falls from the first probe: learning may start below lr_find_start."
