@@ -122,8 +122,7 @@ class Recipe:
     optimizer: str
     optimizer_args: dict
     betas: tuple[float, float]
-    train_unet: bool
-    trained_text_encoders: tuple[str, ...]  # "text_encoder", SDXL's "text_encoder_2" (TrainConfig's)
+    trained_parts: tuple[str, ...]  # TrainConfig.trained_parts: "unet", "text_encoder", SDXL's "text_encoder_2"
     unfrozen_layers: dict[str, int]  # trained text encoder -> its last N layers that train (all when absent)
     gradient_checkpointing: bool
     fused_backward_pass: bool
@@ -138,6 +137,10 @@ class Recipe:
     def autocast(self) -> bool:
         return self.compute_dtype != torch.float32
 
+    @property
+    def trained_text_encoders(self) -> tuple[str, ...]:
+        return tuple(name for name in self.trained_parts if name != "unet")
+
 
 def recipe_of(config: TrainConfig, bucket: tuple[int, int] | None = None, mixed_precision: str | None = None) -> Recipe:
     """`mixed_precision`: the resolved setting (the accelerator's), else the config's ('auto' forecasts bf16).
@@ -149,8 +152,7 @@ def recipe_of(config: TrainConfig, bucket: tuple[int, int] | None = None, mixed_
         optimizer=config.optimizer,
         optimizer_args=dict(config.optimizer_args),
         betas=tuple(config.betas),
-        train_unet=not config.disable_unet_training,
-        trained_text_encoders=config.trained_text_encoders,
+        trained_parts=config.trained_parts,
         unfrozen_layers={
             name: layers
             for name in config.trained_text_encoders
@@ -301,11 +303,6 @@ def build_meta_model(folder: Path) -> MetaModel:
     return MetaModel(unet, vae, text_encoders)
 
 
-def trained_part_names(recipe: Recipe) -> list[str]:
-    """As utils/config.py TrainConfig.trained_parts."""
-    return (["unet"] if recipe.train_unet else []) + list(recipe.trained_text_encoders)
-
-
 def on_gpu_part_names(model: MetaModel, recipe: Recipe) -> list[str]:
     """The parts on the GPU while training: a part whose output is cached leaves it (trainer/cache.py)."""
     names = ["unet"] + ([] if recipe.cache_latents else ["vae"])
@@ -315,7 +312,7 @@ def on_gpu_part_names(model: MetaModel, recipe: Recipe) -> list[str]:
 def configure_meta_model(model: MetaModel, recipe: Recipe) -> None:
     """Dtypes and requires_grad as trainer/setup.py places them and trainer/model.py configures them: trained parts
     in the weight dtype, frozen ones in the compute dtype."""
-    trained = trained_part_names(recipe)
+    trained = recipe.trained_parts
     for name, part in model.parts().items():
         part.requires_grad_(name in trained)
         part.train(name in trained)
@@ -590,7 +587,7 @@ def encode_peak(model: MetaModel, recipe: Recipe) -> int:
     """The frozen parts that run every step (the VAE without cached latents, frozen text encoders without cached
     embeddings) run without gradients, before the UNet: what they hold is their live tensors' peak."""
     run_vae = not recipe.cache_latents
-    trained = trained_part_names(recipe)
+    trained = recipe.trained_parts
     frozen_encoders = [] if recipe.cache_text_embeddings else [n for n in model.text_encoders if n not in trained]
     peak = 0
     with torch.no_grad(), MetaAutocast(recipe.compute_dtype):
@@ -615,7 +612,7 @@ def measure_activations(model: MetaModel, recipe: Recipe) -> Activations:
     autocast = MetaAutocast(recipe.compute_dtype)
     excluded = (weights, autocast.copy_storages)
 
-    trained = trained_part_names(recipe)
+    trained = recipe.trained_parts
     saved: dict[str, int] = {}
     largest_block = 0
     outputs = []  # the graphs stay alive (and with them the saved tensors) until everything is counted
@@ -705,7 +702,7 @@ def optimizer_state_bytes(parameter: torch.Tensor, recipe: Recipe) -> int:
 
 
 def trained_parameters(model: MetaModel, recipe: Recipe) -> list[torch.Tensor]:
-    return [p for name in trained_part_names(recipe) for p in model.parts()[name].parameters() if p.requires_grad]
+    return [p for name in recipe.trained_parts for p in model.parts()[name].parameters() if p.requires_grad]
 
 
 def part_bytes(part: torch.nn.Module) -> int:
@@ -713,7 +710,7 @@ def part_bytes(part: torch.nn.Module) -> int:
 
 
 def weight_lines(model: MetaModel, recipe: Recipe) -> list[ForecastLine]:
-    trained = trained_part_names(recipe)
+    trained = recipe.trained_parts
     lines = []
     for name in on_gpu_part_names(model, recipe):
         part = model.parts()[name]
