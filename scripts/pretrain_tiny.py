@@ -245,14 +245,12 @@ def describe(image: np.ndarray) -> tuple[str | None, str | None]:
     return dominant_colour(image, mask), shape_from_fill(fill_ratio(mask))
 
 
-def prompt_accuracy(
-    pipeline, prompts=EVAL_PROMPTS, seeds=EVAL_SEEDS, guidance: float = EVAL_GUIDANCE
-) -> tuple[float, list[dict]]:
-    """The share of samples (each prompt "a <colour> <shape>" with each seed) that `describe` reads as asked, and
-    one record per sample. `pipeline`: a StableDiffusionPipeline on the CPU, its scheduler set by the caller."""
+def prompt_samples(pipeline, prompts=EVAL_PROMPTS, seeds=EVAL_SEEDS, guidance: float = EVAL_GUIDANCE) -> list[tuple]:
+    """(prompt, seed, image [H, W, 3] uint8) for every prompt with every seed, as prompt_accuracy reads them.
+    `pipeline`: a StableDiffusionPipeline on the CPU, its scheduler set by the caller."""
     import torch
 
-    records = []
+    samples = []
     for seed in seeds:
         generator = torch.Generator().manual_seed(seed)
         images = pipeline(
@@ -264,10 +262,23 @@ def prompt_accuracy(
             generator=generator,
             output_type="np",
         ).images
-        for prompt, image in zip(prompts, images, strict=True):
-            _, colour, shape = prompt.split()
-            seen = describe((image * 255).round().astype(np.uint8))
-            records.append({"prompt": prompt, "seed": seed, "seen": list(seen), "right": seen == (colour, shape)})
+        samples += [
+            (prompt, seed, (image * 255).round().astype(np.uint8))
+            for prompt, image in zip(prompts, images, strict=True)
+        ]
+    return samples
+
+
+def prompt_accuracy(
+    pipeline, prompts=EVAL_PROMPTS, seeds=EVAL_SEEDS, guidance: float = EVAL_GUIDANCE
+) -> tuple[float, list[dict]]:
+    """The share of samples (each prompt "a <colour> <shape>" with each seed) that `describe` reads as asked, and
+    one record per sample."""
+    records = []
+    for prompt, seed, image in prompt_samples(pipeline, prompts, seeds, guidance):
+        _, colour, shape = prompt.split()
+        seen = describe(image)
+        records.append({"prompt": prompt, "seed": seed, "seen": list(seen), "right": seen == (colour, shape)})
     return sum(record["right"] for record in records) / len(records), records
 
 
