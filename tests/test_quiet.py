@@ -13,6 +13,8 @@ NOISE = (
     "should be kept in float32",
     "FutureWarning",
     "DeprecationWarning",
+    "Loading weights",  # transformers' bars at a text encoder's load and save
+    "Writing model shards",
 )
 
 
@@ -32,6 +34,16 @@ def test_demo_start_is_quiet(tmp_path, model_cache):
     assert result.returncode == 0, result.stdout
     assert [noise for noise in NOISE if noise in result.stdout] == [], result.stdout
     assert "done: 1 steps" in result.stdout
+    assert "saved checkpoint" in result.stdout  # the save, whose bar is checked above, happened
+
+
+def test_transformers_bars_go_but_the_hubs_download_bars_stay():
+    script = (
+        "from utils.quiet import quiet_transformers_progress_bars; quiet_transformers_progress_bars(); "
+        "import huggingface_hub.utils as hub, transformers.utils.logging as tl; "
+        "print(tl.is_progress_bar_enabled(), hub.are_progress_bars_disabled())"
+    )
+    assert run_python(["-c", script]).stdout.split() == ["False", "False"]
 
 
 SCRIPT = """

@@ -36,6 +36,9 @@ from trainer.tiny_model import (
     tiny_sdxl_model_path,
 )
 from utils.config import ConfigError, refuse_second_text_encoder, text_encoder_setting
+from utils.quiet import quiet_transformers_progress_bars
+
+quiet_transformers_progress_bars()  # every load and save of a model goes through this module
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 

@@ -46,3 +46,17 @@ def quiet_third_party_output() -> None:
     """Install the filters; call it first, before torch, diffusers, transformers or bitsandbytes load."""
     for name, message_filter in _FILTERS:
         logging.getLogger(name).addFilter(message_filter)
+
+
+def quiet_transformers_progress_bars() -> None:
+    """transformers draws its own bars ("Loading weights" in from_pretrained, "Writing model shards" in
+    save_pretrained) over ours at every load and save of a text encoder: off. Its switch turns huggingface_hub's
+    bars off too, which are turned back on when they were on: a first download of SD 1.5 is worth its bar. Call it
+    where transformers is imported anyway (trainer/model.py), not before: it imports transformers."""
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    hub_bars_were_on = not huggingface_hub.utils.are_progress_bars_disabled()
+    transformers.utils.logging.disable_progress_bar()
+    if hub_bars_were_on:
+        huggingface_hub.utils.enable_progress_bars()
