@@ -141,6 +141,7 @@ def plot_lr_curves(runs: list[Run], path: Path) -> Path:
     return _save(figure, path)
 
 
+PEAK_ROW_TOP, PEAK_ROW_STEP = 0.97, 0.035  # the LR-peak marks' rows, in axis heights from the bottom
 ZOOM_FROM = 0.2  # the zoomed panel starts at this share of the longest run: after the first steep fall
 
 
@@ -148,7 +149,7 @@ def plot_val_losses(runs: list[Run], path: Path) -> Path:
     """Every run's stabilized validation loss against the optimizer step, its minimum starred (and given in the
     legend): the whole run on the left, zoomed past the first steep fall on the right, where runs differ."""
     figure, (whole, zoomed) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
-    for run in runs:
+    for index, run in enumerate(runs):
         if not run.val_losses:
             zoomed.plot([], [], " ", label=f"{run.name}: no validation")
             continue
@@ -163,9 +164,10 @@ def plot_val_losses(runs: list[Run], path: Path) -> Path:
                 label=f"{run.name} (min {best:.4f} @ {best_step})",
             )
             axis.plot([best_step], [best], "*", color=line.get_color(), markersize=13, markeredgecolor="black")
-            # Along the top edge (x in steps, y in axis units), where a bump at each LR peak would sit below.
-            top_edge = axis.get_xaxis_transform()
-            axis.plot(peaks, [0.97] * len(peaks), "v", color=line.get_color(), markersize=6, transform=top_edge)
+            # Along the top edge (x in steps, y in axis units), a row per run so that no run's marks hide another's;
+            # a bump at an LR peak sits below its mark.
+            row = [PEAK_ROW_TOP - PEAK_ROW_STEP * index] * len(peaks)
+            axis.plot(peaks, row, "v", color=line.get_color(), markersize=5, transform=axis.get_xaxis_transform())
     if any(lr_peaks(run.metrics.get("lr_unet", [])) for run in runs):
         zoomed.plot([], [], "v", color="gray", label="LR peaks (each run's colour)")
     _zoom_past_the_start(zoomed, runs)

@@ -91,12 +91,16 @@ def test_ed2_json_keys(tmp_path):
     assert settings.captions == tuple(sorted(CAPTIONS))
 
 
-def test_the_post_sample_file_samples_four_different_training_captions(tiny_model, tmp_path):
+def test_the_post_sample_file_samples_the_same_four_training_captions_every_round(tiny_model, tmp_path):
+    """The same prompts at every step, so compare.py can put a run's samples at its minimum beside its end."""
     settings = read_prompts(str(ROOT / "configs" / "post_samples.json"), TRAIN_ITEMS)
     settings = replace(settings, num_inference_steps=1, cfgs=(1.0,))
-    make_samples(tiny_model, settings, tmp_path, 10, 64, torch.device("cpu"), seed=555)
-    prompts = [entry["prompt"] for entry in read_index(tmp_path)[10].values()]
+    for step in (10, 20):
+        make_samples(tiny_model, settings, tmp_path, step, 64, torch.device("cpu"), seed=555)
+    index = read_index(tmp_path)
+    prompts = [entry["prompt"] for entry in index[10].values()]
     assert len(set(prompts)) == 4 and set(prompts) <= set(CAPTIONS) and settings.batch_size == 4
+    assert [entry["prompt"] for entry in index[20].values()] == prompts
 
 
 def test_json_without_samples_uses_training_captions(tmp_path):
