@@ -492,7 +492,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vae-batch", type=int, default=24)
     parser.add_argument("--vae-lr", type=float, default=3e-3)
     parser.add_argument("--vae-from", type=Path, help="a folder this script wrote: take its VAE, train none")
-    parser.add_argument("--unet-steps", type=int, default=3500)
+    parser.add_argument("--unet-steps", type=int, default=6000)
     parser.add_argument("--unet-batch", type=int, default=64)
     parser.add_argument("--unet-lr", type=float, default=1e-3, help="peak of the cosine schedule")
     parser.add_argument("--ema-decay", type=float, default=0.999)
