@@ -5,7 +5,7 @@
 #
 # Options:
 #   --demo            the built-in tiny-pretrained model at 64 px on the CPU, its UNet only, LRs x195 for
-#                     it (1.13e-6 -> 2.2e-4, the demo's peak), no intermediate checkpoints, one run per
+#                     it (1.13e-6 -> 2.2e-4), no intermediate checkpoints, one run per
 #                     CPU core at a time: docs/samples-and-compare.md's figures come from `--demo` on
 #                     demo/data
 #   --jobs N          train N runs at a time (default 1; --demo: the CPU cores); each run then gets
@@ -27,8 +27,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 ALL_RUNS="constant cyclic_x10 cyclic_x2 cyclic_5_5 staged"
-# The post's 1.13e-6 peak becomes 2.2e-4, configs/demo.json's peak for fine-tuning tiny-pretrained (the LR
-# finder's upper bound on the demo concept, bench/lr_finder_check.py); its constant 5.65e-7 becomes 1.1e-4.
+# The post's 1.13e-6 peak becomes 2.2e-4, inside the LR finder's range for the demo concept (configs/demo.json:
+# 3.87e-5 to 3.11e-4); its constant 5.65e-7 becomes 1.1e-4, next to the best constant LR for fine-tuning
+# tiny-pretrained (1e-4 or 3e-4, bench/lr_finder_check.py).
 DEMO_LR_SCALE=195
 # UNet only, as the demo: training tiny-pretrained's text encoder on 20 images collapses its prompts (README).
 DEMO_OVERRIDES=(--resume_ckpt tiny-pretrained --disable_textenc_training true --resolution 64 --optimizer adamw
