@@ -73,7 +73,7 @@ FINE_TUNE = {
 }
 FINE_TUNE_VALIDATE_EVERY = 2  # epochs
 FINE_TUNE_SWEEP = {**SWEEP, "lr_find_start": 1e-7, "lr_find_end": 0.03}
-GRID_FT = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+GRID_FT = (1e-5, 3e-5, 1e-4, 1.7e-4, 3e-4, 1e-3)  # 1.7e-4: the half-decade grid could not place the best LR
 QUICK_GRID_FT = (1e-5, 1e-4, 1e-3)
 FINE_TUNE_CONCEPTS = ("zorb", "quib")
 FINE_TUNE_SEEDS = (1, 2, 3)
