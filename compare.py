@@ -149,12 +149,13 @@ def plot_val_losses(runs: list[Run], path: Path) -> Path:
     """Every run's stabilized validation loss against the optimizer step, its minimum starred (and given in the
     legend): the whole run on the left, zoomed past the first steep fall on the right, where runs differ."""
     figure, (whole, zoomed) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [1, 1.4]})
+    peaks_of = {run.name: lr_peaks(run.metrics.get("lr_unet", [])) for run in runs}
     for index, run in enumerate(runs):
         if not run.val_losses:
             zoomed.plot([], [], " ", label=f"{run.name}: no validation")
             continue
         best_step, best = run.val_minimum
-        peaks = lr_peaks(run.metrics.get("lr_unet", []))
+        peaks = peaks_of[run.name]
         for axis in (whole, zoomed):
             (line,) = axis.plot(
                 *zip(*run.val_losses, strict=True),
@@ -168,7 +169,7 @@ def plot_val_losses(runs: list[Run], path: Path) -> Path:
             # a bump at an LR peak sits below its mark.
             row = [PEAK_ROW_TOP - PEAK_ROW_STEP * index] * len(peaks)
             axis.plot(peaks, row, "v", color=line.get_color(), markersize=5, transform=axis.get_xaxis_transform())
-    if any(lr_peaks(run.metrics.get("lr_unet", [])) for run in runs):
+    if any(peaks_of.values()):
         zoomed.plot([], [], "v", color="gray", label="LR peaks (each run's colour)")
     _zoom_past_the_start(zoomed, runs)
     whole.set(xlabel="optimizer step", ylabel="validation loss", title="Validation loss (stabilized)")

@@ -191,25 +191,33 @@ class Deadline:
         return self.end - time.perf_counter()
 
 
-@contextmanager
-def time_limit(seconds: float):
+class TimeLimit:
     """Interrupt what runs past `seconds`: a step cannot be stopped from outside, and torch.compile's first step
-    can take minutes."""
+    can take minutes. `fired` tells afterwards whether the interrupt came: a library that catches it mid-call can
+    hand back another exception in its place (seen once in CI as an "error" at a 0.05 s deadline)."""
 
-    def interrupt(signum, frame):
-        raise SettingTimeout(f"stopped at the sweep's time budget ({seconds:.0f} s were left)")
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.fired = False
+        self.reason = f"stopped at the sweep's time budget ({seconds:.0f} s were left)"
 
-    previous = signal.signal(signal.SIGALRM, interrupt)
-    # The interrupt can land between torch.no_grad()'s switch and its `with` body, whose exit then never runs:
-    # put the grad mode back, or everything after this (other tests, other settings) runs without gradients.
-    grad_enabled = torch.is_grad_enabled()
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.001))  # 0 would disarm the timer instead
-    try:
-        yield
-    finally:
+    def _interrupt(self, signum, frame):
+        self.fired = True
+        raise SettingTimeout(self.reason)
+
+    def __enter__(self) -> TimeLimit:
+        self._previous = signal.signal(signal.SIGALRM, self._interrupt)
+        # The interrupt can land between torch.no_grad()'s switch and its `with` body, whose exit then never
+        # runs: put the grad mode back, or everything after this (other tests, other settings) runs without
+        # gradients.
+        self._grad_enabled = torch.is_grad_enabled()
+        signal.setitimer(signal.ITIMER_REAL, max(self.seconds, 0.001))  # 0 would disarm the timer instead
+        return self
+
+    def __exit__(self, *exc_info) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        torch.set_grad_enabled(grad_enabled)
+        signal.signal(signal.SIGALRM, self._previous)
+        torch.set_grad_enabled(self._grad_enabled)
 
 
 @contextmanager
@@ -435,16 +443,18 @@ def run_setting(
         return result
     free_memory(bench.device)
     cap = card_gib - HEADROOM_GIB if card_gib else None
+    limit = TimeLimit(deadline.left())
     try:
-        with time_limit(deadline.left()), memory_cap(bench.device, cap):
+        with limit, memory_cap(bench.device, cap):
             result.measured = bench.measure(setting, size or bench.size)
         result.status = "ok"
     except torch.OutOfMemoryError:
         result.status = "oom"
-    except SettingTimeout as timeout:
-        result.status, result.reason = "timeout", str(timeout)
-    except Exception as error:  # noqa: BLE001 - one broken setting must not cost the rest of the sweep
-        result.status, result.reason = "error", f"{type(error).__name__}: {error}"
+    except (SettingTimeout, Exception) as error:  # noqa: BLE001 - one broken setting must not cost the rest
+        if limit.fired:  # whatever came out, the interrupt caused it
+            result.status, result.reason = "timeout", limit.reason
+        else:
+            result.status, result.reason = "error", f"{type(error).__name__}: {error}"
     finally:
         if setting.compile:
             torch._dynamo.reset()  # drop the compiled graphs and their memory

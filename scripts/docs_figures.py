@@ -57,22 +57,22 @@ def write_prompt_figure(model: Path, out: Path = PROMPTS_FIGURE) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scripts.pretrain_tiny import EVAL_SEEDS, describe, prompt_samples, sampling_pipeline
+    from scripts.pretrain_tiny import EVAL_SEEDS, prompt_samples, sample_record, sampling_pipeline
     from trainer.model import load_pretrained
 
     samples = prompt_samples(sampling_pipeline(load_pretrained(str(model), str(model))))
     columns = len(samples) // len(EVAL_SEEDS)
     figure, axes = plt.subplots(len(EVAL_SEEDS), columns, figsize=(1.1 * columns, 1.8 * len(EVAL_SEEDS)))
     right = 0
-    for axis, (prompt, _seed, image) in zip(axes.ravel(), samples, strict=True):
-        seen = describe(image)
-        asked = tuple(prompt.split()[1:])
-        right += seen == asked
+    for axis, (prompt, seed, image) in zip(axes.ravel(), samples, strict=True):
+        record = sample_record(prompt, seed, image)
+        right += record["right"]
         axis.imshow(image, interpolation="nearest")
         axis.set_xticks([])
         axis.set_yticks([])
         axis.set_title(prompt.removeprefix("a "), fontsize=6.5)
-        axis.set_xlabel(" ".join(word or "-" for word in seen), fontsize=6.5, color="green" if seen == asked else "red")
+        seen = " ".join(word or "-" for word in record["seen"])
+        axis.set_xlabel(seen, fontsize=6.5, color="green" if record["right"] else "red")
     figure.suptitle(f"{model.name}: asked (above) and read (below), seeds {EVAL_SEEDS}: {right}/{len(samples)}")
     figure.tight_layout()
     figure.savefig(out, dpi=110)

@@ -269,16 +269,19 @@ def prompt_samples(pipeline, prompts=EVAL_PROMPTS, seeds=EVAL_SEEDS, guidance: f
     return samples
 
 
+def sample_record(prompt: str, seed: int, image: np.ndarray) -> dict:
+    """What `describe` reads in the sample of "a <colour> <shape>", and whether that is what was asked."""
+    _, colour, shape = prompt.split()
+    seen = describe(image)
+    return {"prompt": prompt, "seed": seed, "seen": list(seen), "right": seen == (colour, shape)}
+
+
 def prompt_accuracy(
     pipeline, prompts=EVAL_PROMPTS, seeds=EVAL_SEEDS, guidance: float = EVAL_GUIDANCE
 ) -> tuple[float, list[dict]]:
     """The share of samples (each prompt "a <colour> <shape>" with each seed) that `describe` reads as asked, and
     one record per sample."""
-    records = []
-    for prompt, seed, image in prompt_samples(pipeline, prompts, seeds, guidance):
-        _, colour, shape = prompt.split()
-        seen = describe(image)
-        records.append({"prompt": prompt, "seed": seed, "seen": list(seen), "right": seen == (colour, shape)})
+    records = [sample_record(*sample) for sample in prompt_samples(pipeline, prompts, seeds, guidance)]
     return sum(record["right"] for record in records) / len(records), records
 
 

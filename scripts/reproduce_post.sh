@@ -29,7 +29,7 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 ALL_RUNS="constant cyclic_x10 cyclic_x2 cyclic_5_5 staged"
 # The post's 1.13e-6 peak becomes 2.2e-4, inside the LR finder's range for the demo concept (configs/demo.json:
 # 3.87e-5 to 3.11e-4); its constant 5.65e-7 becomes 1.1e-4, next to the best constant LR for fine-tuning
-# tiny-pretrained (1e-4 or 3e-4, bench/lr_finder_check.py).
+# tiny-pretrained (1e-4 or 1.7e-4, bench/lr_finder_check.py).
 DEMO_LR_SCALE=195
 # UNet only, as the demo: training tiny-pretrained's text encoder on 20 images collapses its prompts (README).
 DEMO_OVERRIDES=(--resume_ckpt tiny-pretrained --disable_textenc_training true --resolution 64 --optimizer adamw

@@ -2,6 +2,7 @@
 the issue's SD 1.5 figures, the memory model's arithmetic, the peak table, and the compile and time-out paths."""
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -218,7 +219,26 @@ def test_a_setting_sets_up_the_model_as_the_trainer_does(tiny_bench, monkeypatch
 
 def test_a_setting_past_the_deadline_is_stopped_or_skipped(tiny_bench):
     stopped = bench.run_setting(tiny_bench, "batch", bench.Setting(2), bench.Deadline(0.05), needs_seconds=0)
-    assert stopped.status == "timeout" and "time budget" in stopped.reason
+    assert stopped.status == "timeout" and "time budget" in stopped.reason, stopped.reason
     assert torch.is_grad_enabled()  # even when the interrupt landed inside a torch.no_grad() switch
     skipped = bench.run_setting(tiny_bench, "compile", bench.Setting(2), bench.Deadline(30), needs_seconds=180)
     assert skipped.status == "skipped" and skipped.reason.startswith("time budget: needs 180 s")
+
+
+def test_an_interrupt_a_library_turns_into_another_error_is_still_a_timeout(tiny_bench, monkeypatch):
+    """A library can catch the interrupt mid-call and raise its own error instead; the setting still ran out of
+    time, and one that fails by itself is still an error."""
+
+    def wrapping_measure(setting, size):
+        try:
+            time.sleep(5)
+        except BaseException as interrupt:
+            raise RuntimeError("a library's own message") from interrupt
+
+    monkeypatch.setattr(tiny_bench, "measure", wrapping_measure)
+    stopped = bench.run_setting(tiny_bench, "batch", bench.Setting(2), bench.Deadline(0.05), needs_seconds=0)
+    assert (stopped.status, stopped.reason) == ("timeout", "stopped at the sweep's time budget (0 s were left)")
+
+    monkeypatch.setattr(tiny_bench, "measure", lambda setting, size: 1 / 0)
+    broken = bench.run_setting(tiny_bench, "batch", bench.Setting(2), bench.Deadline(30), needs_seconds=0)
+    assert (broken.status, broken.reason) == ("error", "ZeroDivisionError: division by zero")
