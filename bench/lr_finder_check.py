@@ -18,12 +18,13 @@ within 5% of the best constant's loss.
     OMP_NUM_THREADS=1 python bench/lr_finder_check.py --case scratch   # about 4 minutes a seed
     OMP_NUM_THREADS=1 python bench/lr_finder_check.py --case finetune --quick  # one concept and seed, 3 LRs
     OMP_NUM_THREADS=1 python bench/lr_finder_check.py --case replay    # the recorded sweeps, today's rule
+    OMP_NUM_THREADS=1 python bench/lr_finder_check.py --case ranges    # the recorded cases, cyclic over fixed ranges
 
 Each training run takes about 20 s on one free core. One thread: with two on a 2-core machine that has anything
 else running, the same sweep took 671 s instead of 17-22 s.
 
 Results: bench/results/lr_finder_check.txt (from scratch), lr_finder_check_finetune.txt, lr_finder_check_replay.txt,
-and the sweeps and scores as JSON beside them (what --case replay reads).
+lr_finder_check_ranges.txt, and the sweeps and scores as JSON beside them (what --case replay and ranges read).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import io
 import json
 import math
 import runpy
+import statistics
 import sys
 import tempfile
 import time
@@ -56,6 +58,7 @@ RESULTS_FINETUNE = ROOT / "bench" / "results" / "lr_finder_check_finetune.txt"
 RECORD_FINETUNE = ROOT / "bench" / "results" / "lr_finder_check_finetune.json"
 RECORD_SCRATCH = ROOT / "bench" / "results" / "lr_finder_check_scratch.json"
 RESULTS_REPLAY = ROOT / "bench" / "results" / "lr_finder_check_replay.txt"
+RESULTS_RANGES = ROOT / "bench" / "results" / "lr_finder_check_ranges.txt"
 STEPS = 120  # each training of the grid, and the sweep: 30 epochs of 4 steps
 SWEEP = {
     "lr_find_start": 1e-5,
@@ -77,6 +80,8 @@ GRID_FT = (1e-5, 3e-5, 1e-4, 1.7e-4, 3e-4, 1e-3)  # 1.7e-4: the half-decade grid
 QUICK_GRID_FT = (1e-5, 1e-4, 1e-3)
 FINE_TUNE_CONCEPTS = ("zorb", "quib")
 FINE_TUNE_SEEDS = (1, 2, 3)
+# --case ranges: the ranges the rule gave on the v3 sweeps (5.5 and 8.3 x wide), and two narrower ones.
+PROBE_RANGES_FT = ((5.19e-5, 2.83e-4), (3.4e-5, 2.83e-4), (5.19e-5, 4.33e-4), (5.19e-5, 1.85e-4), (1e-4, 1.7e-4))
 SCRATCH_SEEDS = (555, 1, 2)  # demo.json's, then two more
 GOAL_RATIO = 1.05
 # demo.json's own schedule keys; the grid replaces them with a constant LR.
@@ -151,9 +156,13 @@ def sweep_and_grid(values: dict, sweep: dict, grid, score: str, say) -> dict | N
     return verdict_of(low, high, scores, cyclic, sweep, say)
 
 
-def cyclic_run(values: dict, score: str, low: float, high: float, say) -> float:
+def cyclic_score(values: dict, score: str, low: float, high: float) -> tuple[float, float]:
     # Three whole cycles fill the run exactly and end on a low point, as the paper advises.
-    cyclic, seconds = train_at(values, score, lr_scheduler="cyclic", lr_min=low, lr=high, lr_cycles=3)
+    return train_at(values, score, lr_scheduler="cyclic", lr_min=low, lr=high, lr_cycles=3)
+
+
+def cyclic_run(values: dict, score: str, low: float, high: float, say) -> float:
+    cyclic, seconds = cyclic_score(values, score, low, high)
     say(f"  cyclic {low:.3g} to {high:.3g}, 3 cycles: {cyclic:.4f} ({seconds:.0f} s)")
     return cyclic
 
@@ -252,6 +261,42 @@ def replay(quick: bool, logdir: Path, say) -> bool:
     return summarise(verdicts, say)
 
 
+def range_sensitivity(quick: bool, logdir: Path, say) -> bool:
+    """Each recorded fine-tuning case's cyclic run over the same fixed ranges, against its recorded best constant:
+    does the cyclic run's ratio follow the range the rule gives, or the seed? An analysis, not a goal."""
+    cases = json.loads(RECORD_FINETUNE.read_text())
+    say(f"Cyclic runs (3 cycles) over fixed ranges on the cases of {RECORD_FINETUNE.name}; cyclic / best constant:")
+    say(f"  {'concept':7}  {'seed':>4}  " + "  ".join(f"{low:.3g}-{high:.3g}" for low, high in PROBE_RANGES_FT))
+    for case in cases[:1] if quick else cases:
+        values = fine_tune_values(logdir, case["concept"], case["seed"])
+        best = min(value for value in case["constant"].values() if math.isfinite(value))
+        ratios = [cyclic_score(values, "min", low, high)[0] / best for low, high in PROBE_RANGES_FT]
+        widths = [len(f"{low:.3g}-{high:.3g}") for low, high in PROBE_RANGES_FT]
+        say(
+            f"  {case['concept']:7}  {case['seed']:4}  "
+            + "  ".join(f"{ratio:{width}.3f}" for ratio, width in zip(ratios, widths, strict=True))
+        )
+    return True
+
+
+def seed_averages(verdicts: list) -> dict[str, tuple[float, float, float]]:
+    """Per concept with more than one seed: (the constant LR with the lowest mean score over the seeds, that mean,
+    the cyclic runs' mean score). A mean over seeds is not a minimum over noisy runs: the per-seed best constant is
+    the lowest of several scores, each a few % off by chance, so it sits below what that LR gives on average."""
+    by_concept: dict[str, list[dict]] = {}
+    for concept, _seed, verdict in verdicts:
+        if verdict is not None:
+            by_concept.setdefault(concept, []).append(verdict)
+    averages = {}
+    for concept, runs in by_concept.items():
+        if len(runs) < 2:
+            continue
+        mean_of = {lr: statistics.fmean(run["constant"][lr] for run in runs) for lr in runs[0]["constant"]}
+        best = min((lr for lr in mean_of if math.isfinite(mean_of[lr])), key=mean_of.get)
+        averages[concept] = (best, mean_of[best], statistics.fmean(run["cyclic"] for run in runs))
+    return averages
+
+
 def summarise(verdicts: list, say) -> bool:
     say()
     say("summary: concept  seed  suggested range        best constant  inside  cyclic / best")
@@ -262,6 +307,11 @@ def summarise(verdicts: list, say) -> bool:
         say(
             f"         {concept:7}  {seed:4}  {verdict['low']:.3g} to {verdict['high']:<9.3g}  {verdict['best']:<13g}  "
             f"{'yes' if verdict['inside'] else 'NO':6}  {verdict['ratio']:.3f}"
+        )
+    for concept, (best, constant, cyclic) in seed_averages(verdicts).items():
+        say(
+            f"         {concept:7}  mean over seeds: cyclic {cyclic:.4f}, best constant {best:g} {constant:.4f}, "
+            f"cyclic / best {cyclic / constant:.3f}"
         )
     met = all(v is not None and v["inside"] and v["ratio"] <= GOAL_RATIO for _, _, v in verdicts)
     say(
@@ -274,16 +324,17 @@ def summarise(verdicts: list, say) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="three grid points (and one concept and seed) only")
-    parser.add_argument("--case", choices=("all", "scratch", "finetune", "replay"), default="all")
+    parser.add_argument("--case", choices=("all", "scratch", "finetune", "replay", "ranges"), default="all")
     args = parser.parse_args()
     ok = True
     cases = (
         ("scratch", from_scratch, RESULTS),
         ("finetune", fine_tuning, RESULTS_FINETUNE),
         ("replay", replay, RESULTS_REPLAY),
+        ("ranges", range_sensitivity, RESULTS_RANGES),
     )
     for case, run, results in cases:
-        if args.case != case and not (args.case == "all" and case != "replay"):
+        if args.case != case and not (args.case == "all" and case in ("scratch", "finetune")):
             continue
         lines: list[str] = []
 

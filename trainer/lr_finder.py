@@ -281,12 +281,12 @@ def suggest_range(lrs: Sequence[float], losses: Sequence[float], ramp: str) -> S
         )
     slopes = np.gradient(smoothed)
     steepest = onset + int(np.argmin(slopes[onset : upper + 1]))
-    top = last_before_a_jump(losses, steepest, upper, RAGGED_MARGINS * margin)  # never past `upper`
+    high = last_before_a_jump(losses, steepest, upper, RAGGED_MARGINS * margin)  # never past `upper`
     return Suggestion(
         "ok",
-        _ok_reason(lrs, (onset, steepest, top, best), truncated, ramp, top < upper),
+        _ok_reason(lrs, (onset, steepest, high, best), truncated, ramp, high < upper),
         lr_min=lrs[steepest],
-        lr=lrs[top],
+        lr=lrs[high],
         lr_steepest=lrs[steepest],
         lr_onset=lrs[onset],
         **measured,
