@@ -19,6 +19,7 @@ within 5% of the best constant's loss.
     OMP_NUM_THREADS=1 python bench/lr_finder_check.py --case finetune --quick  # one concept and seed, 3 LRs
     OMP_NUM_THREADS=1 python bench/lr_finder_check.py --case replay    # the recorded sweeps, today's rule
     OMP_NUM_THREADS=1 python bench/lr_finder_check.py --case ranges    # the recorded cases, cyclic over fixed ranges
+    OMP_NUM_THREADS=1 python bench/lr_finder_check.py --case finetune --draws 2  # 40 images of each concept
 
 Each training run takes about 20 s on one free core. One thread: with two on a 2-core machine that has anything
 else running, the same sweep took 671 s instead of 17-22 s.
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 from contextlib import redirect_stderr, redirect_stdout
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,36 +204,49 @@ def from_scratch(quick: bool, logdir: Path, say) -> bool:
     return summarise(verdicts, say)
 
 
-def concept_data(concept: str, folder: Path) -> Path:
-    """The 20 images of `concept` (scripts/make_demo_data.py), written into `folder`."""
+def concept_data(concept: str, folder: Path, draws: int = 1) -> Path:
+    """The 20 images of `concept` (scripts/make_demo_data.py), each scene drawn `draws` times, written into
+    `folder`."""
     generator = runpy.run_path(str(ROOT / "scripts" / "make_demo_data.py"), run_name="make_demo_data")
-    generator["write_demo_data"](folder, concept)
+    generator["write_demo_data"](folder, concept, draws)
     return folder
 
 
-def fine_tune_values(logdir: Path, concept: str, seed: int) -> dict:
-    data = logdir / f"data-{concept}"
+def fine_tune_values(logdir: Path, concept: str, seed: int, draws: int = 1) -> dict:
+    data = logdir / f"data-{concept}-x{draws}"
     if not data.is_dir():
-        concept_data(concept, data)
+        concept_data(concept, data, draws)
     values = {**demo_values(logdir), **FINE_TUNE, "data_root": str(data), "seed": seed}
-    values["validation_config"] = {**values["validation_config"], "every_n_epochs": FINE_TUNE_VALIDATE_EVERY}
+    # An epoch grows with the draws: validate every 8 steps all the same, which lands on every cycle's low end.
+    every = FINE_TUNE_VALIDATE_EVERY / draws
+    values["validation_config"] = {**values["validation_config"], "every_n_epochs": every}
     return values
 
 
-def fine_tuning(quick: bool, logdir: Path, say) -> bool:
+def fine_tuning(quick: bool, logdir: Path, say, draws: int = 1) -> bool:
     """Every concept x seed: sweep, grid and cyclic run; whether all meet the goal."""
     verdicts = []
     say(f"LR finder on fine-tuning tiny-pretrained (UNet only): {json.dumps(FINE_TUNE_SWEEP)}")
+    if draws > 1:
+        say(f"each concept's 20 scenes drawn {draws} times: {20 * draws} images")
     for concept in FINE_TUNE_CONCEPTS[:1] if quick else FINE_TUNE_CONCEPTS:
         for seed in FINE_TUNE_SEEDS[:1] if quick else FINE_TUNE_SEEDS:
             say()
             say(f"a {concept}, seed {seed}:")
-            values = fine_tune_values(logdir, concept, seed)
+            values = fine_tune_values(logdir, concept, seed, draws)
             verdict = sweep_and_grid(values, FINE_TUNE_SWEEP, QUICK_GRID_FT if quick else GRID_FT, "min", say)
             verdicts.append((concept, seed, verdict))
     # The sweeps' probe points and every run's score, to try a change of suggest_range on them without training.
-    RECORD_FINETUNE.write_text(json.dumps([{"concept": c, "seed": s, **(v or {})} for c, s, v in verdicts]) + "\n")
+    record = [{"concept": c, "seed": s, **(v or {})} for c, s, v in verdicts]
+    finetune_paths(draws)[1].write_text(json.dumps(record) + "\n")
     return summarise(verdicts, say)
+
+
+def finetune_paths(draws: int) -> tuple[Path, Path]:
+    """(results, record) of the fine-tuning case; --draws > 1 writes beside the demo-size ones."""
+    if draws == 1:
+        return RESULTS_FINETUNE, RECORD_FINETUNE
+    return tuple(path.with_stem(f"{path.stem}_x{draws}") for path in (RESULTS_FINETUNE, RECORD_FINETUNE))
 
 
 def replay(quick: bool, logdir: Path, say) -> bool:
@@ -325,11 +340,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="three grid points (and one concept and seed) only")
     parser.add_argument("--case", choices=("all", "scratch", "finetune", "replay", "ranges"), default="all")
+    parser.add_argument(
+        "--draws", type=int, default=1, help="fine-tuning: draw each concept's 20 scenes this many times (a larger set)"
+    )
     args = parser.parse_args()
     ok = True
     cases = (
         ("scratch", from_scratch, RESULTS),
-        ("finetune", fine_tuning, RESULTS_FINETUNE),
+        ("finetune", partial(fine_tuning, draws=args.draws), finetune_paths(args.draws)[0]),
         ("replay", replay, RESULTS_REPLAY),
         ("ranges", range_sensitivity, RESULTS_RANGES),
     )

@@ -55,6 +55,7 @@ TEXTURE_CONTRAST = 22  # the base's brightness step of stripes, checks and speck
 ROWS = {"top": -12, "": 0, "bottom": 12}  # centre offsets at 64 px scale, as the base's positions
 COLUMNS = {"left": -12, "": 0, "right": 12}
 JITTER = 2  # pixels at 64 px scale, added to the centre
+DRAW_SEED_STEP = 100  # the jitter seed of scene i in draw d is i + 100 d: every draw's seeds differ from the first's
 SQUARE, LANDSCAPE, PORTRAIT = (96, 96), (128, 96), (96, 128)
 
 
@@ -154,18 +155,22 @@ def draw_scene(scene: Scene, concept: Concept, rng: np.random.Generator) -> Imag
     return Image.fromarray(np.clip(pixels, 0, 255).round().astype(np.uint8), "RGB")
 
 
-def write_demo_data(out: Path, concept: str = DEFAULT_CONCEPT) -> list[Path]:
-    """Write every scene (image plus caption sidecar) of `concept` into out; returns the image paths."""
+def write_demo_data(out: Path, concept: str = DEFAULT_CONCEPT, draws: int = 1) -> list[Path]:
+    """Write every scene (image plus caption sidecar) of `concept` into out; returns the image paths. `draws` > 1
+    draws every scene again with other jitter, the copies named <stem>_2, <stem>_3, ... (a larger set of the same
+    concept, for bench/lr_finder_check.py --draws)."""
     drawn = CONCEPTS[concept]
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for index, scene in enumerate(SCENES):
-        image_path = out / f"{scene.stem(drawn.word)}.png"
-        draw_scene(scene, drawn, np.random.default_rng(index)).save(image_path, optimize=True)
-        if scene.caption_file is not None:
-            caption_path = out / f"{scene.stem(drawn.word)}{scene.caption_file}"
-            caption_path.write_text(scene.caption(drawn.word) + "\n", encoding="utf-8")
-        written.append(image_path)
+    for draw in range(draws):
+        for index, scene in enumerate(SCENES):
+            stem = scene.stem(drawn.word) + (f"_{draw + 1}" if draw else "")
+            image_path = out / f"{stem}.png"
+            jitter = np.random.default_rng(index + DRAW_SEED_STEP * draw)
+            draw_scene(scene, drawn, jitter).save(image_path, optimize=True)
+            if scene.caption_file is not None:
+                (out / f"{stem}{scene.caption_file}").write_text(scene.caption(drawn.word) + "\n", encoding="utf-8")
+            written.append(image_path)
     return written
 
 
@@ -173,8 +178,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: demo/data)")
     parser.add_argument("--concept", choices=list(CONCEPTS), default=DEFAULT_CONCEPT)
+    parser.add_argument("--draws", type=int, default=1, help="draw every scene this many times (default 1: 20 images)")
     args = parser.parse_args()
-    written = write_demo_data(args.out, args.concept)
+    written = write_demo_data(args.out, args.concept, args.draws)
     print(f"wrote {len(written)} images to {args.out}")
 
 

@@ -444,6 +444,22 @@ def test_demo_data_matches_the_generator(tmp_path):
             assert (tmp_path / name).read_text() == (DEMO_DATA / name).read_text()
 
 
+def test_demo_data_drawn_twice_repeats_each_caption_with_other_pixels(tmp_path):
+    """bench/lr_finder_check.py --draws 2: 40 images, each scene's copy under <stem>_2 with the same caption (the
+    file-name caption too) and its own jitter."""
+    generator = runpy.run_path(str(ROOT / "scripts" / "make_demo_data.py"), run_name="make_demo_data")
+    generator["write_demo_data"](tmp_path, "quib", 2)
+    items = {item.path.stem: item for item in scan_images(tmp_path).items}
+    copies = [stem for stem in items if stem.endswith("_2")]
+    assert len(items) == 40 and len(copies) == 20
+    for copy in copies:
+        first = items[copy.removesuffix("_2")]
+        assert items[copy].main_prompt == first.main_prompt
+        assert (items[copy].width, items[copy].height) == (first.width, first.height)
+        assert not np.array_equal(np.asarray(Image.open(items[copy].path)), np.asarray(Image.open(first.path)))
+    assert items["a quib_001_2"].main_prompt == "a quib"
+
+
 def load_epoch(items, plan, epoch, num_workers=0, **run_settings):
     dataset = ImageBatchDataset(items, plan, seed=5, epoch=epoch, **run_settings)
     return list(make_loader(dataset, plan.epoch_batches(epoch, seed=5), num_workers=num_workers))
