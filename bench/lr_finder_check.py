@@ -281,15 +281,15 @@ def range_sensitivity(quick: bool, logdir: Path, say) -> bool:
     does the cyclic run's ratio follow the range the rule gives, or the seed? An analysis, not a goal."""
     cases = json.loads(RECORD_FINETUNE.read_text())
     say(f"Cyclic runs (3 cycles) over fixed ranges on the cases of {RECORD_FINETUNE.name}; cyclic / best constant:")
-    say(f"  {'concept':7}  {'seed':>4}  " + "  ".join(f"{low:.3g}-{high:.3g}" for low, high in PROBE_RANGES_FT))
+    labels = [f"{low:.3g}-{high:.3g}" for low, high in PROBE_RANGES_FT]
+    say(f"  {'concept':7}  {'seed':>4}  " + "  ".join(labels))
     for case in cases[:1] if quick else cases:
         values = fine_tune_values(logdir, case["concept"], case["seed"])
         best = min(value for value in case["constant"].values() if math.isfinite(value))
         ratios = [cyclic_score(values, "min", low, high)[0] / best for low, high in PROBE_RANGES_FT]
-        widths = [len(f"{low:.3g}-{high:.3g}") for low, high in PROBE_RANGES_FT]
         say(
             f"  {case['concept']:7}  {case['seed']:4}  "
-            + "  ".join(f"{ratio:{width}.3f}" for ratio, width in zip(ratios, widths, strict=True))
+            + "  ".join(f"{ratio:{len(label)}.3f}" for ratio, label in zip(ratios, labels, strict=True))
         )
     return True
 
